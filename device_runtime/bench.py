@@ -1,0 +1,431 @@
+"""Latency benchmark of one compiled artifact, and of the weight swap each patch causes.
+
+`benchmark` measures in this process: model load (from file and from memory), first inference,
+steady-state latency, the timer's own overhead, peak RSS and, per patch, apply time, swap
+latency and patched/unpatched latency. `benchmark_isolated` runs the same in a fresh worker
+process (`python -m device_runtime.bench`), optionally under a device profile, so that first
+loads, memory and CPU limits belong to the benchmark alone. Results serialise to JSON and CSV.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from device_runtime import weight_map as weight_maps
+from device_runtime.errors import MntoolError
+from device_runtime.patch import apply_patch_bytes
+from device_runtime.profiles import DeviceProfile, ProfileSandbox
+from device_runtime.runners import RunnerConfig, find_weight_map, load_inputs, open_runner, runtime_for
+from device_runtime.weight_map import IOSpec, WeightMap
+
+SAFE_ID_HIGH = 2  # ids drawn from [0, 2) when the vocabulary size is unknown: valid for any embedding
+VOCAB_KEY = "vocab_size"  # weight map `extra` key: rows of the item embedding (valid ids 0..vocab_size-1)
+
+Progress = Callable[[int], None]  # called with the number of work units just finished
+
+
+class BenchError(MntoolError):
+    """A benchmark cannot run as asked (e.g. a patch without a weight map, a failed worker)."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    runs: int = 500  # timed steady-state inferences per variant (unpatched and each patch)
+    warmup: int = 50  # untimed inferences first (caches, lazy packing)
+    loads: int = 20  # fresh loads timed for the load / first-inference / swap figures (medians)
+    rounds: int = 10  # steady-state runs of all variants are interleaved in this many rounds
+    runtime: str | None = None  # default: the artifact's own (weight-map target or suffix)
+    runner: RunnerConfig = RunnerConfig()
+    seed: int = 0  # for generated inputs
+
+    def __post_init__(self) -> None:
+        for name in ("runs", "loads", "rounds"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise BenchError(f"warmup must be >= 0, got {self.warmup}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchConfig":
+        return cls(**{**d, "runner": RunnerConfig(**d["runner"])})
+
+    def work_units(self, n_patches: int) -> int:
+        """Progress units of one benchmark: every load cycle and every timed or warm-up run."""
+        return (1 + n_patches) * (self.loads + self.warmup + self.runs) + self.runs
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    runs: int
+    min_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+
+    @classmethod
+    def of(cls, samples_ms: np.ndarray) -> "LatencyStats":
+        p50, p90, p99 = np.percentile(samples_ms, [50, 90, 99])
+        return cls(len(samples_ms), float(samples_ms.min()), float(p50), float(p90), float(p99),
+                   float(samples_ms.mean()), float(samples_ms.std()))
+
+
+@dataclass
+class PatchReport:
+    patch: str
+    patch_bytes: int
+    apply_ms: float  # median: verify the patch and write it into the in-memory artifact
+    swap_ms: float  # median: patch bytes in hand -> first output with the new parameters
+    swap_vs_cold_start: float  # swap_ms / the unpatched artifact's cold_start_memory_ms
+    latency: LatencyStats
+    p50_ratio: float  # patched p50 / unpatched p50, interleaved in the same run
+    outputs_changed: bool  # the patched model's outputs differ from the unpatched model's
+    samples_ms: list[float] = field(repr=False)
+
+
+@dataclass
+class BenchReport:
+    artifact: str
+    runtime: str
+    runtime_version: str
+    artifact_bytes: int  # every file of the artifact
+    config: dict
+    inputs: list[dict]  # name, dtype, shape and where the values came from
+    first_load_ms: float  # the first load in the process: includes the runtime's own start-up
+    load_file_ms: float  # median: new interpreter/session from the artifact's path
+    load_memory_ms: float  # median: new interpreter/session from bytes already in memory
+    first_inference_ms: float  # median: the first run after a load from memory
+    cold_start_memory_ms: float  # median: load from memory + first inference, timed together
+    latency: LatencyStats  # steady state, runner loaded from memory (as a patched one is)
+    timer_overhead_us: float  # p50 of the timing loop around an empty call
+    overhead_ratio: float  # timer_overhead / latency p50
+    rss_before_load_mb: float
+    peak_rss_mb: float
+    samples_ms: list[float] = field(repr=False)
+    patches: list[PatchReport] = field(default_factory=list)
+    profile: dict | None = None  # what a device profile enforced (profiles.AppliedProfile)
+    host: dict = field(default_factory=dict)
+
+    def to_dict(self, samples: bool = True) -> dict:
+        d = asdict(self)
+        if not samples:
+            d.pop("samples_ms")
+            for p in d["patches"]:
+                p.pop("samples_ms")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchReport":
+        patches = [PatchReport(**{**p, "latency": LatencyStats(**p["latency"])}) for p in d["patches"]]
+        return cls(**{**d, "latency": LatencyStats(**d["latency"]), "patches": patches})
+
+    def rows(self) -> list[dict]:
+        """One flat row per variant (unpatched, then each patch), for CSV."""
+        base = {
+            "artifact": self.artifact, "runtime": self.runtime, "threads": self.config["runner"]["threads"],
+            "xnnpack": self.config["runner"]["xnnpack"], "profile": (self.profile or {}).get("profile", ""),
+            "artifact_bytes": self.artifact_bytes, "load_file_ms": self.load_file_ms,
+            "load_memory_ms": self.load_memory_ms, "first_inference_ms": self.first_inference_ms,
+            "cold_start_memory_ms": self.cold_start_memory_ms, "timer_overhead_us": self.timer_overhead_us,
+            "peak_rss_mb": self.peak_rss_mb,
+        }
+        rows = [{**base, "variant": "unpatched", **asdict(self.latency),
+                 "apply_ms": "", "swap_ms": "", "swap_vs_cold_start": "", "p50_ratio": 1.0}]
+        for p in self.patches:
+            rows.append({**base, "variant": p.patch, **asdict(p.latency), "apply_ms": p.apply_ms,
+                         "swap_ms": p.swap_ms, "swap_vs_cold_start": p.swap_vs_cold_start, "p50_ratio": p.p50_ratio})
+        return rows
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+def generate_inputs(specs: tuple[IOSpec, ...], vocab_size: int | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs matching an artifact's signature: ids in [1, vocab_size) (0 is padding), else [0, 2)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        kind = np.dtype(spec.dtype).kind
+        if kind in "iu":
+            low, high = (1, vocab_size) if vocab_size and vocab_size > 1 else (0, SAFE_ID_HIGH)
+            feeds[spec.name] = rng.integers(low, high, size=spec.shape).astype(spec.dtype)
+        elif kind == "f":
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+        elif kind == "b":
+            feeds[spec.name] = rng.random(spec.shape) < 0.5
+        else:
+            raise BenchError(f"cannot generate values for input {spec.name!r} of dtype {spec.dtype}")
+    return feeds
+
+
+# ---- measurement helpers --------------------------------------------------------------------
+def _rss_mb() -> float:
+    """Current resident set size."""
+    statm = Path("/proc/self/statm")
+    if statm.is_file():
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _timed_calls(fn: Callable, arg, n: int, out: list[float]) -> None:
+    """Append n per-call wall times (ms) of fn(arg). The loop is the same for the empty call that
+    measures the timer overhead, so that overhead is exactly what each sample carries."""
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t0 = clock()
+        fn(arg)
+        out.append((clock() - t0) / 1e6)
+
+
+def _empty_call(arg) -> None:
+    return None
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def _host() -> dict:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")), cpu)
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "python": platform.python_version()}
+
+
+def _runtime_version(runtime: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = {"litert": "ai-edge-litert", "onnxruntime": "onnxruntime", "coreml": "coremltools"}[runtime]
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _read_patch(path: Path) -> bytes:
+    if not path.is_file():
+        raise BenchError(f"patch {path} does not exist")
+    return path.read_bytes()
+
+
+def _apply_patch(files: dict[str, bytes], patch: bytes, weight_map: WeightMap) -> dict[str, bytes | bytearray]:
+    """The artifact's files with the patch verified and written in, all in memory. The artifact
+    itself was checked against its weight map when the benchmark loaded it, as an app does at
+    start-up, so the swap re-verifies the patch but does not re-hash the whole artifact."""
+    return apply_patch_bytes(files, patch, weight_map, check_artifact=False)
+
+
+# ---- the benchmark --------------------------------------------------------------------------
+def benchmark(
+    artifact: Path,
+    patches: list[Path] = (),
+    inputs: Path | None = None,
+    config: BenchConfig = BenchConfig(),
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Benchmark `artifact` (and the swap to each patch) in this process."""
+    artifact = Path(artifact)
+    tick = progress or (lambda n: None)
+    weight_map = find_weight_map(artifact)
+    if patches and weight_map is None:
+        raise BenchError(f"patches need the artifact's weight map; none beside {artifact}")
+    runtime = config.runtime or runtime_for(artifact, weight_map)
+    patch_bytes = {Path(p): _read_patch(Path(p)) for p in patches}
+
+    def load(from_files: dict[str, bytes] | None):
+        return open_runner(artifact, runtime=runtime, files=from_files, weight_map=weight_map, config=config.runner)
+
+    rss_before = _rss_mb()
+    t0 = time.perf_counter_ns()
+    runner = load(None)
+    first_load_ms = (time.perf_counter_ns() - t0) / 1e6
+    input_specs = runner.inputs
+    vocab = weight_map.extra.get(VOCAB_KEY) if weight_map else None
+    feeds = load_inputs(inputs) if inputs else generate_inputs(input_specs, vocab, config.seed)
+    arrays = runner.prepare(feeds)
+    reference = runner.invoke(arrays)
+    runner.close()
+    files = weight_maps.read_artifact_files(artifact, weight_map.files if weight_map else [artifact.name])
+
+    # Load cycles: file, memory + first inference, and each patch's swap, interleaved so that
+    # drift on a shared host affects all of them alike.
+    clock = time.perf_counter_ns
+    load_file, load_memory, first_run, cold_start = [], [], [], []
+    apply_times: dict[Path, list[float]] = {p: [] for p in patch_bytes}
+    swap_times: dict[Path, list[float]] = {p: [] for p in patch_bytes}
+    patched_files: dict[Path, dict[str, bytes]] = {}
+    gc.disable()
+    try:
+        for _ in range(config.loads):
+            t0 = clock()
+            runner = load(None)
+            load_file.append((clock() - t0) / 1e6)
+            runner.close()
+            t0 = clock()
+            runner = load(files)
+            t1 = clock()
+            runner.invoke(arrays)
+            t2 = clock()
+            load_memory.append((t1 - t0) / 1e6)
+            first_run.append((t2 - t1) / 1e6)
+            cold_start.append((t2 - t0) / 1e6)
+            runner.close()
+            tick(1)
+            for path, patch in patch_bytes.items():
+                t0 = clock()
+                patched = _apply_patch(files, patch, weight_map)
+                t1 = clock()
+                runner = load(patched)
+                runner.invoke(arrays)
+                t2 = clock()
+                apply_times[path].append((t1 - t0) / 1e6)
+                swap_times[path].append((t2 - t0) / 1e6)
+                patched_files[path] = patched
+                runner.close()
+                tick(1)
+    finally:
+        gc.enable()
+
+    # Steady state: every variant loaded from memory, warmed up, then timed in interleaved rounds.
+    variants = {None: load(files), **{p: load(patched_files[p]) for p in patch_bytes}}
+    outputs = {}
+    for key, variant in variants.items():
+        for _ in range(config.warmup):
+            variant.invoke(arrays)
+        tick(config.warmup)
+        outputs[key] = variant.invoke(arrays)
+    samples: dict = {key: [] for key in variants}
+    overhead: list[float] = []
+    gc.disable()
+    try:
+        for r in range(config.rounds):
+            block = config.runs // config.rounds + (r < config.runs % config.rounds)
+            for key, variant in variants.items():
+                _timed_calls(variant.invoke, arrays, block, samples[key])
+                tick(block)
+            _timed_calls(_empty_call, arrays, block, overhead)
+            tick(block)
+    finally:
+        gc.enable()
+    for variant in variants.values():
+        variant.close()
+
+    base = np.asarray(samples[None])
+    latency = LatencyStats.of(base)
+    cold_start_ms = _median(cold_start)
+    timer_overhead_us = _median(overhead) * 1e3
+    patch_reports = []
+    for path, patch in patch_bytes.items():
+        stats = LatencyStats.of(np.asarray(samples[path]))
+        changed = any(not np.array_equal(a, b) for a, b in zip(outputs[path], outputs[None]))
+        patch_reports.append(PatchReport(
+            patch=str(path), patch_bytes=len(patch), apply_ms=_median(apply_times[path]),
+            swap_ms=_median(swap_times[path]), swap_vs_cold_start=_median(swap_times[path]) / cold_start_ms,
+            latency=stats, p50_ratio=stats.p50_ms / latency.p50_ms, outputs_changed=changed,
+            samples_ms=samples[path],
+        ))
+    assert all(np.array_equal(a, b) for a, b in zip(outputs[None], reference)), "memory load changed outputs"
+    return BenchReport(
+        artifact=str(artifact), runtime=runtime, runtime_version=_runtime_version(runtime),
+        artifact_bytes=sum(len(b) for b in files.values()), config=config.to_dict(),
+        inputs=[{"name": s.name, "dtype": s.dtype, "shape": list(s.shape),
+                 "source": str(inputs) if inputs else f"generated (ids < {vocab or SAFE_ID_HIGH})"} for s in input_specs],
+        first_load_ms=first_load_ms, load_file_ms=_median(load_file), load_memory_ms=_median(load_memory),
+        first_inference_ms=_median(first_run), cold_start_memory_ms=cold_start_ms, latency=latency,
+        timer_overhead_us=timer_overhead_us, overhead_ratio=timer_overhead_us / 1e3 / latency.p50_ms,
+        rss_before_load_mb=rss_before, peak_rss_mb=_peak_rss_mb(), samples_ms=samples[None],
+        patches=patch_reports, host=_host(),
+    )
+
+
+# ---- the isolated worker --------------------------------------------------------------------
+def benchmark_isolated(
+    artifact: Path,
+    patches: list[Path] = (),
+    inputs: Path | None = None,
+    config: BenchConfig = BenchConfig(),
+    profile: DeviceProfile | None = None,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """`benchmark` in a fresh worker process, under `profile` if given (threads, CPU affinity,
+    CPU bandwidth), so that no limit leaks into the caller."""
+    if profile is not None:
+        config = replace(config, runner=replace(config.runner, threads=profile.threads))
+    request = {"artifact": str(artifact), "patches": [str(p) for p in patches],
+               "inputs": str(inputs) if inputs else None, "config": config.to_dict()}
+    sandbox = ProfileSandbox(profile) if profile is not None else None
+    applied = sandbox.prepare() if sandbox else None
+    try:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "device_runtime.bench"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, preexec_fn=sandbox.enter_child if sandbox else None,
+        )
+        worker.stdin.write(json.dumps(request))
+        worker.stdin.close()
+        message = {}
+        for line in worker.stdout:
+            message = json.loads(line)
+            if "progress" in message and progress:
+                progress(message["progress"])
+        worker.wait()
+    finally:
+        if sandbox:
+            sandbox.close()
+    if "error" in message:
+        raise BenchError(message["error"])
+    if worker.returncode != 0 or "report" not in message:
+        raise RuntimeError(f"benchmark worker failed (exit {worker.returncode}); its traceback is above")
+    report = BenchReport.from_dict(message["report"])
+    report.profile = applied.to_dict() if applied else None
+    return report
+
+
+def _worker_main() -> int:
+    """Worker: read a request on stdin; write progress lines and one report line on stdout."""
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # runtimes print to stdout; keep the channel for JSON lines only
+
+    def send(message: dict) -> None:
+        channel.write(json.dumps(message) + "\n")
+
+    request = json.loads(sys.stdin.read())
+    try:
+        report = benchmark(
+            Path(request["artifact"]), [Path(p) for p in request["patches"]],
+            Path(request["inputs"]) if request["inputs"] else None,
+            BenchConfig.from_dict(request["config"]), progress=lambda n: send({"progress": n}),
+        )
+    except MntoolError as err:
+        send({"error": str(err)})
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 2
+    send({"report": report.to_dict()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
