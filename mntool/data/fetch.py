@@ -54,7 +54,10 @@ def is_cached(dest: Path) -> bool:
     dest = Path(dest)
     if not dest.is_dir():
         return False
-    verified = verify_dir(dest)
+    try:
+        verified = verify_dir(dest)
+    except DataFileError as err:
+        raise DataFileError(f"{err} (replace it: mntool data fetch {DATASET} --force)") from None
     return set(RECBOLE_SHA256) <= set(verified) or (
         set(GROUPLENS_CONTENT_SHA256) <= set(verified) and all((dest / n).is_file() for n in GROUPLENS_FILES)
     )
@@ -79,14 +82,9 @@ def fetch_movielens_100k(
     """
     dest = Path(dest).expanduser() if dest is not None else default_dest()
     log = log or (lambda message: None)
-    if not force:
-        try:
-            cached = is_cached(dest)
-        except DataFileError as err:
-            raise DataFileError(f"{err} (replace it: mntool data fetch {DATASET} --force)") from None
-        if cached:
-            log(f"{dest}: cached copy verifies; nothing to fetch")
-            return dest
+    if not force and is_cached(dest):
+        log(f"{dest}: cached copy verifies; nothing to fetch")
+        return dest
     failures = []
     for name, route in (("grouplens", _from_grouplens), ("package index", _from_recbole_wheel)):
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +120,8 @@ def _from_grouplens(staging: Path, timeout: float, log: Log) -> str:
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     buffer.write(chunk)
                     bar.update(len(chunk))
+    except urllib.error.HTTPError as err:
+        raise _RouteUnavailable(f"HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError) as err:
         raise _RouteUnavailable(getattr(err, "reason", err)) from None
     _extract(buffer, "ml-100k/", GROUPLENS_FILES, staging, "ml-100k.zip")
