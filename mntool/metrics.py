@@ -7,9 +7,14 @@ positive) and average per user first, then over users.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from device_runtime.errors import MntoolError
+
+if TYPE_CHECKING:
+    from mntool.data.protocol import DeviceDataset
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -73,7 +78,7 @@ def popularity_scores(item_popularity: np.ndarray, items: np.ndarray) -> np.ndar
     return np.asarray(item_popularity, dtype=np.float64)[np.asarray(items)]
 
 
-def evaluate_popularity(dataset, split: str, k: int = 10) -> dict[str, float]:
+def evaluate_popularity(dataset: DeviceDataset, split: str, k: int = 10) -> dict[str, float]:
     """`evaluate` of the popularity scorer on a `DeviceDataset`'s 'valid' or 'test' period."""
     if split not in ("valid", "test"):
         raise MntoolError(f"the popularity floor is measured on 'valid' or 'test', not {split!r}")
