@@ -59,9 +59,10 @@ def test_device_period_strictly_later_per_user(ml100k_dataset, ml100k_interactio
     in_device = np.zeros_like(when, dtype=bool)
     in_device[valid.user, valid.target] = True
     in_device[test.user, test.target] = True
+    cloud = ~in_device[x.user, x.item]
     cloud_last = np.full(x.n_users, -1)
-    np.maximum.at(cloud_last, x.user[~in_device[x.user, x.item]], x.timestamp[~in_device[x.user, x.item]])
-    valid_first, valid_last, test_first = (np.full(x.n_users, np.iinfo(np.int64).max) for _ in range(3))
+    np.maximum.at(cloud_last, x.user[cloud], x.timestamp[cloud])
+    valid_first, test_first = (np.full(x.n_users, np.iinfo(np.int64).max) for _ in range(2))
     np.minimum.at(valid_first, valid.user, valid.timestamp)
     np.minimum.at(test_first, test.user, test.timestamp)
     valid_last = np.full(x.n_users, -1)
