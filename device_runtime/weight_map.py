@@ -19,6 +19,9 @@ FORMAT_VERSION = 1
 TARGETS = ("tflite", "onnx", "coreml")
 DTYPES = {"float32": 4, "float16": 2}
 LAYOUTS = ("identity", "transpose")
+# "buffers": adaptive tensors are constants compiled into the artifact's files (patch = memcpy);
+# "inputs": they are extra model inputs, and `tensors` point into a flat file the app feeds them from.
+MODES = ("buffers", "inputs")
 SUFFIX = ".weightmap.json"
 
 
@@ -74,6 +77,7 @@ class WeightMap:
     outputs: tuple[IOSpec, ...]
     tensors: tuple[TensorEntry, ...]
     extra: dict = field(default_factory=dict)  # target-specific facts (e.g. adaptive region)
+    mode: str = "buffers"  # one of MODES
     version: int = FORMAT_VERSION
 
     # ---- lookup -----------------------------------------------------------------------------
@@ -121,10 +125,13 @@ class WeightMap:
                     for t in d["tensors"]
                 ),
                 extra=dict(d.get("extra", {})),
+                mode=d.get("mode", "buffers"),
                 version=d["version"],
             )
         except (KeyError, TypeError, ValueError) as err:
             raise WeightMapError(f"malformed weight map: {type(err).__name__}: {err}") from None
+        if not (isinstance(wm.fingerprint, str) and len(wm.fingerprint) == 64 and set(wm.fingerprint) <= set("0123456789abcdef")):
+            raise WeightMapError(f"weight map fingerprint {wm.fingerprint!r} is not a SHA-256 hex digest")
         wm.validate()
         return wm
 
@@ -143,13 +150,30 @@ class WeightMap:
         """Check internal consistency (no file access)."""
         if self.target not in TARGETS:
             raise WeightMapError(f"weight map target {self.target!r} is not one of {TARGETS}")
+        if self.mode not in MODES:
+            raise WeightMapError(f"weight map mode {self.mode!r} is not one of {MODES}")
+        for f in self.files:
+            _check_relative_path(f)
+        if len(set(self.files)) != len(self.files):
+            raise WeightMapError("weight map lists a file twice")
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            spec_names = [s.name for s in specs]
+            if len(set(spec_names)) != len(spec_names):
+                raise WeightMapError(f"weight map lists an {kind} name twice")
+            for s in specs:
+                _check_shape(f"{kind} {s.name!r}", s.shape)
         if not self.tensors:
             raise WeightMapError("weight map lists no adaptive tensors")
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):
             raise WeightMapError("weight map lists a tensor twice")
+        inputs = {s.name: s for s in self.inputs}
         spans: dict[str, list[tuple[int, int, str]]] = {}
         for t in self.tensors:
+            _check_shape(t.name, t.shape)
+            _check_shape(t.name, t.stored_shape)
+            if self.mode == "inputs" and (t.name not in inputs or inputs[t.name].shape != t.shape):
+                raise WeightMapError(f"{t.name}: mode 'inputs' needs an input of that name and shape {t.shape}")
             if t.dtype not in DTYPES:
                 raise WeightMapError(f"{t.name}: dtype {t.dtype!r} is not one of {sorted(DTYPES)}")
             if t.layout not in LAYOUTS:
@@ -182,6 +206,20 @@ class WeightMap:
             size = (root / t.file).stat().st_size
             if t.offset + t.nbytes > size:
                 raise WeightMapError(f"{t.name}: bytes [{t.offset}, {t.offset + t.nbytes}) lie outside {t.file} ({size} B)")
+
+
+def _check_shape(what: str, shape: tuple) -> None:
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise WeightMapError(f"{what}: shape {shape} is not a list of non-negative integers")
+
+
+def _check_relative_path(name: str) -> None:
+    """Artifact file names stay inside the artifact root: a weight map must not aim writes elsewhere."""
+    if not isinstance(name, str) or not name:
+        raise WeightMapError(f"artifact file name {name!r} is not a plain relative path inside the artifact")
+    parts = name.replace("\\", "/").split("/")
+    if parts[0] == "" or ".." in parts or ":" in parts[0]:
+        raise WeightMapError(f"artifact file name {name!r} is not a plain relative path inside the artifact")
 
 
 # ---- artifact paths and fingerprint ---------------------------------------------------------

@@ -1,0 +1,30 @@
+"""Compile a PyTorch model to TFLite, ONNX or Core ML with its adaptive tensors swappable.
+
+`export(model, example_inputs, adaptive, target, out_dir, **options) -> Path` is the whole API:
+it writes the artifact and `<artifact>.weightmap.json` (docs/weight-map.md) and proves, by
+patching fresh values through the weight map, that the artifact computes what PyTorch does.
+Importing this package is cheap: torch and the converters load inside `export`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporters.options import TARGETS, ExportOptions
+
+__all__ = ["TARGETS", "ExportOptions", "export"]
+
+
+def export(model, example_inputs: tuple, adaptive: list[str], target: str, out_dir: Path | str, **options) -> Path:
+    """Export `model` (an nn.Module in eval mode) for `target` into `out_dir`; returns the artifact.
+
+    `example_inputs` are the forward() arguments (their names address the artifact's inputs);
+    `adaptive` names the parameters (as in `model.named_parameters()`) a patch will replace.
+    `options` are the fields of `ExportOptions` (name, verify, adaptive_as_inputs, precision,
+    output_names, atol, seed, progress).
+
+    >>> export(model, (history, target), model.adaptive_names(), "tflite", "artifacts/")
+    PosixPath('artifacts/model.tflite')
+    """
+    from exporters.pipeline import run_export
+
+    return run_export(model, example_inputs, adaptive, target, Path(out_dir), ExportOptions.from_kwargs(options))

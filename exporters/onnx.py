@@ -1,0 +1,149 @@
+"""ONNX target: `torch.onnx.export(dynamo=True, optimize=False)`, adaptive initializers external.
+
+With `optimize=False` every parameter stays a raw initializer (no folding, no dedup, transposes
+kept as nodes). The adaptive initializers, and only they, move to `<name>.onnx.adaptive.bin`
+(64-aligned), so the swappable buffer is literally a file; everything else, small int64 shape
+tensors included, stays inline. The model file is never ORT-optimised (that output is
+hardware-specific and renames/transposes initializers).
+"""
+from __future__ import annotations
+
+from device_runtime.weight_map import IOSpec, TensorEntry
+from exporters import prepare
+from exporters.errors import ConversionFailed, first_line
+from exporters.locate import Constant, locate
+from exporters.pipeline import ExportJob, Pass, align, embedded_weight_map
+from exporters.quiet import quiet
+
+METADATA_KEY = "mntool.weightmap"
+
+
+def _dtypes() -> dict[int, str]:
+    from onnx import TensorProto
+
+    return {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT64: "int64",
+            TensorProto.INT32: "int32", TensorProto.BOOL: "bool"}
+
+
+def _load(job: ExportJob):
+    import onnx
+
+    return onnx.load(str(job.artifact), load_external_data=False)
+
+
+def _save(job: ExportJob, proto) -> None:
+    # Serialised directly: onnx.save_model would also (re)write external data files.
+    job.artifact.write_bytes(proto.SerializeToString())
+
+
+# ---- passes ---------------------------------------------------------------------------------
+def convert(job: ExportJob) -> None:
+    import torch
+
+    kwargs = dict(zip(job.input_names, job.example_inputs))
+    if job.mode == "inputs":
+        module = prepare.AdaptiveAsInputs(job.model, job.input_names, job.adaptive).eval()
+        kwargs.update({prepare.input_name_of(n): torch.from_numpy(v) for n, v in job.base.items()})
+    else:
+        module = prepare.with_values(job.model, job.fingerprints)
+    with quiet():
+        try:
+            program = torch.onnx.export(
+                module, (), kwargs=kwargs, dynamo=True, optimize=False, output_names=job.output_names, verbose=False
+            )
+        except Exception as err:  # torch.export and the ONNX translator raise many types
+            raise ConversionFailed(f"torch.onnx cannot export the model: {first_line(err)}") from None
+    proto = program.model_proto
+    _save(job, proto)
+    job.files = [job.artifact_name]
+    dtypes = _dtypes()
+
+    def spec(name: str, value) -> IOSpec:
+        t = value.type.tensor_type
+        return IOSpec(name, value.name, dtypes[t.elem_type], tuple(int(d.dim_value) for d in t.shape.dim))
+
+    graph_inputs = {v.name: v for v in proto.graph.input}
+    job.inputs = [spec(n, graph_inputs[n]) for n in job.input_names]
+    if job.mode == "inputs":
+        job.inputs += [spec(n, graph_inputs[prepare.input_name_of(n)]) for n in job.adaptive]
+    job.outputs = [spec(n, v) for n, v in zip(job.output_names, proto.graph.output)]
+
+
+def find(job: ExportJob) -> None:
+    job.placements = locate(job.fingerprints, _constants(_load(job)), "float32")
+
+
+def _constants(proto) -> list[Constant]:
+    """Every float initializer of the main graph, with the number of node inputs reading it."""
+    from onnx import numpy_helper
+
+    uses: dict[str, int] = {}
+
+    def count(graph) -> None:
+        for node in graph.node:
+            for name in node.input:
+                uses[name] = uses.get(name, 0) + 1
+            for attribute in node.attribute:
+                for sub in [attribute.g, *attribute.graphs]:
+                    count(sub)
+
+    count(proto.graph)
+    constants = []
+    for init in proto.graph.initializer:
+        if _dtypes().get(init.data_type) in ("float32", "float16"):
+            values = numpy_helper.to_array(init).ravel()
+            constants.append(Constant(init.name, values, tuple(init.dims), uses.get(init.name, 0)))
+    return constants
+
+
+def externalise(job: ExportJob) -> None:
+    """Move the adaptive initializers (only them) into the 64-aligned adaptive data file."""
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    proto = _load(job)
+    initializers = {init.name: init for init in proto.graph.initializer}
+    data = bytearray()
+    for p in job.placements:
+        init = initializers[p.key]
+        raw = numpy_helper.to_array(init).astype("<f4").tobytes()
+        offset = align(len(data))
+        data.extend(bytes(offset - len(data)) + raw)
+        init.raw_data = raw  # set_external_data needs raw_data present
+        set_external_data(init, location=job.adaptive_file, offset=offset, length=len(raw))
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        job.tensors.append(TensorEntry(
+            p.name, tuple(job.base[p.name].shape), job.adaptive_file, offset, len(raw), p.dtype, p.layout,
+            p.stored_shape, 64,
+        ))
+    (job.root / job.adaptive_file).write_bytes(bytes(data))
+    job.files.append(job.adaptive_file)
+    job.extra["onnx"] = {"initializers": {p.name: p.key for p in job.placements}}
+    _save(job, proto)
+
+
+def embed(job: ExportJob) -> None:
+    proto = _load(job)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, embedded_weight_map(job)
+    _save(job, proto)
+
+
+def embedded(artifact_bytes: bytes) -> str | None:
+    """The weight map JSON embedded in an .onnx file's metadata_props, if any."""
+    import onnx
+
+    proto = onnx.load_from_string(artifact_bytes)
+    return next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), None)
+
+
+def passes(options) -> list[Pass]:
+    from exporters.pipeline import lay_out_adaptive_inputs
+
+    if options.adaptive_as_inputs:
+        return [Pass("convert", convert), Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
+                Pass("embed weight map", embed)]
+    return [Pass("convert", convert), Pass("locate", find), Pass("externalise adaptive initializers", externalise),
+            Pass("embed weight map", embed)]
+

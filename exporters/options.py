@@ -1,0 +1,43 @@
+"""The knobs of one export (`ExportOptions`) and the list of targets; imports nothing heavy.
+
+Every target takes the same options, so `export(..., **options)` is one signature for all.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from exporters.errors import ExportError
+
+TARGETS = ("tflite", "onnx", "coreml")
+PRECISIONS = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    name: str = "model"  # artifact stem: model.tflite, model.onnx (+ model.adaptive.bin), model.mlpackage
+    verify: bool = True  # run the export-time proof (patch fresh values through the weight map, compare)
+    adaptive_as_inputs: bool = False  # adaptive tensors become model inputs instead of swappable buffers
+    precision: str = "float32"  # Core ML only: "float16" stores (and computes) weights in fp16
+    output_names: tuple[str, ...] | None = None  # default: "output", or output_0.. for several outputs
+    atol: float = 1e-5  # proof tolerance (max abs error) for float32 artifacts
+    seed: int = 0  # fingerprint and proof values; the same seed gives byte-identical artifacts
+    progress: bool = False  # a progress bar over the passes (the CLI turns it on)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or "\\" in self.name or self.name.startswith("."):
+            raise ExportError(f"artifact name {self.name!r} must be a plain file stem (no path, no leading dot)")
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.output_names is not None:
+            object.__setattr__(self, "output_names", tuple(self.output_names))
+        if not self.atol > 0:
+            raise ExportError(f"atol must be > 0, got {self.atol}")
+
+    @classmethod
+    def from_kwargs(cls, options: dict) -> "ExportOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ExportError(f"unknown export option(s) {unknown} (known: {sorted(known)})")
+        return cls(**options)

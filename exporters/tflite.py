@@ -1,0 +1,196 @@
+"""TFLite target: litert-torch conversion, then the adaptive buffers moved to a tail region.
+
+Adaptive Linear layers are fenced with litert-torch's optimization barrier so the converter
+cannot fold a following BatchNorm or constant into them. After conversion every adaptive buffer
+is emptied and pointed (`Buffer.offset/size`, the schema's external-buffer fields) into one
+contiguous, 64-aligned region at the end of the file, so a patch is one contiguous write; the
+weight map JSON follows the region as the model's "mntool.weightmap" metadata.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from device_runtime.weight_map import IOSpec, TensorEntry
+from exporters import prepare
+from exporters.errors import ConversionFailed, first_line
+from exporters.locate import Constant, locate
+from exporters.pipeline import ExportJob, Pass, align, embedded_weight_map
+from exporters.quiet import quiet
+
+METADATA_NAME = "mntool.weightmap"
+PLACEHOLDER = 1  # a non-default offset/size so packing reserves the fields, rewritten afterwards
+
+
+def _schema():
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema
+
+
+def _dtypes() -> dict[int, str]:
+    t = _schema().TensorType
+    return {t.FLOAT32: "float32", t.FLOAT16: "float16", t.INT32: "int32", t.INT64: "int64", t.BOOL: "bool"}
+
+
+def _read_model(data: bytes):
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    # Not read_model_from_bytearray: it compacts and renumbers buffers.
+    return flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+
+
+# ---- passes ---------------------------------------------------------------------------------
+def convert(job: ExportJob) -> None:
+    """litert-torch -> .tflite; inputs are fed by keyword so the signature uses forward() names."""
+    import torch
+
+    kwargs = dict(zip(job.input_names, job.example_inputs))
+    if job.mode == "inputs":
+        module = prepare.AdaptiveAsInputs(job.model, job.input_names, job.adaptive).eval()
+        kwargs.update({prepare.input_name_of(n): torch.from_numpy(v) for n, v in job.base.items()})
+    else:
+        module = _fenced(prepare.with_values(job.model, job.fingerprints), job.adaptive)
+    with quiet():
+        import litert_torch
+
+        litert_torch.config.show_progress = False
+        try:
+            edge_model = litert_torch.convert(module, sample_kwargs=kwargs)
+        except Exception as err:  # the converter raises anything from torch.export to MLIR
+            raise ConversionFailed(f"litert-torch cannot convert the model: {first_line(err)}") from None
+        edge_model.export(str(job.artifact))
+    job.files = [job.artifact_name]
+    _read_signature(job, _read_model(job.artifact.read_bytes()))
+
+
+def _fenced(model, adaptive: list[str]):
+    """Put an optimization barrier on the inputs and outputs of every module owning an adaptive
+    parameter: the converter then cannot fold neighbouring ops into the adaptive tensors."""
+    import torch
+    from litert_torch.backend.optimization_barrier import optimization_barrier
+
+    def fence(x):
+        return optimization_barrier(x, x)[0] if isinstance(x, torch.Tensor) else x
+
+    for module in prepare.owner_modules(model, adaptive):
+        module.register_forward_pre_hook(lambda _, args: tuple(fence(a) for a in args))
+        module.register_forward_hook(lambda _, args, out: torch.utils._pytree.tree_map(fence, out))
+    return model
+
+
+def _read_signature(job: ExportJob, model) -> None:
+    """Inputs/outputs from the default signature. The runtime name is the tensor name (what
+    `Interpreter.get_input_details()` reports); the signature's own names are kept in `extra`."""
+    dtypes = _dtypes()
+    signature = model.signatureDefs[0]
+    tensors = model.subgraphs[signature.subgraphIndex].tensors
+    signature_names = {}
+
+    def spec(name: str, tensor_map) -> IOSpec:
+        t = tensors[tensor_map.tensorIndex]
+        signature_names[name] = tensor_map.name.decode()
+        return IOSpec(name, t.name.decode(), dtypes[t.type], tuple(int(d) for d in t.shape))
+
+    by_name = {m.name.decode(): m for m in signature.inputs}
+    job.inputs = [spec(n, by_name[n]) for n in job.input_names]
+    if job.mode == "inputs":
+        job.inputs += [spec(n, by_name[prepare.input_name_of(n)]) for n in job.adaptive]
+    outputs = sorted(signature.outputs, key=lambda m: int(m.name.decode().rpartition("_")[2]))
+    job.outputs = [spec(n, m) for n, m in zip(job.output_names, outputs)]
+    job.extra["tflite"] = {"signature": signature.signatureKey.decode(), "signature_names": signature_names}
+
+
+def find(job: ExportJob) -> None:
+    model = _read_model(job.artifact.read_bytes())
+    job.placements = locate(job.fingerprints, _constants(model), "float32")
+
+
+def _constants(model) -> list[Constant]:
+    """One Constant per buffer with data, keyed by buffer index, typed by the tensors using it."""
+    dtypes = _dtypes()
+    uses: dict[int, int] = {}
+    first_tensor: dict[int, object] = {}
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            first_tensor.setdefault(tensor.buffer, tensor)
+        for op in subgraph.operators:
+            for i in op.inputs if op.inputs is not None else []:
+                if i >= 0:
+                    b = subgraph.tensors[i].buffer
+                    uses[b] = uses.get(b, 0) + 1
+    constants = []
+    for index, tensor in first_tensor.items():
+        data = model.buffers[index].data
+        dtype = dtypes.get(tensor.type)
+        if index == 0 or data is None or len(data) == 0 or dtype not in ("float32", "float16"):
+            continue
+        values = np.frombuffer(bytes(data), np.dtype(dtype).newbyteorder("<"))
+        constants.append(Constant(index, values, tuple(int(d) for d in tensor.shape), uses.get(index, 0)))
+    return constants
+
+
+def lay_out_tail(job: ExportJob) -> None:
+    """Move the adaptive buffers into a 64-aligned tail region and reserve the metadata buffer."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    schema = _schema()
+    model = _read_model(job.artifact.read_bytes())
+    payloads = {}
+    for p in job.placements:
+        buffer = model.buffers[p.key]
+        payloads[p.key] = bytes(buffer.data)
+        buffer.data, buffer.offset, buffer.size = None, PLACEHOLDER, len(payloads[p.key])
+    metadata_buffer = len(model.buffers)
+    model.buffers.append(schema.BufferT())
+    model.buffers[-1].offset, model.buffers[-1].size = PLACEHOLDER, PLACEHOLDER
+    model.metadata = (model.metadata or []) + [schema.MetadataT()]
+    model.metadata[-1].name, model.metadata[-1].buffer = METADATA_NAME, metadata_buffer
+
+    data = bytearray(flatbuffer_utils.convert_object_to_bytearray(model))
+    start = align(len(data))
+    data.extend(bytes(start - len(data)))
+    packed = schema.Model.GetRootAs(data, 0)
+    for p in job.placements:
+        offset = align(len(data))
+        data.extend(bytes(offset - len(data)) + payloads[p.key])
+        flatbuffer_utils.update_packed_buffer(packed.Buffers(p.key), offset, len(payloads[p.key]))
+        job.tensors.append(TensorEntry(
+            p.name, tuple(job.base[p.name].shape), job.artifact_name, offset, len(payloads[p.key]),
+            p.dtype, p.layout, p.stored_shape, 64,
+        ))
+    if job.placements:
+        job.extra["tflite"]["adaptive_region"] = [start, len(data)]
+    job.artifact.write_bytes(bytes(data))
+
+
+def embed(job: ExportJob) -> None:
+    """Append the weight map JSON and point the reserved metadata buffer at it."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    data = bytearray(job.artifact.read_bytes())
+    packed = _schema().Model.GetRootAs(data, 0)
+    index = next(packed.Metadata(i).Buffer() for i in range(packed.MetadataLength())
+                 if packed.Metadata(i).Name().decode() == METADATA_NAME)
+    text = embedded_weight_map(job).encode()
+    flatbuffer_utils.update_packed_buffer(packed.Buffers(index), len(data), len(text))
+    job.artifact.write_bytes(bytes(data + text))
+
+
+def embedded(artifact_bytes: bytes) -> str | None:
+    """The weight map JSON embedded in a .tflite file, if any."""
+    packed = _schema().Model.GetRootAs(bytearray(artifact_bytes), 0)
+    for i in range(packed.MetadataLength()):
+        if packed.Metadata(i).Name().decode() == METADATA_NAME:
+            buffer = packed.Buffers(packed.Metadata(i).Buffer())
+            return artifact_bytes[buffer.Offset() : buffer.Offset() + buffer.Size()].decode()
+    return None
+
+
+def passes(options) -> list[Pass]:
+    from exporters.pipeline import lay_out_adaptive_inputs
+
+    if options.adaptive_as_inputs:
+        return [Pass("convert", convert), Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
+                Pass("lay out tail", lay_out_tail), Pass("embed weight map", embed)]
+    return [Pass("convert", convert), Pass("locate", find), Pass("lay out tail", lay_out_tail),
+            Pass("embed weight map", embed)]
