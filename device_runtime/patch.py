@@ -9,6 +9,7 @@ the crash story: docs/patch-format.md.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import stat
@@ -205,14 +206,15 @@ def parse_patch(data: bytes | bytearray | memoryview) -> Patch:
         raise PatchError(f"patch is {len(view)} bytes but its header says {total_size} (truncated or extended)")
     if hashlib.sha256(view[: seal + SIGNATURE_SIZE]).digest() != bytes(view[seal + SIGNATURE_SIZE : seal + SEAL_SIZE]):
         raise PatchError("patch header or tensor table is corrupt (checksum mismatch)")
-    if any(view[seal + SEAL_SIZE : payload_offset]) or any(view[HEADER.size + ENTRY.size * count + strings_size : seal]):
+    strings_end = HEADER.size + ENTRY.size * count + strings_size
+    if not _is_zero(view[seal + SEAL_SIZE : payload_offset]) or not _is_zero(view[strings_end:seal]):
         raise PatchError("patch padding is not zero")
     signature = bytes(view[seal : seal + SIGNATURE_SIZE])
     signed = bool(flags & FLAG_SIGNED)
-    if not signed and any(signature):
+    if not signed and not _is_zero(signature):
         raise PatchError("patch is marked unsigned but carries a signature")
 
-    strings = view[HEADER.size + ENTRY.size * count : HEADER.size + ENTRY.size * count + strings_size]
+    strings = view[HEADER.size + ENTRY.size * count : strings_end]
     tensors, expect_payload = [], 0
     for i in range(count):
         (name_off, name_len, file_off, file_len, dtype_code, layout_code, ndim, reserved_u32,
@@ -222,7 +224,7 @@ def parse_patch(data: bytes | bytearray | memoryview) -> Patch:
         if reserved_u32 or reserved_u64 or not 1 <= ndim <= MAX_DIMS or any(shape[ndim:]):
             raise PatchError(f"tensor table entry {i} is corrupt")
         stored_shape = tuple(shape[:ndim])
-        if nbytes != int(np.prod(stored_shape)) * NUMPY_DTYPES[dtype].itemsize:
+        if nbytes != math.prod(stored_shape) * NUMPY_DTYPES[dtype].itemsize:
             raise PatchError(f"tensor table entry {i}: {nbytes} bytes does not hold {dtype} {stored_shape}")
         if p_off != _align(expect_payload, PAYLOAD_ALIGN):
             raise PatchError(f"tensor table entry {i}: payload offset {p_off} is not where v1 puts it")
@@ -239,6 +241,10 @@ def parse_patch(data: bytes | bytearray | memoryview) -> Patch:
         tensors=tuple(tensors), payload_sha256=payload_sha.hex(), total_size=total_size, signature=signature,
         signed_message=view[:seal], payload=view[payload_offset:],
     )
+
+
+def _is_zero(b: bytes | memoryview) -> bool:
+    return b == bytes(len(b))
 
 
 def _string(strings: memoryview, offset: int, length: int, entry: int) -> str:
@@ -366,8 +372,8 @@ def apply_patch_file(
     """Verify `patch` and write it into the artifact on disk; returns the verified patch.
 
     out=None patches in place: each file holding adaptive bytes is copied to a temporary file
-    beside it, patched, fsync'ed and atomically renamed over the original (then the directory is
-    fsync'ed), so a reader or a crash sees the old or the new file, never a mix. `out` writes a
+    beside it, patched, fsync'ed and atomically renamed over the original, so a reader or a crash
+    sees the old or the new file, never a mix (docs/patch-format.md, "crash safety"). `out` writes a
     complete patched artifact of the same kind there (plus its weight-map sidecar) and leaves the
     original untouched. On any error no artifact byte has changed.
     """
@@ -452,7 +458,6 @@ def _apply_to_copy(artifact: Path, wm: WeightMap, p: Patch, out: Path) -> None:
             _write_patched(artifact, out, p, by_file.get(main, []), 0o644)
         else:
             out_root.rename(out)
-            _fsync_dir(out.parent)
     except OSError as err:
         raise PatchError(f"cannot write {out}: {err.strerror or err}") from None
 
@@ -485,15 +490,6 @@ def _write_patched(src: Path, dst: Path, p: Patch, tensors: list[PatchTensor], m
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise PatchError(f"cannot write {dst}: {err.strerror or err}") from None
-    _fsync_dir(dst.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -510,4 +506,3 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise PatchError(f"cannot write {path}: {err.strerror or err}") from None
-    _fsync_dir(path.parent)

@@ -1,0 +1,202 @@
+"""Patch figures, each a ratio against a reference measured in the same run (medians).
+
+1. Apply in memory (bytes -> bytes, hot swap) / a raw numpy copy of the payload into the same
+   buffer, for 4 KB, 256 KB and 4 MB payloads, with the fixed and per-byte checks broken down.
+2. Apply in place on disk, crash-safe / os.pwrite of the same bytes at the same offsets + fsync.
+3. On the default SASRec exported to each target: patch size / artifact size, cloud build time
+   per device, and re-export time / (patch build + apply).
+
+    .venv/bin/python benchmarks/patch_apply.py [--json] [--repeats 50] [--skip-export]
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+from tqdm import tqdm
+
+from device_runtime import weight_map as wmap
+from device_runtime.patch import apply_patch_bytes, apply_patch_file, parse_patch
+from device_runtime.weight_map import TensorEntry, WeightMap
+from mntool.patches import Ed25519PrivateKey, build_patch
+
+PAYLOAD_DIMS = {"4 KB": 32, "256 KB": 256, "4 MB": 1024}  # head (d, d) weight + (d,) bias, float32
+STATIC_BYTES = 1 << 20  # non-adaptive bytes before the adaptive region of the synthetic artifact
+
+
+def median_s(fn, repeats: int) -> float:
+    fn()  # warm caches and lazy imports
+    gc.disable()
+    try:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return statistics.median(times)
+
+
+def synthetic_artifact(root: Path, d: int) -> tuple[Path, WeightMap, dict[str, np.ndarray]]:
+    """A tflite-shaped artifact: STATIC_BYTES of random bytes, then a (d, d) weight and a (d,)
+    bias, 64-aligned; plus random parameters for it."""
+    rng = np.random.default_rng(d)
+    shapes = {"head.weight": (d, d), "head.bias": (d,)}
+    data, tensors = bytearray(rng.bytes(STATIC_BYTES)), []
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * 4
+        offset = -(-len(data) // 64) * 64
+        data.extend(bytes(offset - len(data) + nbytes))
+        tensors.append(TensorEntry(name, shape, "model.tflite", offset, nbytes, "float32", "identity", shape, 64))
+    artifact = root / "model.tflite"
+    artifact.write_bytes(data)
+    fingerprint = wmap.compute_fingerprint({"model.tflite": bytes(data)}, tensors)
+    wm = WeightMap("tflite", "model.tflite", ("model.tflite",), fingerprint, (), (), tuple(tensors))
+    wmap.save(wm, artifact)
+    params = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    return artifact, wm, params
+
+
+def bench_memory(d: int, repeats: int, root: Path) -> dict:
+    artifact, wm, params = synthetic_artifact(root, d)
+    patch = build_patch(wm, params)
+    p = parse_patch(patch)
+    buf = bytearray(artifact.read_bytes())
+    start = wm.tensors[0].offset
+    region = np.frombuffer(buf, np.uint8)[start : start + len(p.payload)]
+    payload = np.frombuffer(p.payload, np.uint8)
+    memcpy = median_s(lambda: np.copyto(region, payload), repeats)
+    hot = median_s(lambda: apply_patch_bytes(buf, patch, wm, check_artifact=False), repeats)
+    full = median_s(lambda: apply_patch_bytes(buf, patch, wm), repeats)
+    parts = {
+        "parse_s": median_s(lambda: parse_patch(patch), repeats),
+        "sha256_s": median_s(lambda: hashlib.sha256(p.payload).digest(), repeats),
+        "isfinite_s": median_s(lambda: [np.isfinite(p.array(t)).all() for t in p.tensors], repeats),
+    }
+    return {
+        "payload_bytes": len(p.payload), "artifact_bytes": len(buf), "memcpy_s": memcpy,
+        "apply_s": hot, "ratio": hot / memcpy, "apply_checked_artifact_s": full, "ratio_checked_artifact": full / memcpy,
+        **parts, **{k.replace("_s", "_ratio"): v / memcpy for k, v in parts.items()},
+        "ratio_without_sha256": (hot - parts["sha256_s"]) / memcpy,
+    }
+
+
+def bench_file(d: int, repeats: int, root: Path) -> dict:
+    artifact, wm, params = synthetic_artifact(root, d)
+    patch = build_patch(wm, params)
+    p = parse_patch(patch)
+
+    def pwrite_fsync() -> None:
+        fd = os.open(artifact, os.O_WRONLY)
+        try:
+            for t in p.tensors:
+                os.pwrite(fd, p.tensor_bytes(t), t.offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    reference = median_s(pwrite_fsync, repeats)
+    fast = median_s(lambda: apply_patch_file(artifact, patch, check_artifact=False), repeats)
+    full = median_s(lambda: apply_patch_file(artifact, patch), repeats)
+    return {
+        "payload_bytes": len(p.payload), "artifact_bytes": artifact.stat().st_size, "pwrite_fsync_s": reference,
+        "apply_s": fast, "ratio": fast / reference, "apply_checked_artifact_s": full, "ratio_checked_artifact": full / reference,
+    }
+
+
+def bench_export(repeats: int, root: Path) -> dict:
+    """Default SASRec (ML-100k item count) exported per target: sizes, build and apply times,
+    and the re-export a patch replaces."""
+    import torch
+
+    from exporters import TARGETS, export
+    from mntool.models import build_model
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = build_model("sasrec", n_items=1682).eval()
+    example = (torch.randint(1, 1683, (1, model.config.max_history)), torch.randint(1, 1683, (1,)))
+    adaptive = model.adaptive_names()
+    rng = np.random.default_rng(0)
+    params = {n: rng.standard_normal(tuple(p.shape)).astype(np.float32) for n, p in model.named_parameters() if n in adaptive}
+    key = Ed25519PrivateKey.generate()
+    results = {}
+    for target in tqdm(TARGETS, desc="export", leave=False):
+        out = root / target
+        start = time.perf_counter()
+        artifact = export(model, example, adaptive, target, out, progress=False)
+        export_s = time.perf_counter() - start
+        wm = wmap.load(artifact)
+        patch = build_patch(wm, params, key)
+        size = sum(f.stat().st_size for f in wmap.artifact_root(artifact).rglob("*") if f.is_file()) if artifact.is_dir() else \
+            sum((wmap.artifact_root(artifact) / f).stat().st_size for f in wm.files)
+        build = median_s(lambda: build_patch(wm, params, key), repeats)
+        apply = median_s(lambda: apply_patch_file(artifact, patch), repeats)
+        results[target] = {
+            "artifact_bytes": size, "patch_bytes": len(patch), "patch_over_artifact": len(patch) / size,
+            "export_s": export_s, "build_signed_s": build, "apply_in_place_s": apply,
+            "reexport_over_patch": export_s / (build + apply),
+        }
+    return results
+
+
+def fmt_s(s: float) -> str:
+    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def print_tables(report: dict) -> None:
+    print("in-memory apply (bytes -> bytes, artifact check skipped as in hot swap) vs numpy copy of the payload")
+    print(f"{'payload':>8} {'memcpy':>10} {'apply':>10} {'ratio':>7} {'parse':>7} {'sha256':>7} {'isfinite':>8} "
+          f"{'ratio w/o sha256':>17} {'+artifact check':>16}")
+    for label, r in report["memory"].items():
+        print(f"{label:>8} {fmt_s(r['memcpy_s']):>10} {fmt_s(r['apply_s']):>10} {r['ratio']:>6.1f}x {r['parse_ratio']:>6.1f}x "
+              f"{r['sha256_ratio']:>6.1f}x {r['isfinite_ratio']:>7.1f}x {r['ratio_without_sha256']:>16.1f}x "
+              f"{r['ratio_checked_artifact']:>15.1f}x")
+    print("\nin-place file apply (copy + fsync + rename) vs pwrite + fsync of the same bytes; artifact = 1 MB + payload")
+    print(f"{'payload':>8} {'pwrite+fsync':>13} {'apply':>10} {'ratio':>7} {'+artifact check':>16}")
+    for label, r in report["file"].items():
+        print(f"{label:>8} {fmt_s(r['pwrite_fsync_s']):>13} {fmt_s(r['apply_s']):>10} {r['ratio']:>6.1f}x "
+              f"{r['ratio_checked_artifact']:>15.1f}x")
+    if report.get("export"):
+        print("\ndefault SASRec (1682 items): patch vs artifact, cloud build per device (signed), re-export vs patch")
+        print(f"{'target':>7} {'artifact':>10} {'patch':>8} {'patch/art':>9} {'build':>9} {'apply':>9} {'export':>8} {'export/(build+apply)':>21}")
+        for target, r in report["export"].items():
+            print(f"{target:>7} {r['artifact_bytes']:>10} {r['patch_bytes']:>8} {r['patch_over_artifact']:>9.4f} "
+                  f"{fmt_s(r['build_signed_s']):>9} {fmt_s(r['apply_in_place_s']):>9} {fmt_s(r['export_s']):>8} "
+                  f"{r['reexport_over_patch']:>20.0f}x")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of tables.")
+@click.option("--repeats", default=50, show_default=True, help="Timed repetitions per figure (median).")
+@click.option("--skip-export", is_flag=True, help="Skip the real SASRec exports (section 3).")
+def main(as_json: bool, repeats: int, skip_export: bool) -> None:
+    """Measure patch apply/build figures. Example: .venv/bin/python benchmarks/patch_apply.py --json"""
+    report: dict = {"memory": {}, "file": {}, "python": sys.version.split()[0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for label, d in tqdm(PAYLOAD_DIMS.items(), desc="synthetic", leave=False):
+            (root / f"m{d}").mkdir()
+            (root / f"f{d}").mkdir()
+            report["memory"][label] = bench_memory(d, repeats, root / f"m{d}")
+            report["file"][label] = bench_file(d, max(5, repeats // 5), root / f"f{d}")
+        if not skip_export:
+            report["export"] = bench_export(max(5, repeats // 5), root / "export")
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_tables(report)
+
+
+if __name__ == "__main__":
+    main()
