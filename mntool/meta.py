@@ -1,0 +1,265 @@
+"""MetaNetwork, task-agnostic: a MetaGenerator and a MetaStabilizer around any `nn.Module`.
+
+Given a backbone and the names of its adaptive parameters, the MetaGenerator encodes a device's
+recent samples (through a pluggable encoder) into a condition vector and emits a low-rank residual
+for every adaptive tensor; the MetaStabilizer turns residuals into parameters
+`theta = theta_static + bound * tanh(gate) * rms(theta_static) * tanh(residual)`, with the gate
+starting at zero so training starts exactly from the static model, and keeps an EMA copy of the
+generator for evaluation and generation. `per_sample_call` runs the backbone with a different set
+of adaptive parameters for every row of a batch, without a Python loop over samples. Nothing here
+knows about recommendation; `RecentItemsEncoder` at the bottom is the encoder our recommenders use.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+
+@dataclass
+class MetaConfig:
+    cond_dim: int = 32  # size of the condition vector the encoder produces
+    rank: int = 4  # rank of each generated 2-D residual (factorised heads keep the generator small)
+    gate: bool = True  # stabilizer: zero-initialised, bounded gate on a normalised residual
+    bound: float = 1.0  # stabilizer: max |residual| per element, in units of the static tensor's RMS
+    ema: bool = True  # stabilizer: evaluate and generate with an exponential moving average
+    ema_decay: float = 0.995  # stabilizer: EMA decay per optimisation step
+
+    @property
+    def stabilizer(self) -> bool:
+        return self.gate or self.ema
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- running a module with per-sample parameters ------------------------------------------------
+def _batched_linear_forward(weight: torch.Tensor, bias: torch.Tensor | None):
+    """forward() for an nn.Linear whose weight is (B, out, in) and bias (B, out): one bmm."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        squeeze = x.dim() == 2
+        xb = x.unsqueeze(1) if squeeze else x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        y = torch.bmm(xb, weight.transpose(1, 2))  # (B, T, out)
+        if bias is not None:
+            y = y + bias.unsqueeze(1)
+        return y.squeeze(1) if squeeze else y.reshape(*x.shape[:-1], weight.shape[1])
+
+    return forward
+
+
+def _linear_owners(module: nn.Module, names: list[str]) -> dict[str, nn.Linear] | None:
+    """Map each adaptive name's Linear module path -> module, or None if some adaptive tensor is
+    not the weight/bias of an nn.Linear (then the generic vmap path is used)."""
+    owners: dict[str, nn.Linear] = {}
+    modules = dict(module.named_modules())
+    for name in names:
+        path, _, leaf = name.rpartition(".")
+        owner = modules.get(path)
+        if not isinstance(owner, nn.Linear) or leaf not in ("weight", "bias"):
+            return None
+        owners[path] = owner
+    return owners
+
+
+@contextlib.contextmanager
+def _patched_linears(owners: dict[str, nn.Linear], params: dict[str, torch.Tensor]):
+    try:
+        for path, lin in owners.items():
+            weight = params.get(f"{path}.weight")
+            bias = params.get(f"{path}.bias")
+            B = (weight if weight is not None else bias).shape[0]
+            if weight is None:
+                weight = lin.weight.unsqueeze(0).expand(B, *lin.weight.shape)
+            if bias is None and lin.bias is not None:
+                bias = lin.bias.unsqueeze(0).expand(B, *lin.bias.shape)
+            lin.forward = _batched_linear_forward(weight, bias)  # instance attribute shadows the method
+        yield
+    finally:
+        for lin in owners.values():
+            lin.__dict__.pop("forward", None)
+
+
+def per_sample_call(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, index: torch.Tensor | None = None) -> torch.Tensor:
+    """`module(*args)` where row b uses `params[name][index[b]]` for each given (adaptive) parameter.
+
+    `params` hold one set per *device* (leading dim U); `index` (B,) says which set each input row
+    uses (default: row b uses set b). Generating once per device and gathering per row is what
+    makes MetaNetwork training cheap: a batch holds many rows of few devices. Adaptive tensors
+    owned by `nn.Linear` layers (the common case: heads) run as batched matmuls; anything else
+    falls back to `torch.func.vmap` over `functional_call`.
+    """
+    if index is not None:
+        params = {n: p.index_select(0, index) for n, p in params.items()}  # (B, *shape)
+    owners = _linear_owners(module, list(params))
+    if owners is not None:
+        with _patched_linears(owners, params):
+            return module(*args)
+
+    def one(p, *a):
+        return functional_call(module, p, tuple(x.unsqueeze(0) for x in a)).squeeze(0)
+
+    return vmap(one)(params, *args)
+
+
+# ---- the generator -----------------------------------------------------------------------------
+class LowRankHead(nn.Module):
+    """Condition (B, c) -> residual of one adaptive tensor.
+
+    A tensor of shape (n0, n1, ...) is viewed as a matrix (n0, n1*...) and generated as
+    `A(c) @ B(c) / sqrt(rank)` with A (n0, r), B (r, m): (n0 + m) * r * c weights instead of the
+    n0 * m * c of a plain linear map (the DUET reference's choice). 1-D tensors are a linear map.
+    """
+
+    def __init__(self, shape: tuple[int, ...], cond_dim: int, rank: int):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.rows = shape[0] if len(shape) >= 2 else 0
+        self.cols = int(torch.tensor(shape[1:]).prod()) if len(shape) >= 2 else 0
+        self.rank = rank
+        if self.rows:
+            self.left = nn.Linear(cond_dim, self.rows * rank)
+            self.right = nn.Linear(cond_dim, rank * self.cols)
+        else:
+            self.vector = nn.Linear(cond_dim, int(torch.tensor(shape).prod()))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        B = c.shape[0]
+        if not self.rows:
+            return self.vector(c).view(B, *self.shape)
+        a = self.left(c).view(B, self.rows, self.rank)  # (B, n0, r)
+        b = self.right(c).view(B, self.rank, self.cols)  # (B, r, m)
+        return (torch.bmm(a, b) * self.rank**-0.5).view(B, *self.shape)
+
+
+class MetaGenerator(nn.Module):
+    """Recent samples -> condition vector (pluggable encoder) -> one residual per adaptive tensor."""
+
+    def __init__(self, encoder: nn.Module, shapes: dict[str, tuple[int, ...]], config: MetaConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.names = list(shapes)
+        # ModuleDict keys cannot contain dots
+        self.heads = nn.ModuleDict({n.replace(".", "__"): LowRankHead(s, config.cond_dim, config.rank) for n, s in shapes.items()})
+
+    def forward(self, *condition_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.encoder(*condition_inputs)  # (B, cond_dim)
+        return {n: self.heads[n.replace(".", "__")](c) for n in self.names}
+
+
+class MetaStabilizer(nn.Module):
+    """Keeps generated parameters close to, and starting from, the static ones.
+
+    Per tensor k: theta_k = static_k + bound * tanh(g_k) * rms(static_k) * tanh(residual_k).
+    - g_k starts at 0, so the first forward pass is exactly the static model;
+    - tanh(residual) and the RMS scale normalise the residual to the tensor's own magnitude;
+    - |theta_k - static_k| <= bound * rms(static_k) elementwise: the generator cannot blow up.
+    Without the gate (ablation) theta_k = static_k + residual_k.
+    """
+
+    def __init__(self, names: list[str], config: MetaConfig):
+        super().__init__()
+        self.names = list(names)
+        self.config = config
+        self.gates = nn.Parameter(torch.zeros(len(names))) if config.gate else None
+
+    def forward(self, static: dict[str, torch.Tensor], residual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, n in enumerate(self.names):
+            base = static[n].unsqueeze(0)  # (1, *shape)
+            if self.gates is None:
+                out[n] = base + residual[n]
+            else:
+                scale = base.detach().pow(2).mean().sqrt().clamp_min(1e-6)
+                out[n] = base + self.config.bound * torch.tanh(self.gates[i]) * scale * torch.tanh(residual[n])
+        return out
+
+
+class MetaNetwork(nn.Module):
+    """Backbone + MetaGenerator + MetaStabilizer.
+
+    `forward(inputs, condition, index)` runs the backbone on `inputs` with adaptive parameters
+    generated from `condition` (one set per device row, gathered per input row by `index`). With `config.ema`, `ema_generator` / `ema_stabilizer` hold
+    the running averages that `adaptive_params(..., use_ema=True)` uses.
+    """
+
+    def __init__(self, backbone: nn.Module, adaptive: list[str], encoder: nn.Module, config: MetaConfig):
+        super().__init__()
+        params = dict(backbone.named_parameters())
+        missing = [n for n in adaptive if n not in params]
+        assert not missing, f"adaptive parameters not in the backbone: {missing}"
+        self.backbone = backbone
+        self.adaptive = list(adaptive)
+        self.config = config
+        shapes = {n: tuple(params[n].shape) for n in adaptive}
+        self.generator = MetaGenerator(encoder, shapes, config)
+        self.stabilizer = MetaStabilizer(self.adaptive, config)
+        if config.ema:
+            # Averaged copies of the generator (its encoder's embedding table included) and gates;
+            # the backbone itself is trained and used as is.
+            self.ema_generator = copy.deepcopy(self.generator).requires_grad_(False)
+            self.ema_stabilizer = copy.deepcopy(self.stabilizer).requires_grad_(False)
+
+    def static_params(self) -> dict[str, torch.Tensor]:
+        params = dict(self.backbone.named_parameters())
+        return {n: params[n] for n in self.adaptive}
+
+    def adaptive_params(self, *condition: torch.Tensor, use_ema: bool = False) -> dict[str, torch.Tensor]:
+        """Generated adaptive parameters, (B, *shape) each, one set per condition row."""
+        generator, stabilizer = (self.ema_generator, self.ema_stabilizer) if use_ema and self.config.ema else (self.generator, self.stabilizer)
+        return stabilizer(self.static_params(), generator(*condition))
+
+    def forward(self, inputs: tuple, condition: tuple, index: torch.Tensor | None = None, use_ema: bool = False) -> torch.Tensor:
+        """Backbone output on `inputs` (B rows); `condition` holds U device rows and `index` (B,)
+        the device of each input row (default: one device per row)."""
+        return per_sample_call(self.backbone, self.adaptive_params(*condition, use_ema=use_ema), inputs, index)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One EMA step of the generator and stabilizer weights (call after each optimiser step)."""
+        if not self.config.ema:
+            return
+        d = self.config.ema_decay
+        for live, avg in ((self.generator, self.ema_generator), (self.stabilizer, self.ema_stabilizer)):
+            for p_avg, p_live in zip(avg.parameters(), live.parameters()):
+                p_avg.lerp_(p_live, 1 - d)
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the generator and stabilizer (not the backbone's)."""
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        own = list(self.generator.parameters()) + list(self.stabilizer.parameters())
+        return [p for p in own if id(p) not in backbone_ids]
+
+
+# ---- the encoder our recommenders use -------------------------------------------------------------
+class RecentItemsEncoder(nn.Module):
+    """A device's recent items (B, R) -> condition vector (B, cond_dim).
+
+    Reads the backbone's own item embeddings (shared, so the generator speaks the backbone's
+    language) with learned position embeddings, pools them two ways (masked mean and attention
+    pooling, so both the long-run taste and a few salient items can drive the parameters), and
+    maps the result through a small MLP. Padding (id 0) is masked out.
+    """
+
+    def __init__(self, item_embedding: nn.Embedding, max_recent: int, cond_dim: int):
+        super().__init__()
+        d = item_embedding.embedding_dim
+        self.item_embedding = item_embedding
+        self.position = nn.Parameter(torch.zeros(max_recent, d))
+        self.score = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1))
+        self.mlp = nn.Sequential(nn.Linear(2 * d, cond_dim), nn.ReLU(), nn.Linear(cond_dim, cond_dim), nn.LayerNorm(cond_dim))
+
+    def forward(self, recent: torch.Tensor) -> torch.Tensor:
+        R = recent.shape[1]
+        assert R <= self.position.shape[0], f"{R} recent items > max_recent {self.position.shape[0]}"
+        mask = (recent != 0).to(torch.float32)  # (B, R)
+        e = self.item_embedding(recent)  # (B, R, d)
+        mean = (e * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)  # (B, d)
+        logits = self.score(e + self.position[-R:]).squeeze(-1) + (1 - mask) * -1e9  # (B, R)
+        att = (F.softmax(logits, dim=1) * mask)[..., None]  # all-padding rows pool to zero
+        return self.mlp(torch.cat([mean, (att * e).sum(1)], dim=-1))  # (B, cond_dim)
