@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -173,31 +174,51 @@ def generate_inputs(specs: tuple[IOSpec, ...], vocab_size: int | None, seed: int
 
 
 # ---- measurement helpers --------------------------------------------------------------------
-def _rss_mb() -> float:
-    """Current resident set size."""
+def _rss_mb() -> float | None:
+    """Current resident set size, where /proc tells it."""
     statm = Path("/proc/self/statm")
-    if statm.is_file():
-        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    return _peak_rss_mb()
+    if not statm.is_file():
+        return None
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident set size. The kernel's high-water mark lags the live counters slightly, so
+    the current size bounds it from below."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    return max(peak_mb, _rss_mb() or 0.0)
 
 
-def _timed_calls(fn: Callable, arg, n: int, out: list[float]) -> None:
-    """Append n per-call wall times (ms) of fn(arg). The loop is the same for the empty call that
-    measures the timer overhead, so that overhead is exactly what each sample carries."""
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], runs: int, rounds: int, progress: Progress | None = None
+) -> dict[str, list[float]]:
+    """Per-call wall times (ms) of each zero-argument call, `runs` each, interleaved in `rounds`
+    blocks so that drift on a shared host hits every call alike; GC is off while timing.
+
+    Every call is timed by the same loop, so timing an empty call (`empty_call`) with it measures
+    exactly the overhead each sample carries."""
     clock = time.perf_counter_ns
-    for _ in range(n):
-        t0 = clock()
-        fn(arg)
-        out.append((clock() - t0) / 1e6)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    gc.disable()
+    try:
+        for r in range(rounds):
+            block = runs // rounds + (r < runs % rounds)
+            for name, call in calls.items():
+                out = samples[name]
+                for _ in range(block):
+                    t0 = clock()
+                    call()
+                    out.append((clock() - t0) / 1e6)
+                if progress:
+                    progress(block)
+    finally:
+        gc.enable()
+    return samples
 
 
-def _empty_call(arg) -> None:
-    return None
+def empty_call() -> None:
+    """The reference for the timer's overhead: a call that does nothing."""
 
 
 def _median(values: list[float]) -> float:
@@ -257,15 +278,14 @@ def benchmark(
     def load(from_files: dict[str, bytes] | None):
         return open_runner(artifact, runtime=runtime, files=from_files, weight_map=weight_map, config=config.runner)
 
-    rss_before = _rss_mb()
+    rss_before = _rss_mb() or _peak_rss_mb()
     t0 = time.perf_counter_ns()
     runner = load(None)
     first_load_ms = (time.perf_counter_ns() - t0) / 1e6
-    input_specs = runner.inputs
+    input_specs = runner.free_inputs
     vocab = weight_map.extra.get(VOCAB_KEY) if weight_map else None
     feeds = load_inputs(inputs) if inputs else generate_inputs(input_specs, vocab, config.seed)
-    arrays = runner.prepare(feeds)
-    reference = runner.invoke(arrays)
+    reference = runner.run(feeds)
     runner.close()
     files = weight_maps.read_artifact_files(artifact, weight_map.files if weight_map else [artifact.name])
 
@@ -286,7 +306,7 @@ def benchmark(
             t0 = clock()
             runner = load(files)
             t1 = clock()
-            runner.invoke(arrays)
+            runner.run(feeds)
             t2 = clock()
             load_memory.append((t1 - t0) / 1e6)
             first_run.append((t2 - t1) / 1e6)
@@ -298,7 +318,7 @@ def benchmark(
                 patched = _apply_patch(files, patch, weight_map)
                 t1 = clock()
                 runner = load(patched)
-                runner.invoke(arrays)
+                runner.run(feeds)  # weights-as-inputs artifacts bind the patched values here
                 t2 = clock()
                 apply_times[path].append((t1 - t0) / 1e6)
                 swap_times[path].append((t2 - t0) / 1e6)
@@ -309,44 +329,34 @@ def benchmark(
         gc.enable()
 
     # Steady state: every variant loaded from memory, warmed up, then timed in interleaved rounds.
-    variants = {None: load(files), **{p: load(patched_files[p]) for p in patch_bytes}}
+    variants = {"unpatched": load(files), **{str(p): load(patched_files[p]) for p in patch_bytes}}
+    arrays = {key: variant.prepare(feeds) for key, variant in variants.items()}
     outputs = {}
     for key, variant in variants.items():
         for _ in range(config.warmup):
-            variant.invoke(arrays)
+            variant.invoke(arrays[key])
         tick(config.warmup)
-        outputs[key] = variant.invoke(arrays)
-    samples: dict = {key: [] for key in variants}
-    overhead: list[float] = []
-    gc.disable()
-    try:
-        for r in range(config.rounds):
-            block = config.runs // config.rounds + (r < config.runs % config.rounds)
-            for key, variant in variants.items():
-                _timed_calls(variant.invoke, arrays, block, samples[key])
-                tick(block)
-            _timed_calls(_empty_call, arrays, block, overhead)
-            tick(block)
-    finally:
-        gc.enable()
+        outputs[key] = variant.run(feeds)
+    calls = {key: partial(variant.invoke, arrays[key]) for key, variant in variants.items()}
+    samples = time_interleaved({**calls, "timer overhead": empty_call}, config.runs, config.rounds, tick)
     for variant in variants.values():
         variant.close()
 
-    base = np.asarray(samples[None])
+    base = np.asarray(samples["unpatched"])
     latency = LatencyStats.of(base)
     cold_start_ms = _median(cold_start)
-    timer_overhead_us = _median(overhead) * 1e3
+    timer_overhead_us = _median(samples["timer overhead"]) * 1e3
     patch_reports = []
     for path, patch in patch_bytes.items():
-        stats = LatencyStats.of(np.asarray(samples[path]))
-        changed = any(not np.array_equal(a, b) for a, b in zip(outputs[path], outputs[None]))
+        stats = LatencyStats.of(np.asarray(samples[str(path)]))
+        changed = any(not np.array_equal(outputs[str(path)][n], outputs["unpatched"][n]) for n in reference)
         patch_reports.append(PatchReport(
             patch=str(path), patch_bytes=len(patch), apply_ms=_median(apply_times[path]),
             swap_ms=_median(swap_times[path]), swap_vs_cold_start=_median(swap_times[path]) / cold_start_ms,
             latency=stats, p50_ratio=stats.p50_ms / latency.p50_ms, outputs_changed=changed,
-            samples_ms=samples[path],
+            samples_ms=samples[str(path)],
         ))
-    assert all(np.array_equal(a, b) for a, b in zip(outputs[None], reference)), "memory load changed outputs"
+    assert all(np.array_equal(outputs["unpatched"][n], reference[n]) for n in reference), "memory load changed outputs"
     return BenchReport(
         artifact=str(artifact), runtime=runtime, runtime_version=_runtime_version(runtime),
         artifact_bytes=sum(len(b) for b in files.values()), config=config.to_dict(),
@@ -355,7 +365,7 @@ def benchmark(
         first_load_ms=first_load_ms, load_file_ms=_median(load_file), load_memory_ms=_median(load_memory),
         first_inference_ms=_median(first_run), cold_start_memory_ms=cold_start_ms, latency=latency,
         timer_overhead_us=timer_overhead_us, overhead_ratio=timer_overhead_us / 1e3 / latency.p50_ms,
-        rss_before_load_mb=rss_before, peak_rss_mb=_peak_rss_mb(), samples_ms=samples[None],
+        rss_before_load_mb=rss_before, peak_rss_mb=_peak_rss_mb(), samples_ms=samples["unpatched"],
         patches=patch_reports, host=_host(),
     )
 

@@ -71,11 +71,20 @@ def cast_lossless(name: str, value: np.ndarray, dtype: str) -> np.ndarray:
 
 
 class Runner(ABC):
-    """A loaded artifact. `inputs`/`outputs` are IOSpecs whose `name` is what `run` takes/returns."""
+    """A loaded artifact. `inputs`/`outputs` are IOSpecs whose `name` is what `run` takes/returns.
+
+    In weights-as-inputs artifacts (weight map mode "inputs") the adaptive tensors are inputs too;
+    `bound` holds their values as read from the artifact's own files, used unless a feed overrides
+    them, so callers give only `free_inputs`."""
 
     runtime: str
     inputs: tuple[IOSpec, ...]
     outputs: tuple[IOSpec, ...]
+    bound: dict[str, np.ndarray]
+
+    @property
+    def free_inputs(self) -> tuple[IOSpec, ...]:
+        return tuple(s for s in self.inputs if s.name not in self.bound)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One inference, inputs and outputs keyed by name."""
@@ -83,16 +92,16 @@ class Runner(ABC):
 
     def prepare(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Inputs in the artifact's order, cast losslessly to its dtypes and shape-checked."""
-        missing = [s.name for s in self.inputs if s.name not in feeds]
+        missing = [s.name for s in self.free_inputs if s.name not in feeds]
         unknown = sorted(set(feeds) - {s.name for s in self.inputs})
         if missing or unknown:
             raise RunnerError(
                 f"inputs do not match the artifact: missing {missing}, unknown {unknown} "
-                f"(expected {[s.name for s in self.inputs]})"
+                f"(expected {[s.name for s in self.free_inputs]})"
             )
         arrays = []
         for spec in self.inputs:
-            value = cast_lossless(spec.name, feeds[spec.name], spec.dtype)
+            value = cast_lossless(spec.name, feeds[spec.name] if spec.name in feeds else self.bound[spec.name], spec.dtype)
             if value.shape != spec.shape:
                 raise RunnerError(f"input {spec.name!r}: shape {value.shape} does not match the artifact's {spec.shape}")
             arrays.append(value)
@@ -326,13 +335,36 @@ def open_runner(
         model = bytes(model)  # the Python bindings take only bytes for the model itself (a copy)
     if runtime not in RUNTIMES:
         raise RunnerError(f"runtime {runtime!r} is not one of {RUNTIMES}")
+    bound = _adaptive_inputs(weight_map, files or {}, root) if weight_map and weight_map.mode == "inputs" else {}
     if runtime == "litert":
-        return LiteRTRunner(model, config, weight_map)
-    if runtime == "onnxruntime":
+        runner = LiteRTRunner(model, config, weight_map)
+    elif runtime == "onnxruntime":
         main = None if isinstance(artifact, (bytes, bytearray)) else Path(artifact).name
         external = {name: data for name, data in (files or {}).items() if name != main}
-        return OnnxRuntimeRunner(model, config, weight_map, external, root)
-    return CoreMLRunner(model, config, weight_map, in_memory=bool(files))
+        runner = OnnxRuntimeRunner(model, config, weight_map, external, root)
+    else:
+        runner = CoreMLRunner(model, config, weight_map, in_memory=bool(files))
+    runner.bound = bound
+    return runner
+
+
+def _adaptive_inputs(weight_map: WeightMap, files: Mapping[str, bytes | bytearray], root: Path | None) -> dict[str, np.ndarray]:
+    """Weights-as-inputs: each adaptive tensor's value from the artifact's flat file (in memory if
+    given there, else on disk), in its PyTorch shape, ready to feed."""
+    contents: dict[str, bytes | bytearray] = {}
+    values = {}
+    for t in weight_map.tensors:
+        if t.file not in contents:
+            if t.file in files:
+                contents[t.file] = files[t.file]
+            elif root is not None:
+                contents[t.file] = (root / t.file).read_bytes()
+            else:
+                raise RunnerError(f"weights-as-inputs artifact loaded from bytes needs its {t.file} in `files`")
+        stored = np.frombuffer(contents[t.file], np.dtype(t.dtype).newbyteorder("<"), t.numel, t.offset)
+        stored = stored.reshape(t.stored_shape)
+        values[t.name] = np.ascontiguousarray(stored.T if t.layout == "transpose" else stored)
+    return values
 
 
 # ---- one inference, as `mntool run` does it -------------------------------------------------

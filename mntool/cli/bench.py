@@ -111,7 +111,7 @@ def bench(artifacts: tuple[Path, ...], patches: tuple[Path, ...], runtime: str |
                          runner=RunnerConfig(threads=threads, xnnpack=xnnpack, graph_optimization=graph_optimization))
     reports = measure(list(artifacts), list(patches), inputs_path, config, profile_name)
     if plot:
-        plot_latency(reports, plot)
+        plot_latency(report_series(reports), plot, report_title(reports))
     if as_json:
         _echo_json([r.to_dict() for r in reports])
     elif as_csv:
@@ -198,61 +198,78 @@ def _bench_on_device(artifacts, patches, benchmark_binary, device, threads, xnnp
 
 
 # ---- the figure -----------------------------------------------------------------------------
-def plot_latency(reports: list[BenchReport], path: Path, title: str | None = None) -> Path:
-    """Latency distribution per runtime and variant (left) and latency per run in measurement
-    order (right), with p50 and p99 marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
-
+def report_series(reports: list[BenchReport]) -> list[tuple[str, np.ndarray]]:
+    """(label, per-run latencies in ms) for each runtime and variant of the reports."""
     series = []
     for r in reports:
         name = f"{r.runtime}\n{Path(r.artifact).name}"
         series.append((f"{name}\nunpatched", np.asarray(r.samples_ms)))
         series += [(f"{name}\n+ {Path(p.patch).name}", np.asarray(p.samples_ms)) for p in r.patches]
+    return series
+
+
+def report_title(reports: list[BenchReport]) -> str:
+    r = reports[0]
+    profile = f", profile {r.profile['profile']}" if r.profile else ""
+    return (f"Steady-state latency, batch 1, {r.config['runner']['threads']} thread(s){profile} on "
+            f"{r.host.get('cpu', 'this host')} ({r.latency.runs} runs per variant)")
+
+
+def plot_latency(series: list[tuple[str, np.ndarray]], path: Path, title: str) -> Path:
+    """Latency distribution per labelled series (left; log scale when they differ by more than
+    5x) and every timed run in measurement order (right), with p50 and p99 marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     use_us = max(np.median(s) for _, s in series) < 1.0
     scale, unit = (1e3, "µs") if use_us else (1.0, "ms")
     colors = plt.get_cmap("tab10").colors
+    data = [np.asarray(s) * scale for _, s in series]
+    medians = [np.median(d) for d in data]
+    log_scale = max(medians) / min(medians) > 5
 
-    fig, (dist, trace) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, (dist, trace) = plt.subplots(1, 2, figsize=(max(13, 1.6 * len(series) + 7), 5.6),
+                                      gridspec_kw={"width_ratios": [max(1.1, 0.22 * len(series)), 1]})
     positions = np.arange(1, len(series) + 1)
-    data = [s * scale for _, s in series]
-    clip = [np.clip(d, None, np.percentile(d, 99.5)) for d in data]  # keep rare stalls from flattening the violins
-    parts = dist.violinplot(clip, positions=positions, showextrema=False, widths=0.8)
-    for body, color in zip(parts["bodies"], colors):
+    top = 1.3 * max(np.percentile(d, 99) for d in data)  # rare host stalls go above the axis, counted
+    bottom = 0.8 * min(d.min() for d in data) if log_scale else 0.0
+    parts = dist.violinplot([np.clip(d, None, top) for d in data], positions=positions, showextrema=False, widths=0.8)
+    for body, color in zip(parts["bodies"], colors * 3):
         body.set_facecolor(color)
         body.set_alpha(0.35)
-    for x, d, color in zip(positions, data, colors):
+    for x, d in zip(positions, data):
         p50, p99 = np.percentile(d, [50, 99])
         dist.hlines(p50, x - 0.3, x + 0.3, color="black", lw=2, label="p50" if x == 1 else None)
         dist.scatter([x], [p99], marker="v", color="black", zorder=3, label="p99" if x == 1 else None)
-        dist.annotate(f"p50 {p50:.1f}\np99 {p99:.1f}", (x + 0.32, p50), fontsize=8, va="center")
-    dist.set_xticks(positions, [label for label, _ in series], fontsize=8)
-    dist.set_ylabel(f"latency per inference ({unit})")
-    dist.set_title("distribution (clipped at p99.5)")
+        dist.annotate(f"p50 {p50:.1f}\np99 {p99:.1f}", (x + 0.32, p50), fontsize=7, va="center")
+        above = int((d > top).sum())
+        if above:
+            dist.annotate(f"{above} above", (x, top), fontsize=7, ha="center", va="top", color="dimgray")
+    dist.set_xticks(positions, [label for label, _ in series], fontsize=7)
+    dist.set_ylabel(f"latency per inference ({unit}{', log scale' if log_scale else ''})")
+    dist.set_title("distribution")
     dist.legend(loc="upper left", fontsize=8)
-    dist.grid(axis="y", alpha=0.3)
     dist.set_xlim(0.4, len(series) + 0.9)
+    for ax in (dist, trace):
+        if log_scale:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(bottom, top)
+        ax.grid(alpha=0.3, which="major")
 
-    for (label, _), d, color in zip(series, data, colors):
+    for (label, _), d, color in zip(series, data, colors * 3):
         trace.plot(np.arange(len(d)), d, ".", ms=2, color=color, alpha=0.6, label=label.replace("\n", " "))
-    trace.set_yscale("log")
-    trace.yaxis.set_major_formatter(ScalarFormatter())
-    trace.yaxis.set_minor_formatter(ScalarFormatter())
-    trace.tick_params(axis="y", which="minor", labelsize=7)
-    trace.set_xlabel("run (measurement order; variants interleaved in rounds)")
-    trace.set_ylabel(f"latency per inference ({unit}, log scale)")
-    trace.set_title("every timed run")
+    trace.set_xlabel("timed run, in measurement order")
+    trace.set_ylabel(f"latency per inference ({unit}{', log scale' if log_scale else ''})")
+    trace.set_title("every timed run (same axis)")
     trace.legend(fontsize=7, markerscale=4, loc="upper right")
-    trace.grid(alpha=0.3, which="both")
 
-    r0 = reports[0]
-    runner = r0.config["runner"]
-    profile = f", profile {r0.profile['profile']}" if r0.profile else ""
-    fig.suptitle(title or (f"Steady-state latency, batch 1, {runner['threads']} thread(s){profile} — "
-                           f"{r0.host.get('cpu', '')} ({r0.latency.runs} runs per variant)"))
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
