@@ -1,0 +1,162 @@
+"""Patches on real artifacts: a default backbone (MovieLens-100k item count) exported to every
+target, patched with random parameters (file in place, copy, in memory), then run on the
+runtime against PyTorch with the same parameters, on real MovieLens-100k histories. SASRec for
+TFLite and ONNX; DIN for Core ML, because coremltools 9 fails to convert SASRec ("only
+0-dimensional arrays can be converted to Python scalars").
+
+TFLite (ai_edge_litert) and ONNX Runtime outputs must match PyTorch within 1e-5. Core ML cannot
+predict on Linux, so there coremltools' own blob reader must return the patched values exactly.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_patch_format import raw_public
+
+from device_runtime import weight_map as wmap
+from device_runtime.patch import apply_patch_bytes, apply_patch_file
+from device_runtime.runners import open_runner
+from mntool.patches import build_patch
+
+pytestmark = pytest.mark.slow
+ATOL = 1e-5
+KEY = Ed25519PrivateKey.generate()
+VARIANTS = {  # name -> backbone, export options
+    "tflite": ("sasrec", {"target": "tflite"}),
+    "tflite-inputs": ("sasrec", {"target": "tflite", "adaptive_as_inputs": True}),
+    "onnx": ("sasrec", {"target": "onnx"}),
+    "onnx-inputs": ("sasrec", {"target": "onnx", "adaptive_as_inputs": True}),
+    "coreml": ("din", {"target": "coreml"}),
+    "coreml-fp16": ("din", {"target": "coreml", "precision": "float16"}),
+}
+
+
+@pytest.fixture(scope="module")
+def models(ml100k_interactions):
+    from mntool.models import build_model
+
+    torch.set_num_threads(2)
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            torch.manual_seed(0)
+            built[name] = build_model(name, ml100k_interactions.n_items).eval()
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def histories(ml100k_interactions):
+    """(history (1, L), target (1,)) for 5 real users: their first L+1 clicks in time order."""
+    from mntool.models import BackboneConfig
+
+    data, L = ml100k_interactions, BackboneConfig().max_history
+    rows = []
+    for user in range(data.n_users):
+        mine = data.user == user
+        clicks = data.item[mine][np.argsort(data.timestamp[mine], kind="stable")]
+        if len(clicks) > L:
+            rows.append((torch.as_tensor(clicks[None, :L]), torch.as_tensor(clicks[L : L + 1])))
+        if len(rows) == 5:
+            return rows
+    raise AssertionError("MovieLens-100k has fewer than 5 users with enough clicks")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, models, histories):
+    from exporters import export
+
+    cache: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in cache:
+            backbone, options = VARIANTS[variant]
+            options = dict(options)
+            target = options.pop("target")
+            model = models(backbone)
+            out = tmp_path_factory.mktemp(variant)
+            cache[variant] = export(model, histories[0], model.adaptive_names(), target, out, **options)
+        return cache[variant]
+
+    return get
+
+
+def torch_outputs(model, params, histories) -> np.ndarray:
+    ref = copy.deepcopy(model)
+    ref.load_state_dict({**ref.state_dict(), **{n: torch.as_tensor(v) for n, v in params.items()}})
+    with torch.no_grad():
+        return np.array([ref(h, t).numpy() for h, t in histories])
+
+
+def runtime_outputs(artifact: Path, histories, files=None) -> np.ndarray:
+    wm = wmap.load(artifact, check_fingerprint=files is None)
+    with open_runner(artifact, weight_map=wm, files=files) as runner:
+        return np.array([runner.run({"history": h.numpy(), "target": t.numpy()})["output"] for h, t in histories])
+
+
+def random_params(model, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.normal(0, 0.3, tuple(p.shape)).astype(np.float32) for n, p in model.named_parameters()
+            if n in model.adaptive_names()}
+
+
+def copy_artifact(artifact: Path, dest: Path) -> Path:
+    """The artifact, its files and its sidecar copied under `dest` (same names)."""
+    dest.mkdir()
+    wm = wmap.load(artifact)
+    root, new_root = wmap.artifact_root(artifact), dest / artifact.name if artifact.is_dir() else dest
+    for f in wm.files:
+        (new_root / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / f, new_root / f)
+    shutil.copy2(wmap.sidecar_path(artifact), wmap.sidecar_path(dest / artifact.name))
+    return dest / artifact.name
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.startswith("coreml")])
+def test_patched_artifact_computes_what_pytorch_computes(variant, exported, models, histories, tmp_path):
+    model = models(VARIANTS[variant][0])
+    artifact = copy_artifact(exported(variant), tmp_path / "in-place")
+    before = runtime_outputs(artifact, histories)
+    for seed in (1, 2):  # the second patch lands on an already patched artifact
+        params = random_params(model, seed)
+        expected = torch_outputs(model, params, histories)
+        patch = build_patch(artifact, params, KEY)
+        apply_patch_file(artifact, patch, verify_key=raw_public(KEY), require_signature=True)
+        np.testing.assert_allclose(runtime_outputs(artifact, histories), expected, rtol=0, atol=ATOL)
+
+        out = tmp_path / f"copy{seed}" / f"patched{artifact.suffix}"
+        apply_patch_file(exported(variant), patch, out=out)
+        np.testing.assert_allclose(runtime_outputs(out, histories), expected, rtol=0, atol=ATOL)
+
+        wm = wmap.load(exported(variant))
+        files = apply_patch_bytes(wmap.read_artifact_files(exported(variant), wm.files), patch, wm)
+        np.testing.assert_allclose(runtime_outputs(exported(variant), histories, files), expected, rtol=0, atol=ATOL)
+    assert np.abs(before - expected).max() > 1e-3, "the patch did not change the outputs"
+
+
+@pytest.mark.parametrize("variant", ["coreml", "coreml-fp16"])
+def test_coreml_blob_reader_returns_patched_values(variant, exported, models, tmp_path):
+    if sys.platform == "darwin":
+        pytest.skip("on macOS, Core ML prediction should be compared instead (not written: no Mac in CI)")
+    from coremltools import libmilstoragepython
+
+    artifact = copy_artifact(exported(variant), tmp_path / "in-place")
+    params = random_params(models(VARIANTS[variant][0]), 3)
+    apply_patch_file(artifact, build_patch(artifact, params))
+    wm = wmap.load(artifact)
+    for t in wm.tensors:
+        reader = libmilstoragepython._BlobStorageReader(str(artifact / t.file))
+        meta = t.offset - 64  # a const's blob offset points at its 64-byte blob_metadata
+        raw = reader.read_float_data(meta) if t.dtype == "float32" else reader.read_fp16_data(meta).view(np.float16)
+        stored = np.asarray(raw).reshape(t.stored_shape)
+        value = params[t.name].astype(t.dtype)
+        np.testing.assert_array_equal(stored.T if t.layout == "transpose" else stored, value)
