@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
@@ -20,6 +20,9 @@ from device_runtime import weight_map as wmap
 from device_runtime.errors import MntoolError
 from device_runtime.patch import NUMPY_DTYPES, pack_patch
 from device_runtime.weight_map import WeightMap
+
+if TYPE_CHECKING:
+    from mntool.generate import Generator
 
 
 class ParamsError(MntoolError):
@@ -81,7 +84,8 @@ def load_params(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_recent(path: Path) -> np.ndarray:
-    """A device's recent item ids, most recent last: JSON `{"items": [...]}` or an .npz with key `items`."""
+    """A device's recent item ids, most recent last, from JSON `{"items": [...]}` or an .npz with
+    key `items`. Only the file format is checked here; the generator checks the ids."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"samples file {path} does not exist")
@@ -91,28 +95,27 @@ def load_recent(path: Path) -> np.ndarray:
                 items = npz["items"]
         else:
             items = json.loads(path.read_text())["items"]
-        recent = np.asarray(items)
     except (KeyError, TypeError):
         raise ParamsError(f"{path} has no 'items' list of item ids") from None
     except (OSError, ValueError) as err:
         raise ParamsError(f"{path} is not readable JSON or .npz: {err}") from None
-    if recent.ndim != 1 or recent.size == 0 or recent.dtype.kind not in "iu":
-        raise ParamsError(f"{path}: 'items' must be a non-empty list of integer item ids")
-    return recent.astype(np.int64)
+    if not isinstance(items, (list, np.ndarray)) or np.ndim(items) != 1:
+        raise ParamsError(f"{path}: 'items' must be a flat list of item ids")
+    return np.asarray(items)
 
 
 def generate_patch(
-    checkpoint: Path,
+    checkpoint: Path | Generator,
     artifact: Path | WeightMap,
     recent: np.ndarray,
     signing_key: Ed25519PrivateKey | None = None,
 ) -> bytes:
-    """A patch carrying the parameters the MetaNetwork generator in `checkpoint` produces for a
-    device whose recent items are `recent` (ids in the checkpoint's item space)."""
-    from mntool.generate import Generator  # torch loads only when a patch is generated
+    """A patch carrying the parameters the generator of `checkpoint` (its directory, or a loaded
+    `mntool.generate.Generator`) produces for a device whose recent items are `recent` (ids in
+    the checkpoint's item space, most recent last)."""
+    from mntool.generate import generate  # torch loads only when a patch is generated
 
-    params = Generator.load(Path(checkpoint)).generate(recent)
-    return build_patch(artifact, params, signing_key)
+    return build_patch(artifact, generate(checkpoint, recent), signing_key)
 
 
 # ---- keys -----------------------------------------------------------------------------------

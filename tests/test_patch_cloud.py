@@ -90,8 +90,8 @@ def test_load_params_and_recent(tmp_path):
 
 @pytest.mark.parametrize("content, match", [
     ('{"item": [1]}', "no 'items'"),
-    ('{"items": []}', "non-empty list of integer"),
-    ('{"items": [1.5, 2]}', "non-empty list of integer"),
+    ('{"items": 3}', "flat list"),
+    ('{"items": [[1, 2]]}', "flat list"),
     ('[1, 2]', "no 'items'"),
     ("{not json", "not readable"),
 ])
