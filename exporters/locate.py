@@ -39,21 +39,20 @@ class Placement:
     stored_shape: tuple[int, ...]
 
 
-def locate(fingerprints: dict[str, np.ndarray], constants: list[Constant], dtype: str) -> list[Placement]:
-    """Place every fingerprinted tensor; `dtype` is what the artifact stores weights as."""
+def locate(fingerprints: dict[str, np.ndarray], constants: list[Constant]) -> list[Placement]:
+    """Place every fingerprinted tensor, compared in each constant's own dtype (fp16 or fp32)."""
     live = [c for c in constants if c.uses > 0]
     placements = []
     for name, value in fingerprints.items():
-        stored = value.astype(dtype)
-        layouts = {"identity": stored.ravel()}
-        if stored.ndim == 2 and 1 not in stored.shape:
-            layouts["transpose"] = stored.T.ravel()
+        layouts = {"identity": value}
+        if value.ndim == 2 and 1 not in value.shape:
+            layouts["transpose"] = value.T
         hits = [
             (c, layout)
             for c in live
-            if c.values.size == stored.size
-            for layout, flat in layouts.items()
-            if np.array_equal(c.values, flat)
+            if c.values.size == value.size
+            for layout, arranged in layouts.items()
+            if np.array_equal(c.values, arranged.ravel().astype(c.values.dtype))
         ]
         if len(hits) > 1:
             raise AdaptiveTensorDuplicated(
@@ -61,35 +60,44 @@ def locate(fingerprints: dict[str, np.ndarray], constants: list[Constant], dtype
                 "a patch could update only one copy"
             )
         if not hits:
-            raise _diagnose(name, stored, constants)
+            raise _diagnose(name, value, constants)
         c, layout = hits[0]
-        placements.append(Placement(name, c.key, layout, dtype, c.stored_shape))
+        placements.append(Placement(name, c.key, layout, c.values.dtype.name, c.stored_shape))
     return placements
 
 
-def _diagnose(name: str, stored: np.ndarray, constants: list[Constant]) -> Exception:
+def _diagnose(name: str, value: np.ndarray, constants: list[Constant]) -> Exception:
     """Why a tensor was not found whole: the most specific of re-ordered, merged, unused, changed."""
-    shape = "x".join(map(str, stored.shape))
-    flat = np.sort(stored.ravel())
+    shape = "x".join(map(str, value.shape))
+
+    def same(c: Constant) -> np.ndarray:
+        return value.ravel().astype(c.values.dtype)
+
     for c in constants:
-        if c.values.size == stored.size and np.array_equal(np.sort(c.values), flat):
+        if c.values.size == value.size and np.array_equal(np.sort(c.values), np.sort(same(c))):
             return AdaptiveTensorTransposed(
                 f"{name} ({shape}): stored re-ordered as {c.key} {c.stored_shape}, a layout other than "
                 "identity or a 2-D transpose, so a patch cannot be laid out for it"
             )
     for c in constants:
-        if c.values.size > stored.size and np.isin(stored.ravel(), c.values).all():
+        if c.values.size > value.size and np.isin(same(c), c.values).all():
             return AdaptiveTensorFolded(
                 f"{name} ({shape}): merged into the larger constant {c.key} {c.stored_shape} "
                 "(concatenated or re-laid out with other values)"
             )
     for c in constants:
-        if c.uses == 0 and c.values.size == stored.size and np.array_equal(c.values, stored.ravel()):
+        if 1 < c.values.size < value.size and np.isin(c.values, same(c)).all():
+            return AdaptiveTensorFolded(
+                f"{name} ({shape}): split into smaller constants (e.g. {c.key} {c.stored_shape}), "
+                "so its bytes are not one patchable range"
+            )
+    for c in constants:
+        if c.uses == 0 and c.values.size == value.size and np.array_equal(c.values, same(c)):
             return AdaptiveTensorMissing(f"{name} ({shape}): only an unused copy ({c.key}) is left; the graph does not read it")
-    if any(c.values.size == stored.size for c in constants):
+    if any(c.values.size == value.size for c in constants):
         return AdaptiveTensorFolded(
             f"{name} ({shape}): no constant holds its values, but one of its size holds others: the converter "
-            "folded it with neighbouring ops (e.g. a following BatchNorm or constant mul/add)"
+            "folded it with neighbouring ops (BatchNorm statistics, a following BatchNorm, a constant mul/add)"
         )
     return AdaptiveTensorMissing(
         f"{name} ({shape}): no constant of its size exists; the converter dropped it or computes it at run time"

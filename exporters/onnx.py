@@ -70,7 +70,7 @@ def convert(job: ExportJob) -> None:
 
 
 def find(job: ExportJob) -> None:
-    job.placements = locate(job.fingerprints, _constants(_load(job)), "float32")
+    job.placements = locate(job.fingerprints, _constants(_load(job)))
 
 
 def _constants(proto) -> list[Constant]:

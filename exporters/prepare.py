@@ -4,8 +4,10 @@ inputs and outputs, fill the adaptive parameters with fingerprint values, and (f
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -134,6 +136,27 @@ def owner_modules(model: nn.Module, adaptive: list[str]) -> list[nn.Module]:
     return list(owners.values())
 
 
+@contextlib.contextmanager
+def parameters_replaced(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """`model` with some parameters replaced by plain tensors inside the block. Unlike
+    `torch.func.functional_call` this also works under `torch.jit.trace` (Core ML's GRU path)."""
+    saved = {}
+    for name, value in values.items():
+        path, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(path) if path else model
+        saved.setdefault(id(owner), (owner, dict(owner._parameters)))
+        del owner._parameters[leaf]
+        object.__setattr__(owner, leaf, value)
+    try:
+        yield
+    finally:
+        for owner, parameters in saved.values():
+            for leaf in parameters:
+                owner.__dict__.pop(leaf, None)
+            owner._parameters.clear()
+            owner._parameters.update(parameters)
+
+
 class AdaptiveAsInputs(nn.Module):
     """`model` with its adaptive parameters taken from extra inputs (named by `input_name_of`).
 
@@ -149,5 +172,5 @@ class AdaptiveAsInputs(nn.Module):
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor):
         names = self.input_order + [input_name_of(n) for n in self.adaptive]
         bound = {**dict(zip(names, args)), **kwargs}
-        params = {n: bound[input_name_of(n)] for n in self.adaptive}
-        return torch.func.functional_call(self.model, params, tuple(bound[n] for n in self.input_order))
+        with parameters_replaced(self.model, {n: bound[input_name_of(n)] for n in self.adaptive}):
+            return self.model(*(bound[n] for n in self.input_order))

@@ -102,7 +102,7 @@ def _read_signature(job: ExportJob, model) -> None:
 
 def find(job: ExportJob) -> None:
     model = _read_model(job.artifact.read_bytes())
-    job.placements = locate(job.fingerprints, _constants(model), "float32")
+    job.placements = locate(job.fingerprints, _constants(model))
 
 
 def _constants(model) -> list[Constant]:
