@@ -143,7 +143,6 @@ def test_cli_json_csv_and_plot(tflite_artifact, tflite_patch, onnx_artifact, tmp
 
 @pytest.mark.parametrize("extra, message", [
     (["--json", "--csv"], "--json and --csv are exclusive"),
-    (["--profile", "pixel"], "unknown device profile"),
     (["--device", "adb:X"], "--device needs --benchmark-binary"),
 ])
 def test_cli_errors_are_one_line(tflite_artifact, extra, message):
@@ -151,6 +150,11 @@ def test_cli_errors_are_one_line(tflite_artifact, extra, message):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {message}")
+
+
+def test_cli_unknown_profile_lists_the_choices(tflite_artifact):
+    done = _mntool("bench", str(tflite_artifact), "--profile", "pixel")
+    assert done.returncode != 0 and "Traceback" not in done.stderr and "little-core" in done.stderr
 
 
 def test_cli_patch_needs_one_artifact(tflite_artifact, onnx_artifact, tflite_patch):
