@@ -6,7 +6,7 @@
 3. On the default SASRec exported to each target: patch size / artifact size, cloud build time
    per device, and re-export time / (patch build + apply).
 
-    .venv/bin/python benchmarks/patch_apply.py [--json] [--repeats 50] [--skip-export]
+    .venv/bin/python benchmarks/patch_apply.py [--json] [--repeats 50] [--skip-export] [--checkpoint runs/sasrec]
 """
 from __future__ import annotations
 
@@ -114,38 +114,52 @@ def bench_file(d: int, repeats: int, root: Path) -> dict:
     }
 
 
-def bench_export(repeats: int, root: Path) -> dict:
-    """Default SASRec (ML-100k item count) exported per target: sizes, build and apply times,
-    and the re-export a patch replaces."""
+def bench_export(repeats: int, root: Path, checkpoint: Path | None) -> dict:
+    """Default SASRec (ML-100k item count) exported per target: sizes, cloud build time per device
+    (signed; with `checkpoint`, MetaNetwork generation included), in-place apply time, and the
+    re-export a patch replaces (conversion + export-time proof, as `mntool export` runs it)."""
     import torch
 
+    from device_runtime.errors import MntoolError
     from exporters import TARGETS, export
+    from mntool.generate import Generator
     from mntool.models import build_model
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = build_model("sasrec", n_items=1682).eval()
-    example = (torch.randint(1, 1683, (1, model.config.max_history)), torch.randint(1, 1683, (1,)))
+    generator = Generator.load(checkpoint) if checkpoint else None
+    model = generator.checkpoint.model if generator else build_model("sasrec", n_items=1682).eval()
+    L = model.config.max_history
+    example = (torch.randint(1, model.n_items + 1, (1, L)), torch.randint(1, model.n_items + 1, (1,)))
     adaptive = model.adaptive_names()
     rng = np.random.default_rng(0)
+    recent = rng.integers(1, model.n_items + 1, generator.recent_len) if generator else None
     params = {n: rng.standard_normal(tuple(p.shape)).astype(np.float32) for n, p in model.named_parameters() if n in adaptive}
     key = Ed25519PrivateKey.generate()
     results = {}
     for target in tqdm(TARGETS, desc="export", leave=False):
-        out = root / target
         start = time.perf_counter()
-        artifact = export(model, example, adaptive, target, out, progress=False)
+        try:
+            artifact = export(model, example, adaptive, target, root / target)
+        except MntoolError as err:
+            results[target] = {"error": str(err)}
+            continue
         export_s = time.perf_counter() - start
         wm = wmap.load(artifact)
+        size = sum((wmap.artifact_root(artifact) / f).stat().st_size for f in wm.files)
+        if generator:
+            build = median_s(lambda: build_patch(wm, generator.generate(recent), key), repeats)
+        else:
+            build = median_s(lambda: build_patch(wm, params, key), repeats)
         patch = build_patch(wm, params, key)
-        size = sum(f.stat().st_size for f in wmap.artifact_root(artifact).rglob("*") if f.is_file()) if artifact.is_dir() else \
-            sum((wmap.artifact_root(artifact) / f).stat().st_size for f in wm.files)
-        build = median_s(lambda: build_patch(wm, params, key), repeats)
         apply = median_s(lambda: apply_patch_file(artifact, patch), repeats)
+        files = {f: bytearray(b) for f, b in wmap.read_artifact_files(artifact, wm.files).items()}
+        apply_memory = median_s(lambda: apply_patch_bytes(files, patch, wm, check_artifact=False), repeats)
         results[target] = {
             "artifact_bytes": size, "patch_bytes": len(patch), "patch_over_artifact": len(patch) / size,
-            "export_s": export_s, "build_signed_s": build, "apply_in_place_s": apply,
-            "reexport_over_patch": export_s / (build + apply),
+            "export_s": export_s, "build_signed_s": build, "build_includes_generation": bool(generator),
+            "apply_in_place_s": apply, "reexport_over_patch": export_s / (build + apply),
+            "apply_memory_s": apply_memory, "reexport_over_patch_memory": export_s / (build + apply_memory),
         }
     return results
 
@@ -168,19 +182,25 @@ def print_tables(report: dict) -> None:
         print(f"{label:>8} {fmt_s(r['pwrite_fsync_s']):>13} {fmt_s(r['apply_s']):>10} {r['ratio']:>6.1f}x "
               f"{r['ratio_checked_artifact']:>15.1f}x")
     if report.get("export"):
-        print("\ndefault SASRec (1682 items): patch vs artifact, cloud build per device (signed), re-export vs patch")
-        print(f"{'target':>7} {'artifact':>10} {'patch':>8} {'patch/art':>9} {'build':>9} {'apply':>9} {'export':>8} {'export/(build+apply)':>21}")
+        print("\ndefault SASRec: patch vs artifact, cloud build per device (signed), in-place apply, re-export vs patch")
+        print(f"{'target':>7} {'artifact':>10} {'patch':>8} {'patch/art':>9} {'build':>9} {'apply file':>10} "
+              f"{'apply mem':>9} {'export':>8} {'export/(build+apply file | mem)':>32}")
         for target, r in report["export"].items():
+            if "error" in r:
+                print(f"{target:>7} export failed: {r['error']}")
+                continue
             print(f"{target:>7} {r['artifact_bytes']:>10} {r['patch_bytes']:>8} {r['patch_over_artifact']:>9.4f} "
-                  f"{fmt_s(r['build_signed_s']):>9} {fmt_s(r['apply_in_place_s']):>9} {fmt_s(r['export_s']):>8} "
-                  f"{r['reexport_over_patch']:>20.0f}x")
+                  f"{fmt_s(r['build_signed_s']):>9} {fmt_s(r['apply_in_place_s']):>10} {fmt_s(r['apply_memory_s']):>9} "
+                  f"{fmt_s(r['export_s']):>8} {r['reexport_over_patch']:>20.0f}x | {r['reexport_over_patch_memory']:.0f}x")
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of tables.")
 @click.option("--repeats", default=50, show_default=True, help="Timed repetitions per figure (median).")
 @click.option("--skip-export", is_flag=True, help="Skip the real SASRec exports (section 3).")
-def main(as_json: bool, repeats: int, skip_export: bool) -> None:
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path),
+              help="A SASRec MetaNetwork checkpoint: section 3 exports its model and times generation + build.")
+def main(as_json: bool, repeats: int, skip_export: bool, checkpoint: Path | None) -> None:
     """Measure patch apply/build figures. Example: .venv/bin/python benchmarks/patch_apply.py --json"""
     report: dict = {"memory": {}, "file": {}, "python": sys.version.split()[0]}
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +211,7 @@ def main(as_json: bool, repeats: int, skip_export: bool) -> None:
             report["memory"][label] = bench_memory(d, repeats, root / f"m{d}")
             report["file"][label] = bench_file(d, max(5, repeats // 5), root / f"f{d}")
         if not skip_export:
-            report["export"] = bench_export(max(5, repeats // 5), root / "export")
+            report["export"] = bench_export(max(5, repeats // 5), root / "export", checkpoint)
     if as_json:
         print(json.dumps(report, indent=2))
     else:

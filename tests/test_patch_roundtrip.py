@@ -1,8 +1,6 @@
-"""Patches on real artifacts: a default backbone (MovieLens-100k item count) exported to every
+"""Patches on real artifacts: the default SASRec (MovieLens-100k item count) exported to every
 target, patched with random parameters (file in place, copy, in memory), then run on the
-runtime against PyTorch with the same parameters, on real MovieLens-100k histories. SASRec for
-TFLite and ONNX; DIN for Core ML, because coremltools 9 fails to convert SASRec ("only
-0-dimensional arrays can be converted to Python scalars").
+runtime against PyTorch with the same parameters, on real MovieLens-100k histories.
 
 TFLite (ai_edge_litert) and ONNX Runtime outputs must match PyTorch within 1e-5. Core ML cannot
 predict on Linux, so there coremltools' own blob reader must return the patched values exactly.
@@ -28,38 +26,29 @@ from mntool.patches import build_patch
 pytestmark = pytest.mark.slow
 ATOL = 1e-5
 KEY = Ed25519PrivateKey.generate()
-VARIANTS = {  # name -> backbone, export options
-    "tflite": ("sasrec", {"target": "tflite"}),
-    "tflite-inputs": ("sasrec", {"target": "tflite", "adaptive_as_inputs": True}),
-    "onnx": ("sasrec", {"target": "onnx"}),
-    "onnx-inputs": ("sasrec", {"target": "onnx", "adaptive_as_inputs": True}),
-    "coreml": ("din", {"target": "coreml"}),
-    "coreml-fp16": ("din", {"target": "coreml", "precision": "float16"}),
+VARIANTS = {  # name -> export options
+    "tflite": {"target": "tflite"},
+    "tflite-inputs": {"target": "tflite", "adaptive_as_inputs": True},
+    "onnx": {"target": "onnx"},
+    "onnx-inputs": {"target": "onnx", "adaptive_as_inputs": True},
+    "coreml": {"target": "coreml"},
+    "coreml-fp16": {"target": "coreml", "precision": "float16"},
 }
 
 
 @pytest.fixture(scope="module")
-def models(ml100k_interactions):
+def sasrec(ml100k_interactions):
     from mntool.models import build_model
 
     torch.set_num_threads(2)
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            torch.manual_seed(0)
-            built[name] = build_model(name, ml100k_interactions.n_items).eval()
-        return built[name]
-
-    return get
+    torch.manual_seed(0)
+    return build_model("sasrec", ml100k_interactions.n_items).eval()
 
 
 @pytest.fixture(scope="module")
-def histories(ml100k_interactions):
+def histories(ml100k_interactions, sasrec):
     """(history (1, L), target (1,)) for 5 real users: their first L+1 clicks in time order."""
-    from mntool.models import BackboneConfig
-
-    data, L = ml100k_interactions, BackboneConfig().max_history
+    data, L = ml100k_interactions, sasrec.config.max_history
     rows = []
     for user in range(data.n_users):
         mine = data.user == user
@@ -72,19 +61,17 @@ def histories(ml100k_interactions):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, models, histories):
+def exported(tmp_path_factory, sasrec, histories):
     from exporters import export
 
     cache: dict[str, Path] = {}
 
     def get(variant: str) -> Path:
         if variant not in cache:
-            backbone, options = VARIANTS[variant]
-            options = dict(options)
+            options = dict(VARIANTS[variant])
             target = options.pop("target")
-            model = models(backbone)
             out = tmp_path_factory.mktemp(variant)
-            cache[variant] = export(model, histories[0], model.adaptive_names(), target, out, **options)
+            cache[variant] = export(sasrec, histories[0], sasrec.adaptive_names(), target, out, **options)
         return cache[variant]
 
     return get
@@ -122,13 +109,12 @@ def copy_artifact(artifact: Path, dest: Path) -> Path:
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.startswith("coreml")])
-def test_patched_artifact_computes_what_pytorch_computes(variant, exported, models, histories, tmp_path):
-    model = models(VARIANTS[variant][0])
+def test_patched_artifact_computes_what_pytorch_computes(variant, exported, sasrec, histories, tmp_path):
     artifact = copy_artifact(exported(variant), tmp_path / "in-place")
     before = runtime_outputs(artifact, histories)
     for seed in (1, 2):  # the second patch lands on an already patched artifact
-        params = random_params(model, seed)
-        expected = torch_outputs(model, params, histories)
+        params = random_params(sasrec, seed)
+        expected = torch_outputs(sasrec, params, histories)
         patch = build_patch(artifact, params, KEY)
         apply_patch_file(artifact, patch, verify_key=raw_public(KEY), require_signature=True)
         np.testing.assert_allclose(runtime_outputs(artifact, histories), expected, rtol=0, atol=ATOL)
@@ -144,13 +130,13 @@ def test_patched_artifact_computes_what_pytorch_computes(variant, exported, mode
 
 
 @pytest.mark.parametrize("variant", ["coreml", "coreml-fp16"])
-def test_coreml_blob_reader_returns_patched_values(variant, exported, models, tmp_path):
+def test_coreml_blob_reader_returns_patched_values(variant, exported, sasrec, tmp_path):
     if sys.platform == "darwin":
         pytest.skip("on macOS, Core ML prediction should be compared instead (not written: no Mac in CI)")
     from coremltools import libmilstoragepython
 
     artifact = copy_artifact(exported(variant), tmp_path / "in-place")
-    params = random_params(models(VARIANTS[variant][0]), 3)
+    params = random_params(sasrec, 3)
     apply_patch_file(artifact, build_patch(artifact, params))
     wm = wmap.load(artifact)
     for t in wm.tensors:
