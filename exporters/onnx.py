@@ -62,6 +62,9 @@ def convert(job: ExportJob) -> None:
         t = value.type.tensor_type
         return IOSpec(name, value.name, dtypes[t.elem_type], tuple(int(d.dim_value) for d in t.shape.dim))
 
+    for value in [*proto.graph.input, *proto.graph.output]:
+        if any(not d.HasField("dim_value") for d in value.type.tensor_type.shape.dim):
+            raise ConversionFailed(f"ONNX {value.name!r} has a data-dependent shape; mntool artifacts have static shapes")
     graph_inputs = {v.name: v for v in proto.graph.input}
     job.inputs = [spec(n, graph_inputs[n]) for n in job.input_names]
     if job.mode == "inputs":

@@ -21,7 +21,7 @@ class ExportOptions:
     precision: str = "float32"  # Core ML only: "float16" stores (and computes) weights in fp16
     output_names: tuple[str, ...] | None = None  # default: "output", or output_0.. for several outputs
     atol: float = 1e-5  # proof tolerance (max abs error) for float32 artifacts
-    seed: int = 0  # fingerprint and proof values; the same seed gives byte-identical artifacts
+    seed: int = 0  # seeds the fingerprint values and the proof's fresh values
     progress: bool = False  # a progress bar over the passes (the CLI turns it on)
 
     def __post_init__(self) -> None:

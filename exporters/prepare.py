@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from device_runtime.weight_map import IOSpec
-from exporters.errors import ExportError, UnknownAdaptiveParameter
+from exporters.errors import ExportError, UnknownAdaptiveParameter, first_line
 
 TORCH_DTYPES = {torch.float32: "float32", torch.int64: "int64", torch.int32: "int32", torch.float16: "float16"}
 
@@ -73,11 +73,14 @@ def io_specs(names: list[str], tensors: list[torch.Tensor]) -> list[IOSpec]:
 
 def run_model(model: nn.Module, example_inputs: tuple, params: dict[str, np.ndarray] | None = None) -> list[torch.Tensor]:
     """The model's outputs as a flat list, optionally with some parameters replaced."""
-    with torch.no_grad():
-        if params is None:
-            out = model(*example_inputs)
-        else:
-            out = torch.func.functional_call(model, {n: torch.from_numpy(v) for n, v in params.items()}, example_inputs)
+    try:
+        with torch.no_grad():
+            if params is None:
+                out = model(*example_inputs)
+            else:
+                out = torch.func.functional_call(model, {n: torch.from_numpy(v) for n, v in params.items()}, example_inputs)
+    except Exception as err:  # the user's forward() on the user's inputs
+        raise ExportError(f"{type(model).__name__}.forward() fails on the example inputs: {first_line(err)}") from None
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     for i, o in enumerate(outs):
         if not isinstance(o, torch.Tensor) or o.dtype not in TORCH_DTYPES:

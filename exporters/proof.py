@@ -17,6 +17,7 @@ from device_runtime import weight_map as weight_maps
 from device_runtime.weight_map import WeightMap
 from exporters import prepare
 from exporters.errors import ProofMismatch
+from exporters.quiet import quiet
 
 
 def patched_files(artifact: Path, wm: WeightMap, values: dict[str, np.ndarray]) -> dict[str, bytes]:
@@ -107,7 +108,7 @@ def _run_error(job, files: dict[str, bytes], values: dict[str, np.ndarray]) -> f
     feeds = {name: x.numpy() for name, x in zip(job.input_names, job.example_inputs)}
     if wm.mode == "inputs":
         feeds.update(stored_values(wm, files))
-    with open_runner(job.artifact, weight_map=wm, files=files) as runner:
+    with quiet(), open_runner(job.artifact, weight_map=wm, files=files) as runner:  # LiteRT logs its delegate
         got = runner.run(feeds)
     want = prepare.run_model(job.model, job.example_inputs, values)
     error = 0.0
