@@ -232,7 +232,8 @@ def _host() -> dict:
         cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")), cpu)
     return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def _runtime_version(runtime: str) -> str:
@@ -289,42 +290,52 @@ def benchmark(
     runner.close()
     files = weight_maps.read_artifact_files(artifact, weight_map.files if weight_map else [artifact.name])
 
-    # Load cycles: file, memory + first inference, and each patch's swap, interleaved so that
-    # drift on a shared host affects all of them alike.
+    # Load cycles: a load from file, a load from memory + first inference, and each patch's swap.
+    # Their order rotates every cycle, so neither drift on a shared host nor what the previous
+    # step left behind (freed sessions, cold caches) favours one of them.
     clock = time.perf_counter_ns
     load_file, load_memory, first_run, cold_start = [], [], [], []
     apply_times: dict[Path, list[float]] = {p: [] for p in patch_bytes}
     swap_times: dict[Path, list[float]] = {p: [] for p in patch_bytes}
-    patched_files: dict[Path, dict[str, bytes]] = {}
+    patched_files: dict[Path, dict[str, bytes | bytearray]] = {}
+
+    def from_file() -> None:
+        t0 = clock()
+        runner = load(None)
+        load_file.append((clock() - t0) / 1e6)
+        runner.close()
+
+    def from_memory() -> None:
+        t0 = clock()
+        runner = load(files)
+        t1 = clock()
+        runner.run(feeds)
+        t2 = clock()
+        load_memory.append((t1 - t0) / 1e6)
+        first_run.append((t2 - t1) / 1e6)
+        cold_start.append((t2 - t0) / 1e6)
+        runner.close()
+
+    def swap(path: Path) -> None:
+        t0 = clock()
+        patched = _apply_patch(files, patch_bytes[path], weight_map)
+        t1 = clock()
+        runner = load(patched)
+        runner.run(feeds)  # weights-as-inputs artifacts bind the patched values here
+        t2 = clock()
+        apply_times[path].append((t1 - t0) / 1e6)
+        swap_times[path].append((t2 - t0) / 1e6)
+        patched_files[path] = patched
+        runner.close()
+
+    steps = [from_file, from_memory, *(partial(swap, p) for p in patch_bytes)]
     gc.disable()
     try:
-        for _ in range(config.loads):
-            t0 = clock()
-            runner = load(None)
-            load_file.append((clock() - t0) / 1e6)
-            runner.close()
-            t0 = clock()
-            runner = load(files)
-            t1 = clock()
-            runner.run(feeds)
-            t2 = clock()
-            load_memory.append((t1 - t0) / 1e6)
-            first_run.append((t2 - t1) / 1e6)
-            cold_start.append((t2 - t0) / 1e6)
-            runner.close()
-            tick(1)
-            for path, patch in patch_bytes.items():
-                t0 = clock()
-                patched = _apply_patch(files, patch, weight_map)
-                t1 = clock()
-                runner = load(patched)
-                runner.run(feeds)  # weights-as-inputs artifacts bind the patched values here
-                t2 = clock()
-                apply_times[path].append((t1 - t0) / 1e6)
-                swap_times[path].append((t2 - t0) / 1e6)
-                patched_files[path] = patched
-                runner.close()
-                tick(1)
+        for cycle in range(config.loads):
+            k = cycle % len(steps)
+            for step in steps[k:] + steps[:k]:
+                step()
+            tick(1 + len(patch_bytes))
     finally:
         gc.enable()
 

@@ -154,8 +154,9 @@ def describe(r: BenchReport) -> str:
     runner = r.config["runner"]
     engine = {"litert": f"XNNPACK {'on' if runner['xnnpack'] else 'off'}",
               "onnxruntime": f"graph opt {runner['graph_optimization']}"}.get(r.runtime, "")
+    load = r.host.get("load_average_1min")
     lines = [f"{r.artifact}  [{r.runtime} {r.runtime_version}, {runner['threads']} thread(s), {engine}, "
-             f"{r.artifact_bytes / 1e3:.1f} kB]"]
+             f"{r.artifact_bytes / 1e3:.1f} kB; host load average {load:.1f} on {r.host.get('cpu_count')} CPUs]"]
     if r.profile:
         p = r.profile
         limit = f"{p['cpu_bandwidth']:.0%} CPU bandwidth" if p["bandwidth_applied"] else "no bandwidth limit"
