@@ -8,6 +8,7 @@ loads, memory and CPU limits belong to the benchmark alone. Results serialise to
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -397,8 +398,7 @@ def benchmark_isolated(
     request = {"artifact": str(artifact), "patches": [str(p) for p in patches],
                "inputs": str(inputs) if inputs else None, "config": config.to_dict()}
     sandbox = ProfileSandbox(profile) if profile is not None else None
-    applied = sandbox.prepare() if sandbox else None
-    try:
+    with sandbox or contextlib.nullcontext():
         worker = subprocess.Popen(
             [sys.executable, "-m", "device_runtime.bench"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             text=True, preexec_fn=sandbox.enter_child if sandbox else None,
@@ -411,15 +411,12 @@ def benchmark_isolated(
             if "progress" in message and progress:
                 progress(message["progress"])
         worker.wait()
-    finally:
-        if sandbox:
-            sandbox.close()
     if "error" in message:
         raise BenchError(message["error"])
     if worker.returncode != 0 or "report" not in message:
         raise RuntimeError(f"benchmark worker failed (exit {worker.returncode}); its traceback is above")
     report = BenchReport.from_dict(message["report"])
-    report.profile = applied.to_dict() if applied else None
+    report.profile = sandbox.applied.to_dict() if sandbox else None
     return report
 
 

@@ -172,20 +172,25 @@ class LiteRTRunner(Runner):
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise RunnerError(f"LiteRT cannot load the model: {err}") from None
-        signature = next(iter(self._interpreter.get_signature_list().values()), {"inputs": [], "outputs": []})
+        signature_names: dict[int, str] = {}  # tensor index -> name in the first signature
+        keys = list(self._interpreter.get_signature_list())
+        if keys:
+            signature = self._interpreter.get_signature_runner(keys[0])
+            for name, d in {**signature.get_input_details(), **signature.get_output_details()}.items():
+                signature_names[d["index"]] = name
         in_details = self._interpreter.get_input_details()
         out_details = self._interpreter.get_output_details()
-        self.inputs = _named_specs("input", self._specs(in_details, signature["inputs"]), weight_map and weight_map.inputs)
-        self.outputs = _named_specs("output", self._specs(out_details, signature["outputs"]), weight_map and weight_map.outputs)
+        self.inputs = _named_specs("input", self._specs(in_details, signature_names), weight_map and weight_map.inputs)
+        self.outputs = _named_specs("output", self._specs(out_details, signature_names), weight_map and weight_map.outputs)
         self._in_index = [self._index_of(s.runtime_name, in_details) for s in self.inputs]
         self._out_index = [self._index_of(s.runtime_name, out_details) for s in self.outputs]
 
     @staticmethod
-    def _specs(details: list[dict], signature_names: list[str]) -> list[IOSpec]:
-        """Specs named 'tensor_name|signature_name' (the signature lists names in tensor order)."""
+    def _specs(details: list[dict], signature_names: dict[int, str]) -> list[IOSpec]:
+        """Specs named 'tensor_name|signature_name', the two names LiteRT knows a tensor by."""
         specs = []
-        for i, d in enumerate(details):
-            aliases = d["name"] + (f"|{signature_names[i]}" if i < len(signature_names) else "")
+        for d in details:
+            aliases = d["name"] + (f"|{signature_names[d['index']]}" if d["index"] in signature_names else "")
             specs.append(IOSpec(aliases, d["name"], np.dtype(d["dtype"]).name, tuple(int(x) for x in d["shape"])))
         return specs
 
