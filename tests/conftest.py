@@ -29,3 +29,25 @@ def ml100k_dataset(ml100k_interactions):
     from mntool.data import build_dataset
 
     return build_dataset(ml100k_interactions)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset():
+    """A small drifting synthetic data set under the default protocol: fast training tests."""
+    from mntool.data import ProtocolConfig, SyntheticConfig, build_dataset, synthetic_interactions
+
+    inter = synthetic_interactions(SyntheticConfig(n_users=60, n_items=200, per_user=40, drift=0.5, seed=3))
+    return build_dataset(inter, ProtocolConfig(history_len=30, recent_len=30))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
+    """Static and MetaNetwork SASRec checkpoints trained briefly on the synthetic data."""
+    from mntool.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("ckpt")
+    quiet = dict(progress=False, log=lambda s: None)
+    train(synthetic_dataset, TrainConfig(model="sasrec", method="static", epochs=3, batch_size=200, lr=5e-3, probe_every=20), root / "static", **quiet)
+    train(synthetic_dataset, TrainConfig(model="sasrec", method="metanetwork", epochs=2, batch_size=200, meta_lr=5e-3, probe_every=20), root / "mn",
+          init=root / "static", **quiet)
+    return {"static": root / "static", "metanetwork": root / "mn"}

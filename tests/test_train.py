@@ -1,0 +1,127 @@
+"""Training, evaluation and checkpoints, on the synthetic data (fast) and real ML-100k (slow path)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from device_runtime.errors import MntoolError
+from mntool.train import (
+    Curve,
+    TrainConfig,
+    finetune_device_params,
+    group_batches,
+    load_checkpoint,
+    recent_training_rows,
+    train,
+)
+
+
+def test_checkpoints_hold_metrics_and_reload(tiny_checkpoints, synthetic_dataset):
+    for method, path in tiny_checkpoints.items():
+        metrics = json.loads((path / "metrics.json").read_text())
+        assert metrics["method"] == method
+        for split in ("valid", "test"):
+            assert set(metrics[split]) >= {"auc", "uauc", "ndcg@10", "hr@10"}
+            assert 0.0 <= metrics[split]["auc"] <= 1.0
+        ck = load_checkpoint(path)
+        assert ck.config.method == method and ck.n_items == synthetic_dataset.n_items
+        assert (ck.meta is not None) == (method == "metanetwork")
+
+
+def test_static_training_lowers_the_loss(tiny_checkpoints):
+    epochs = json.loads((tiny_checkpoints["static"] / "metrics.json").read_text())["train"]["epochs"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"], epochs
+
+
+def test_metanetwork_init_is_the_static_checkpoint(tiny_checkpoints):
+    metrics = json.loads((tiny_checkpoints["metanetwork"] / "metrics.json").read_text())
+    assert metrics["init"] == str(tiny_checkpoints["static"])
+    assert metrics["train"]["curve"]["step"][0] == 0
+
+
+def test_group_batches_keep_each_positive_with_its_negatives(synthetic_dataset):
+    rows = synthetic_dataset.train
+    seen = []
+    for idx in group_batches(rows, 50, 5, np.random.default_rng(0)):
+        assert len(idx) % 5 == 0
+        groups = idx.reshape(-1, 5)
+        assert np.all(rows.label[groups[:, 0]] == 1) and np.all(rows.label[groups[:, 1:]] == 0)
+        assert np.all(rows.recent[groups] == rows.recent[groups[:, :1]])
+        seen.append(idx)
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(len(rows)))
+
+
+def test_recent_training_rows_use_only_the_upload():
+    recent = np.array([[0, 0, 3, 4, 5]])
+    hist, target, label = recent_training_rows(recent, history_len=4, n_items=20, n_negatives=2, seed=0)
+    assert hist.shape == (1, 15, 4) and target.shape == (1, 15)
+    # positives: the uploaded items, each with the items before it as history
+    assert list(target[0, [6, 9, 12]]) == [3, 4, 5]
+    assert list(hist[0, 12]) == [0, 0, 3, 4]
+    assert set(label[0, :6]) == {-1.0}  # padding positions are ignored
+    negs = target[0, [7, 8, 10, 11, 13, 14]]
+    assert not np.isin(negs, [3, 4, 5]).any()
+
+
+def test_finetune_moves_only_the_adaptive_layers_and_fits_the_upload(tiny_checkpoints, synthetic_dataset):
+    ck = load_checkpoint(tiny_checkpoints["static"])
+    before = {n: p.detach().clone() for n, p in ck.model.named_parameters()}
+    users, recent = synthetic_dataset.device_recent("valid")
+    cfg = TrainConfig().finetune
+    dp = finetune_device_params(ck.model, users[:4], recent[:4], cfg, seed=0)
+    for n, p in ck.model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed: fine-tuning must not touch the shared model"
+    for n in ck.adaptive:
+        assert dp.params[n].shape == (4, *before[n].shape)
+        assert not torch.allclose(dp.params[n][0], before[n])
+
+
+def test_curve_figures():
+    c = Curve(step=[0, 10, 20, 30, 40, 50], loss=[1.0, 0.8, 0.7, 0.72, 0.70, 0.72], uauc=[0.80, 0.85, 0.89, 0.90, 0.90, 0.90])
+    assert c.steps_to_fraction(0.95) == 30
+    assert c.steps_to_fraction(0.4) == 10
+    assert c.oscillation() == pytest.approx(np.std([-0.02, 0.02]))  # last half: 0.72, 0.70, 0.72
+
+
+def test_unknown_method_and_bad_init_are_clear_errors(tiny_checkpoints, synthetic_dataset, tmp_path):
+    with pytest.raises(MntoolError, match="unknown method"):
+        TrainConfig(method="maml")
+    with pytest.raises(MntoolError, match="must be a static"):
+        train(synthetic_dataset, TrainConfig(method="metanetwork"), tmp_path / "x", init=tiny_checkpoints["metanetwork"],
+              progress=False, log=lambda s: None)
+
+
+def test_checkpoint_of_another_protocol_version_is_refused(tiny_checkpoints, tmp_path):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_checkpoints["static"], copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["protocol_version"] = "ts-v0"
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MntoolError, match="data protocol 'ts-v0'"):
+        load_checkpoint(copy)
+    proc = subprocess.run([sys.executable, "-m", "mntool.cli.main", "evaluate", str(copy)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "ts-v0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_train_rejects_unknown_names():
+    for args in (["--model", "bert"], ["--method", "maml"]):
+        proc = subprocess.run([sys.executable, "-m", "mntool.cli.main", "train", *args, "--out", "/tmp/never"],
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_static_backbones_learn_movielens(ml100k_dataset, tmp_path):
+    """One epoch of each backbone on the real data: test AUC clearly above chance."""
+    ds = ml100k_dataset
+    for name in ("gru4rec", "sasrec", "din"):
+        m = train(ds, TrainConfig(model=name, method="static", epochs=1, probe_every=10_000), tmp_path / name,
+                  progress=False, log=lambda s: None)
+        assert m["test"]["auc"] > 0.75, (name, m["test"])
+        assert m["test"]["uauc"] > 0.75
