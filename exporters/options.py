@@ -15,7 +15,7 @@ PRECISIONS = ("float32", "float16")
 
 @dataclass(frozen=True)
 class ExportOptions:
-    name: str = "model"  # artifact stem: model.tflite, model.onnx (+ model.adaptive.bin), model.mlpackage
+    name: str = "model"  # artifact stem: model.tflite, model.onnx (+ model.onnx.adaptive.bin), model.mlpackage
     verify: bool = True  # run the export-time proof (patch fresh values through the weight map, compare)
     adaptive_as_inputs: bool = False  # adaptive tensors become model inputs instead of swappable buffers
     precision: str = "float32"  # Core ML only: "float16" stores (and computes) weights in fp16

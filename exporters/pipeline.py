@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -97,8 +98,6 @@ def align(n: int, alignment: int = ALIGNMENT) -> int:
 def embedded_weight_map(job: ExportJob) -> str:
     """The weight map copy stored inside the artifact: everything but the fingerprint, which is
     computed over the final files (this copy included)."""
-    import json
-
     wm = job.draft_weight_map()
     wm.validate()
     d = wm.to_dict()
