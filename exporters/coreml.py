@@ -18,7 +18,8 @@ from device_runtime.weight_map import IOSpec, TensorEntry
 from exporters import prepare
 from exporters.errors import ConversionFailed, ExportError, first_line
 from exporters.locate import Constant, locate
-from exporters.pipeline import ExportJob, Pass, embedded_weight_map
+from exporters.pipeline import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
+from exporters.proof import stored_values
 from exporters.quiet import quiet
 
 METADATA_KEY = "mntool.weightmap"
@@ -225,8 +226,6 @@ def read_back(job: ExportJob, files: dict[str, bytes]) -> dict[str, np.ndarray]:
         with quiet():
             spec = ct.models.MLModel(str(copy), skip_model_load=True).get_spec()
         if job.mode == "inputs":
-            from exporters.proof import stored_values
-
             shapes = {f.name: tuple(f.type.multiArrayType.shape) for f in spec.description.input}
             for t in job.weight_map.tensors:
                 if shapes.get(prepare.input_name_of(t.name)) != t.shape:
@@ -246,8 +245,6 @@ def read_back(job: ExportJob, files: dict[str, bytes]) -> dict[str, np.ndarray]:
 
 
 def passes(options) -> list[Pass]:
-    from exporters.pipeline import lay_out_adaptive_inputs
-
     if options.adaptive_as_inputs:
         return [Pass("convert", convert), Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
                 Pass("embed weight map", embed)]

@@ -12,7 +12,7 @@ from device_runtime.weight_map import IOSpec, TensorEntry
 from exporters import prepare
 from exporters.errors import ConversionFailed, first_line
 from exporters.locate import Constant, locate
-from exporters.pipeline import ExportJob, Pass, align, embedded_weight_map
+from exporters.pipeline import ExportJob, Pass, align, embedded_weight_map, lay_out_adaptive_inputs
 from exporters.quiet import quiet
 
 METADATA_KEY = "mntool.weightmap"
@@ -142,8 +142,6 @@ def embedded(artifact_bytes: bytes) -> str | None:
 
 
 def passes(options) -> list[Pass]:
-    from exporters.pipeline import lay_out_adaptive_inputs
-
     if options.adaptive_as_inputs:
         return [Pass("convert", convert), Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
                 Pass("embed weight map", embed)]

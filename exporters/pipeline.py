@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from device_runtime import weight_map as weight_maps
 from device_runtime.weight_map import IOSpec, TensorEntry, WeightMap
-from exporters import prepare
+from exporters import prepare, proof
 from exporters.errors import ExportError, UnknownTarget
 from exporters.locate import Placement
 from exporters.options import TARGETS, ExportOptions
@@ -132,16 +132,12 @@ def seal(job: ExportJob) -> None:
 
 def write_base(job: ExportJob) -> None:
     """Write the static values as the artifact's first patch, through the production patch path."""
-    from exporters.proof import patched_files
-
-    for name, data in patched_files(job.artifact, job.weight_map, job.base).items():
+    for name, data in proof.patched_files(job.artifact, job.weight_map, job.base).items():
         (job.root / name).write_bytes(data)
 
 
 def prove(job: ExportJob) -> None:
-    from exporters.proof import prove as run_proof
-
-    job.extra["proof"] = run_proof(job)
+    job.extra["proof"] = proof.prove(job)
     job.weight_map = WeightMap(**{**job.weight_map.__dict__, "extra": job.extra})
 
 
