@@ -40,12 +40,7 @@ def _save(job: ExportJob, proto) -> None:
 def convert(job: ExportJob) -> None:
     import torch
 
-    kwargs = dict(zip(job.input_names, job.example_inputs))
-    if job.mode == "inputs":
-        module = prepare.AdaptiveAsInputs(job.model, job.input_names, job.adaptive).eval()
-        kwargs.update({prepare.input_name_of(n): torch.from_numpy(v) for n, v in job.base.items()})
-    else:
-        module = prepare.with_values(job.model, job.fingerprints)
+    module, kwargs = job.conversion_inputs()
     with quiet():
         try:
             program = torch.onnx.export(

@@ -76,6 +76,17 @@ class ExportJob:
             return "Data/mntool/adaptive.bin"
         return f"{self.artifact_name}.adaptive.bin"
 
+    def conversion_inputs(self) -> tuple[nn.Module, dict]:
+        """What a converter sees: the model holding fingerprint values (buffers mode), or wrapped
+        so its adaptive tensors are inputs (inputs mode); and keyword example inputs."""
+        import torch
+
+        kwargs = dict(zip(self.input_names, self.example_inputs))
+        if self.mode == "buffers":
+            return prepare.with_values(self.model, self.fingerprints), kwargs
+        kwargs.update({prepare.input_name_of(n): torch.from_numpy(v) for n, v in self.base.items()})
+        return prepare.AdaptiveAsInputs(self.model, self.input_names, self.adaptive).eval(), kwargs
+
     def draft_weight_map(self) -> WeightMap:
         """The weight map as far as the passes so far know it (fingerprint not yet computed)."""
         return WeightMap(

@@ -42,18 +42,13 @@ def _read_model(data: bytes):
 # ---- passes ---------------------------------------------------------------------------------
 def convert(job: ExportJob) -> None:
     """litert-torch -> .tflite; inputs are fed by keyword so the signature uses forward() names."""
-    import torch
-
     with quiet():  # litert-torch's import and conversion log from Python and C++
         import litert_torch
 
         litert_torch.config.show_progress = False
-        kwargs = dict(zip(job.input_names, job.example_inputs))
-        if job.mode == "inputs":
-            module = prepare.AdaptiveAsInputs(job.model, job.input_names, job.adaptive).eval()
-            kwargs.update({prepare.input_name_of(n): torch.from_numpy(v) for n, v in job.base.items()})
-        else:
-            module = _fenced(prepare.with_values(job.model, job.fingerprints), job.adaptive)
+        module, kwargs = job.conversion_inputs()
+        if job.mode == "buffers":
+            module = _fenced(module, job.adaptive)
         try:
             edge_model = litert_torch.convert(module, sample_kwargs=kwargs)
         except Exception as err:  # the converter raises anything from torch.export to MLIR
