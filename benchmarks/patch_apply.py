@@ -60,7 +60,7 @@ def synthetic_artifact(root: Path, d: int) -> tuple[Path, WeightMap, dict[str, n
         tensors.append(TensorEntry(name, shape, "model.tflite", offset, nbytes, "float32", "identity", shape, 64))
     artifact = root / "model.tflite"
     artifact.write_bytes(data)
-    fingerprint = wmap.compute_fingerprint({"model.tflite": bytes(data)}, tensors)
+    fingerprint = wmap.compute_fingerprint({"model.tflite": bytes(data)}, tensors, "model.tflite")
     wm = WeightMap("tflite", "model.tflite", ("model.tflite",), fingerprint, (), (), tuple(tensors))
     wmap.save(wm, artifact)
     params = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}

@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import struct
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -72,10 +73,18 @@ class PatchTensor:
     nbytes: int
     payload_offset: int  # relative to the start of the payload
 
-    def matches(self, entry: TensorEntry) -> bool:
+    def matches(self, entry: TensorEntry, artifact: str) -> bool:
+        """Same destination as the weight map's `entry` (whose main file is named `artifact`)."""
         return (self.name, self.file, self.dtype, self.layout, self.stored_shape, self.offset, self.nbytes) == (
-            entry.name, entry.file, entry.dtype, entry.layout, tuple(entry.stored_shape), entry.offset, entry.nbytes
+            entry.name, destination_name(entry.file, artifact), entry.dtype, entry.layout, tuple(entry.stored_shape),
+            entry.offset, entry.nbytes,
         )
+
+
+def destination_name(file: str, artifact: str) -> str:
+    """A destination file as a patch names it: the main artifact file (a .tflite or .onnx, whose
+    name a device may change) is `<artifact>`; files inside the artifact keep their names."""
+    return wmap.ARTIFACT_LABEL if file == artifact else file
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,7 @@ def pack_patch(
         payload_size = start + t.nbytes
         shape = list(t.stored_shape) + [0] * (MAX_DIMS - len(t.stored_shape))
         entries.append(ENTRY.pack(
-            *ref(t.name), *ref(t.file), DTYPE_CODES[t.dtype], LAYOUT_CODES[t.layout], len(t.stored_shape), 0,
+            *ref(t.name), *ref(destination_name(t.file, weight_map.artifact)), DTYPE_CODES[t.dtype], LAYOUT_CODES[t.layout], len(t.stored_shape), 0,
             t.offset, t.nbytes, start, *shape, 0,
         ))
     payload = bytearray(payload_size)
@@ -292,11 +301,16 @@ def verify_patch(
     if len(patch.tensors) != len(weight_map.tensors):
         raise PatchError(f"patch has {len(patch.tensors)} tensors, the weight map {len(weight_map.tensors)}")
     for t, entry in zip(patch.tensors, weight_map.tensors):
-        if not t.matches(entry):
+        if not t.matches(entry, weight_map.artifact):
             raise PatchError(
                 f"patch tensor {t.name!r} ({t.dtype} {t.stored_shape} at {t.file}+{t.offset}) does not match "
                 f"the weight map's {entry.name!r} ({entry.dtype} {tuple(entry.stored_shape)} at {entry.file}+{entry.offset})"
             )
+    # from here on, destinations are this artifact's real file names
+    patch = dataclasses.replace(patch, tensors=tuple(
+        dataclasses.replace(t, file=entry.file) for t, entry in zip(patch.tensors, weight_map.tensors)
+    ))
+    for t in patch.tensors:
         size = file_sizes.get(t.file)
         if size is None or t.offset + t.nbytes > size:
             raise PatchError(f"{t.name}: bytes [{t.offset}, {t.offset + t.nbytes}) lie outside {t.file} ({size} B)")
@@ -356,7 +370,7 @@ def _check_artifact_fingerprint(files: Mapping[str, bytes | bytearray], weight_m
     missing = set(weight_map.files) - set(files)
     if missing:
         raise PatchError(f"checking the artifact needs all its files; missing {sorted(missing)}")
-    if wmap.compute_fingerprint(files, weight_map.tensors) != weight_map.fingerprint:
+    if wmap.compute_fingerprint(files, weight_map.tensors, weight_map.artifact) != weight_map.fingerprint:
         raise PatchError(f"{weight_map.artifact} does not match its weight map: it was changed outside its adaptive tensors")
 
 
@@ -453,7 +467,7 @@ def _apply_to_copy(artifact: Path, wm: WeightMap, p: Patch, out: Path) -> None:
                 dst = out_root / name
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 _write_patched(src_root / name, dst, p, by_file.get(name, []), 0o644)
-        wmap.save(_renamed(artifact, wm, rename, out.name), out)
+        wmap.save(_renamed(wm, rename, out.name), out)
         if main is not None:
             _write_patched(artifact, out, p, by_file.get(main, []), 0o644)
         else:
@@ -462,15 +476,12 @@ def _apply_to_copy(artifact: Path, wm: WeightMap, p: Patch, out: Path) -> None:
         raise PatchError(f"cannot write {out}: {err.strerror or err}") from None
 
 
-def _renamed(artifact: Path, wm: WeightMap, rename: dict[str, str], artifact_name: str) -> WeightMap:
-    """The weight map of a copy whose files were renamed per `rename`. Its fingerprint is computed
-    from the original's files under their new names (adaptive bytes do not enter it)."""
+def _renamed(wm: WeightMap, rename: dict[str, str], artifact_name: str) -> WeightMap:
+    """The weight map of a copy whose main file was renamed per `rename`. The fingerprint stays:
+    the main file enters it under a fixed label, and adaptive bytes not at all."""
     files = tuple(rename.get(f, f) for f in wm.files)
     tensors = tuple(TensorEntry(**{**t.__dict__, "file": rename.get(t.file, t.file)}) for t in wm.tensors)
-    contents = {rename.get(f, f): b for f, b in wmap.read_artifact_files(artifact, wm.files).items()}
-    fingerprint = wmap.compute_fingerprint(contents, tensors)
-    return WeightMap(**{**wm.__dict__, "artifact": artifact_name, "files": files, "tensors": tensors,
-                        "fingerprint": fingerprint})
+    return WeightMap(**{**wm.__dict__, "artifact": artifact_name, "files": files, "tensors": tensors})
 
 
 def _write_patched(src: Path, dst: Path, p: Patch, tensors: list[PatchTensor], mode: int) -> None:

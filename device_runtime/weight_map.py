@@ -236,20 +236,26 @@ def sidecar_path(artifact: Path) -> Path:
     return artifact.with_name(artifact.name + SUFFIX)
 
 
-def compute_fingerprint(files: dict[str, bytes], tensors: tuple[TensorEntry, ...] | list[TensorEntry]) -> str:
+ARTIFACT_LABEL = "<artifact>"  # the name the main artifact file is hashed under
+
+
+def compute_fingerprint(files: dict[str, bytes], tensors: tuple[TensorEntry, ...] | list[TensorEntry], artifact: str) -> str:
     """SHA-256 over the artifact's files in name order with every adaptive byte range zeroed.
 
     Changing adaptive values (patching) leaves it unchanged, so a patched artifact can be patched
     again; changing anything else (graph, static weights, file set) changes it. Each file
-    contributes `name NUL length(8 bytes LE) bytes-with-adaptive-ranges-zeroed`.
+    contributes `name NUL length(8 bytes LE) bytes-with-adaptive-ranges-zeroed`, where the main
+    artifact file (`artifact`, for .tflite / .onnx) is named `<artifact>`: a renamed copy (e.g.
+    `patch-weights -o patched.tflite`) keeps its fingerprint and takes the same patches.
     """
     by_file: dict[str, list[TensorEntry]] = {}
     for t in tensors:
         by_file.setdefault(t.file, []).append(t)
     h = hashlib.sha256()
-    for name in sorted(files):
+    for name in sorted(files, key=lambda f: ARTIFACT_LABEL if f == artifact else f):
         data = files[name]
-        h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little"))
+        label = ARTIFACT_LABEL if name == artifact else name
+        h.update(label.encode() + b"\0" + len(data).to_bytes(8, "little"))
         pos = 0
         for t in sorted(by_file.get(name, []), key=lambda e: e.offset):
             h.update(memoryview(data)[pos : t.offset])
@@ -275,7 +281,7 @@ def load(artifact: Path, *, check_fingerprint: bool = True) -> WeightMap:
     wm = WeightMap.from_json(path.read_text())
     wm.check_against(artifact)
     if check_fingerprint:
-        fp = compute_fingerprint(read_artifact_files(artifact, wm.files), wm.tensors)
+        fp = compute_fingerprint(read_artifact_files(artifact, wm.files), wm.tensors, wm.artifact)
         if fp != wm.fingerprint:
             raise WeightMapError(
                 f"{artifact} does not match its weight map (fingerprint {fp[:12]} != {wm.fingerprint[:12]}): "

@@ -137,7 +137,7 @@ def seal(job: ExportJob) -> None:
     """Fingerprint the final files and fix the weight map."""
     wm = job.draft_weight_map()
     wm.validate()
-    fingerprint = weight_maps.compute_fingerprint(weight_maps.read_artifact_files(job.artifact, wm.files), wm.tensors)
+    fingerprint = weight_maps.compute_fingerprint(weight_maps.read_artifact_files(job.artifact, wm.files), wm.tensors, wm.artifact)
     job.weight_map = WeightMap(**{**wm.__dict__, "fingerprint": fingerprint})
 
 

@@ -127,5 +127,5 @@ def test_fingerprint_ignores_exactly_the_adaptive_bytes(tflite_artifact, positio
     index = int(position * len(data))
     data[index] ^= flip
     inside = any(t.offset <= index < t.offset + t.nbytes for t in wm.tensors)
-    changed = weight_maps.compute_fingerprint({wm.files[0]: bytes(data)}, wm.tensors) != wm.fingerprint
+    changed = weight_maps.compute_fingerprint({wm.files[0]: bytes(data)}, wm.tensors, wm.artifact) != wm.fingerprint
     assert changed != inside

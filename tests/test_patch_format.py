@@ -60,7 +60,7 @@ def synthetic_artifact(
     for f, data in contents.items():
         (artifact_root / f).parent.mkdir(parents=True, exist_ok=True)
         (artifact_root / f).write_bytes(data)
-    fingerprint = wmap.compute_fingerprint({f: bytes(d) for f, d in contents.items()}, tensors)
+    fingerprint = wmap.compute_fingerprint({f: bytes(d) for f, d in contents.items()}, tensors, name)
     wm = WeightMap(target, name, tuple(contents), fingerprint, (), (), tuple(tensors))
     wmap.save(wm, artifact)
     return artifact
@@ -112,6 +112,17 @@ def test_patched_artifact_can_be_patched_again(tmp_path):
     apply_patch_file(artifact, build_patch(artifact, first))
     apply_patch_file(artifact, build_patch(artifact, second))
     np.testing.assert_array_equal(stored_bytes(artifact, "head.bias"), second["head.bias"])
+
+
+@pytest.mark.parametrize("target", sorted(LAYOUTS))
+def test_renamed_copy_keeps_the_fingerprint_and_takes_the_same_patches(tmp_path, target):
+    artifact = synthetic_artifact(tmp_path / "a", target=target)
+    copy = tmp_path / "phone" / ("renamed" + artifact.suffix)
+    apply_patch_file(artifact, build_patch(artifact, random_params(seed=1)), out=copy)
+    assert wmap.load(copy).fingerprint == wmap.load(artifact).fingerprint
+    later = random_params(seed=2)
+    apply_patch_file(copy, build_patch(artifact, later))  # a patch built for the original
+    np.testing.assert_array_equal(stored_bytes(copy, "head.bias"), later["head.bias"])
 
 
 def test_only_adaptive_bytes_change(tmp_path):
