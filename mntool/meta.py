@@ -40,15 +40,17 @@ class MetaConfig:
 
 # ---- running a module with per-sample parameters ------------------------------------------------
 def _batched_linear_forward(weight: torch.Tensor, bias: torch.Tensor | None):
-    """forward() for an nn.Linear whose weight is (B, out, in) and bias (B, out): one bmm."""
+    """forward() for an nn.Linear whose weight is (U, out, in) and bias (U, out): one bmm.
+
+    The input's rows (B, ..., in) come in U contiguous equal groups; group u uses set u."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        squeeze = x.dim() == 2
-        xb = x.unsqueeze(1) if squeeze else x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-        y = torch.bmm(xb, weight.transpose(1, 2))  # (B, T, out)
+        U = weight.shape[0]
+        assert x.shape[0] % U == 0, f"{x.shape[0]} rows do not split into {U} parameter groups"
+        y = torch.bmm(x.reshape(U, -1, x.shape[-1]), weight.transpose(1, 2))  # (U, rows per group, out)
         if bias is not None:
             y = y + bias.unsqueeze(1)
-        return y.squeeze(1) if squeeze else y.reshape(*x.shape[:-1], weight.shape[1])
+        return y.reshape(*x.shape[:-1], weight.shape[1])
 
     return forward
 
@@ -86,13 +88,14 @@ def _patched_linears(owners: dict[str, nn.Linear], params: dict[str, torch.Tenso
 
 
 def per_sample_call(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, index: torch.Tensor | None = None) -> torch.Tensor:
-    """`module(*args)` where row b uses `params[name][index[b]]` for each given (adaptive) parameter.
+    """`module(*args)` where input row b uses parameter set `index[b]` of each given (adaptive)
+    parameter, `params[name]` being (U, *shape): one set per *device*.
 
-    `params` hold one set per *device* (leading dim U); `index` (B,) says which set each input row
-    uses (default: row b uses set b). Generating once per device and gathering per row is what
-    makes MetaNetwork training cheap: a batch holds many rows of few devices. Adaptive tensors
-    owned by `nn.Linear` layers (the common case: heads) run as batched matmuls; anything else
-    falls back to `torch.func.vmap` over `functional_call`.
+    Without `index`, the B input rows come in U contiguous groups of B / U rows, group u using set
+    u: the cheap layout (a batch of a few devices' rows is run without copying any parameter per
+    row). With `index`, sets are gathered per row first. Adaptive tensors owned by `nn.Linear`
+    layers (the common case: heads) run as batched matmuls; anything else falls back to
+    `torch.func.vmap` over `functional_call`.
     """
     if index is not None:
         params = {n: p.index_select(0, index) for n, p in params.items()}  # (B, *shape)
@@ -100,6 +103,9 @@ def per_sample_call(module: nn.Module, params: dict[str, torch.Tensor], args: tu
     if owners is not None:
         with _patched_linears(owners, params):
             return module(*args)
+    group = args[0].shape[0] // next(iter(params.values())).shape[0]
+    if group > 1:
+        params = {n: p.repeat_interleave(group, dim=0) for n, p in params.items()}
 
     def one(p, *a):
         return functional_call(module, p, tuple(x.unsqueeze(0) for x in a)).squeeze(0)
@@ -216,7 +222,7 @@ class MetaNetwork(nn.Module):
 
     def forward(self, inputs: tuple, condition: tuple, index: torch.Tensor | None = None, use_ema: bool = False) -> torch.Tensor:
         """Backbone output on `inputs` (B rows); `condition` holds U device rows and `index` (B,)
-        the device of each input row (default: one device per row)."""
+        the device of each input row (default: U contiguous equal groups of rows)."""
         return per_sample_call(self.backbone, self.adaptive_params(*condition, use_ema=use_ema), inputs, index)
 
     @torch.no_grad()

@@ -136,12 +136,6 @@ def group_batches(rows: SampleSet, batch_size: int, group: int, rng: np.random.G
         yield (g[:, None] * group + np.arange(group)).reshape(-1)
 
 
-def unique_conditions(recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct device uploads in a batch and, per row, which one it is."""
-    uniq, inverse = torch.unique(recent, dim=0, return_inverse=True)
-    return uniq, inverse
-
-
 # ---- training ---------------------------------------------------------------------------------
 @dataclass
 class Curve:
@@ -234,12 +228,13 @@ def train_metanetwork(dataset: DeviceDataset, cfg: TrainConfig, init: Backbone, 
     opt = torch.optim.Adam(meta.parameters(), lr=cfg.meta_lr)
     prober = _Prober(dataset, cfg.probe_users, cfg.seed)
     users, valid_recent = dataset.device_recent("valid")
+    group = dataset.config.n_negatives + 1
 
     def step_fn(idx: np.ndarray) -> float:
         rows = dataset.train
         meta.train()
-        cond, index = unique_conditions(_t(rows.recent[idx]))
-        logits = meta((_t(rows.history[idx]), _t(rows.target[idx])), (cond,), index)
+        cond = _t(rows.recent[idx[::group]])  # one upload per positive-with-negatives group
+        logits = meta((_t(rows.history[idx]), _t(rows.target[idx])), (cond,))
         loss = F.binary_cross_entropy_with_logits(logits, _t(rows.label[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -343,10 +338,9 @@ def finetune_device_params(model: Backbone, users: np.ndarray, recent: np.ndarra
             U, P = t.shape
             params = {n: p.detach().unsqueeze(0).repeat(U, *[1] * p.dim()).requires_grad_(True) for n, p in static.items()}
             opt = torch.optim.Adam(params.values(), lr=cfg.lr)
-            index = torch.arange(U).repeat_interleave(P)
             mask = (y >= 0).to(torch.float32)
             for _ in range(cfg.steps):
-                logits = per_sample_call(model, params, (h.reshape(U * P, -1), t.reshape(-1)), index).view(U, P)
+                logits = per_sample_call(model, params, (h.reshape(U * P, -1), t.reshape(-1))).view(U, P)  # U groups of P rows
                 per_row = F.binary_cross_entropy_with_logits(logits, y.clamp_min(0), reduction="none") * mask
                 loss = (per_row.sum(1) / mask.sum(1).clamp_min(1)).sum()
                 opt.zero_grad(set_to_none=True)
@@ -470,7 +464,7 @@ def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None
     same backbone) or, if not given, one trained first with the same seed into `out/static/`.
     """
     out = Path(out)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # the machines this targets have 2 cores
     if cfg.method == "static":
         model, train_log = train_static(dataset, cfg, progress)
         metrics = {"method": "static", "model": cfg.model, "seed": cfg.seed, "train": train_log,

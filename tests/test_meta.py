@@ -100,6 +100,18 @@ def test_per_sample_call_equals_loading_weights_into_a_plain_copy(name):
             torch.testing.assert_close(fast[b : b + 1], via_fc, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_grouped_rows_equal_gathered_rows(name):
+    # rows in U contiguous groups (no index: the training layout) == the same rows with an index
+    mn = _meta(name).eval()
+    with torch.no_grad():
+        mn.stabilizer.gates.fill_(0.8)
+    h, t, r, _ = _batch(B=6, U=3)
+    grouped = mn((h, t), (r,))
+    gathered = mn((h, t), (r,), torch.tensor([0, 0, 1, 1, 2, 2]))
+    torch.testing.assert_close(grouped, gathered, atol=1e-6, rtol=0)
+
+
 def test_core_is_task_agnostic_conv_bn_model_with_non_linear_adaptive():
     # An image classifier, adaptive tensors include a BatchNorm scale: the vmap path runs it.
     class Net(nn.Module):

@@ -1,0 +1,129 @@
+"""The MetaNetwork results table: {backbone} x {static, finetune, metanetwork, no stabilizer} x
+{AUC, UAUC, NDCG@10, HR@10} on the MovieLens-100k device (test) period, mean +- std over seeds,
+plus the stabilizer figures (oscillation, steps to 95% of the UAUC gain) and per-device cost.
+
+Every cell is a real `mntool train` run (a subprocess, one thread each, `--jobs` at a time);
+finished runs are reused, so the script can be interrupted and resumed. Selection is on the
+validation period only (mntool.train); the test period is scored once per run.
+
+    .venv/bin/python benchmarks/metanetwork_table.py --out runs/table --jobs 2
+    .venv/bin/python benchmarks/metanetwork_table.py --out runs/table --report-only --doc docs/metanetwork.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+METHODS = {  # cell name -> extra `mntool train` arguments
+    "static": ["--method", "static"],
+    "finetune": ["--method", "finetune"],
+    "metanetwork": ["--method", "metanetwork"],
+    "metanetwork w/o stabilizer": ["--method", "metanetwork", "--no-stabilizer"],
+}
+METRICS = ("auc", "uauc", "ndcg@10", "hr@10")
+
+
+def run_dir(out: Path, model: str, seed: int, method: str) -> Path:
+    return out / model / f"seed{seed}" / method.replace(" ", "-").replace("/", "")
+
+
+def train_cell(out: Path, model: str, seed: int, method: str, epochs: int | None, data: str | None) -> Path:
+    target = run_dir(out, model, seed, method)
+    if (target / "metrics.json").is_file():
+        return target
+    cmd = [sys.executable, "-m", "mntool.cli.main", "train", "--model", model, "--seed", str(seed), "--out", str(target),
+           "--quiet", *METHODS[method]]
+    if method != "static":
+        cmd += ["--init", str(run_dir(out, model, seed, "static"))]
+    if epochs:
+        cmd += ["--epochs", str(epochs)]
+    if data:
+        cmd += ["--data", data]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    print(f"  {model:8s} seed {seed} {method:28s} {time.perf_counter() - t0:6.0f} s", flush=True)
+    return target
+
+
+def run_grid(out: Path, models: list[str], seeds: list[int], jobs: int, epochs: int | None, data: str | None) -> None:
+    # statics first (everything else starts from them), then the rest in parallel
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda ms: train_cell(out, ms[0], ms[1], "static", epochs, data), [(m, s) for m in models for s in seeds]))
+        rest = [(m, s, k) for m in models for s in seeds for k in METHODS if k != "static"]
+        list(pool.map(lambda msk: train_cell(out, *msk, epochs, data), rest))
+
+
+def load(out: Path, model: str, seed: int, method: str) -> dict | None:
+    f = run_dir(out, model, seed, method) / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    a = np.asarray(values, dtype=float)
+    return f"{a.mean():.4f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.4f}"
+
+
+def report(out: Path, models: list[str], seeds: list[int]) -> str:
+    lines = ["| backbone | method | " + " | ".join(m.upper() if m != "uauc" else "UAUC" for m in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    extra = ["", "| backbone | method | oscillation (val loss) | steps to 95% of UAUC gain | best epoch | samples/s (1 thread) |",
+             "|---|---|---|---|---|---|"]
+    cost = ["", "| backbone | finetune s/device | metanetwork s/device | ratio |", "|---|---|---|---|"]
+    for model in models:
+        pop = None
+        for method in METHODS:
+            runs = [r for r in (load(out, model, s, method) for s in seeds) if r is not None]
+            if not runs:
+                continue
+            pop = runs[0]["popularity"]["test"]
+            cells = [mean_std([r["test"][m] for r in runs]) for m in METRICS]
+            lines.append(f"| {model} | {method} (n={len(runs)}) | " + " | ".join(cells) + " |")
+            train = [r["train"] for r in runs if r.get("train")]
+            if train:
+                osc = mean_std([t["oscillation"] for t in train])
+                steps = [t["steps_to_95pct_gain"] for t in train if t["steps_to_95pct_gain"] is not None]
+                extra.append(f"| {model} | {method} | {osc} | {mean_std(steps) if steps else '–'} | "
+                             f"{mean_std([t['best_epoch'] for t in train])} | {mean_std([t['samples_per_s'] for t in train])} |")
+        if pop:
+            lines.append(f"| {model} | popularity floor | " + " | ".join(f"{pop[m]:.4f}" for m in METRICS) + " |")
+        ft = [r["test"].get("personalise_seconds_per_device") for r in (load(out, model, s, "finetune") for s in seeds) if r]
+        mn = [r["test"].get("personalise_seconds_per_device") for r in (load(out, model, s, "metanetwork") for s in seeds) if r]
+        if ft and mn:
+            cost.append(f"| {model} | {np.mean(ft):.2e} | {np.mean(mn):.2e} | {np.mean(ft) / np.mean(mn):.0f}x |")
+    return "\n".join(lines + extra + cost) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/table"))
+    ap.add_argument("--models", nargs="+", default=["gru4rec", "sasrec", "din"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=2, help="training runs at a time (one thread each)")
+    ap.add_argument("--epochs", type=int, help="override the maximum epochs")
+    ap.add_argument("--data", help="MovieLens directory [default: the fetched cache]")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--doc", type=Path, help="also write the tables into this markdown file")
+    args = ap.parse_args()
+    if not args.report_only:
+        run_grid(args.out, args.models, args.seeds, args.jobs, args.epochs, args.data)
+    table = report(args.out, args.models, args.seeds)
+    print(table)
+    if args.doc:
+        args.doc.write_text(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Training throughput and per-device personalisation cost, as ratios measured in one run.
+
+- Training: samples/s of a static and a MetaNetwork training step for each backbone, on real
+  MovieLens-100k batches (the trainer's own batching), 2 threads, measured in interleaved rounds so
+  machine noise hits both alike; ratio = MetaNetwork step time / static step time.
+- Per device: generating one device's adaptive parameters (MetaNetwork) vs fine-tuning the same
+  adaptive layers on that device's labelled recent samples (the `finetune` baseline), one device
+  at a time, median over devices.
+
+    .venv/bin/python benchmarks/train_cost.py [--steps 30] [--rounds 5] [--devices 30] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mntool.data.datasets import load_dataset
+from mntool.train import (
+    TrainConfig,
+    _t,
+    build_metanetwork,
+    finetune_device_params,
+    generate_device_params,
+    group_batches,
+)
+from mntool.models import build_model
+
+
+def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
+    cfg = TrainConfig(model=model_name)
+    torch.manual_seed(0)
+    static = build_model(model_name, dataset.n_items, cfg.backbone).train()
+    meta = build_metanetwork(build_model(model_name, dataset.n_items, cfg.backbone), cfg, dataset.config.recent_len).train()
+    opt_s = torch.optim.Adam(static.parameters(), lr=cfg.lr)
+    opt_m = torch.optim.Adam(meta.parameters(), lr=cfg.meta_lr)
+    rows = dataset.train
+    batches = list(group_batches(rows, cfg.batch_size, dataset.config.n_negatives + 1, np.random.default_rng(0)))[: steps]
+
+    def static_step(idx):
+        loss = F.binary_cross_entropy_with_logits(static(_t(rows.history[idx]), _t(rows.target[idx])), _t(rows.label[idx]))
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
+
+    def meta_step(idx):
+        cond = _t(rows.recent[idx[:: dataset.config.n_negatives + 1]])
+        logits = meta((_t(rows.history[idx]), _t(rows.target[idx])), (cond,))
+        loss = F.binary_cross_entropy_with_logits(logits, _t(rows.label[idx]))
+        opt_m.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_m.step()
+        meta.update_ema()
+
+    times = {"static": [], "metanetwork": []}
+    for fn in (static_step, meta_step):  # warm-up
+        for idx in batches[:3]:
+            fn(idx)
+    for _ in range(rounds):
+        for name, fn in (("static", static_step), ("metanetwork", meta_step)):
+            t0 = time.perf_counter()
+            for idx in batches:
+                fn(idx)
+            times[name].append(time.perf_counter() - t0)
+    n_rows = sum(len(b) for b in batches)
+    sps = {k: n_rows / statistics.median(v) for k, v in times.items()}
+    return {"static_samples_per_s": sps["static"], "metanetwork_samples_per_s": sps["metanetwork"],
+            "step_time_ratio": sps["static"] / sps["metanetwork"]}
+
+
+def personalisation_cost(dataset, model_name: str, devices: int) -> dict:
+    cfg = TrainConfig(model=model_name)
+    torch.manual_seed(0)
+    model = build_model(model_name, dataset.n_items, cfg.backbone).eval()
+    meta = build_metanetwork(model, cfg, dataset.config.recent_len).eval()
+    users, recent = dataset.device_recent("test")
+    gen, ft = [], []
+    for i in range(devices):
+        u, r = users[i : i + 1], recent[i : i + 1]
+        t0 = time.perf_counter()
+        generate_device_params(meta, u, r)
+        gen.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        finetune_device_params(model, u, r, cfg.finetune, seed=i, history_len=dataset.config.history_len, devices_per_batch=1)
+        ft.append(time.perf_counter() - t0)
+    g, f = statistics.median(gen), statistics.median(ft)
+    return {"generate_ms_per_device": g * 1e3, "finetune_ms_per_device": f * 1e3, "finetune_over_generate": f / g,
+            "finetune_steps": cfg.finetune.steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["gru4rec", "sasrec", "din"])
+    ap.add_argument("--steps", type=int, default=30, help="training steps per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--devices", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dataset = load_dataset()
+    results = {m: {**training_steps(dataset, m, args.steps, args.rounds), **personalisation_cost(dataset, m, args.devices)}
+               for m in args.models}
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"threads={args.threads}, {args.steps} steps x {args.rounds} rounds, batch {TrainConfig().batch_size} rows")
+    print("| backbone | static samples/s | MetaNetwork samples/s | MN/static step time | generate ms/device | finetune ms/device | finetune/generate |")
+    print("|---|---|---|---|---|---|---|")
+    for m, r in results.items():
+        print(f"| {m} | {r['static_samples_per_s']:,.0f} | {r['metanetwork_samples_per_s']:,.0f} | {r['step_time_ratio']:.2f}x | "
+              f"{r['generate_ms_per_device']:.2f} | {r['finetune_ms_per_device']:.1f} | {r['finetune_over_generate']:.0f}x |")
+
+
+if __name__ == "__main__":
+    main()
