@@ -1,0 +1,141 @@
+"""The device's client of `mntool serve`: upload recent samples, get a patch, apply it, reload.
+
+`refresh` asks the service for a patch for the local artifact (by its weight-map fingerprint),
+verifies its Ed25519 signature with the server's public key, writes it into the artifact
+crash-safely (`apply_patch_file(..., require_signature=True)`) and opens a fresh runner on the
+patched model. Standard-library HTTP only; 5xx answers, timeouts and refused connections are
+retried with exponential backoff, 4xx answers are final. A patch that fails any check is never
+applied: the artifact stays byte-identical.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from device_runtime import weight_map as wmap
+from device_runtime.errors import MntoolError
+from device_runtime.patch import Patch, apply_patch_file
+from device_runtime.runners import Runner, RunnerConfig, open_runner
+from device_runtime.signing import load_public_key
+
+PATCHES_PATH = "/v1/patches"
+
+
+class ClientError(MntoolError):
+    """The service refused the request (4xx), or could not be reached after every retry."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    timeout_s: float = 5.0  # per attempt: connect + answer
+    retries: int = 3  # further attempts after 5xx, timeouts and connection errors
+    backoff_s: float = 0.2  # wait before the first retry; doubles each time, plus up to 25% jitter
+    max_backoff_s: float = 5.0  # cap on one wait (also on a server's Retry-After)
+    max_patch_bytes: int = 64 << 20  # a larger answer is refused unread
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What one refresh did: the verified patch it applied and the runner on the patched model."""
+
+    runner: Runner
+    patch: Patch
+    attempts: int  # HTTP attempts it took (1 = no retry)
+    fetch_seconds: float  # upload -> patch received, retries included
+    apply_seconds: float  # verify + crash-safe write + runner reload
+
+
+def fetch_patch(
+    server_url: str,
+    fingerprint: str,
+    items: Sequence[int],
+    *,
+    device_id: str,
+    token: str | None = None,
+    config: ClientConfig = ClientConfig(),
+) -> tuple[bytes, int]:
+    """POST the upload to `server_url`/v1/patches; returns (patch bytes, attempts). Unverified:
+    the caller must verify before use (`refresh` does)."""
+    body = json.dumps({"device_id": device_id, "fingerprint": fingerprint,
+                       "samples": {"items": [int(i) for i in items]}}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/octet-stream"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    url = server_url.rstrip("/") + PATCHES_PATH
+    wait = config.backoff_s
+    for attempt in range(1, config.retries + 2):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=config.timeout_s) as answer:
+                data = answer.read(config.max_patch_bytes + 1)
+            if len(data) > config.max_patch_bytes:
+                raise ClientError(f"{url} sent more than {config.max_patch_bytes} bytes; refusing it as a patch")
+            return data, attempt
+        except urllib.error.HTTPError as err:
+            message = _error_message(err)
+            if err.code < 500:
+                raise ClientError(f"{url} refused the request ({err.code}): {message}", err.code) from None
+            failure, retry_after = f"{err.code}: {message}", _retry_after(err)
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as err:
+            reason = getattr(err, "reason", err)
+            failure, retry_after = f"{type(reason).__name__}: {reason}", None
+        if attempt > config.retries:
+            break
+        pause = retry_after if retry_after is not None else wait * (1 + 0.25 * random.random())
+        time.sleep(min(pause, config.max_backoff_s))
+        wait *= 2
+    raise ClientError(f"{url} failed {config.retries + 1} times; last: {failure}")
+
+
+def _error_message(err: urllib.error.HTTPError) -> str:
+    """The service's one-line message from its JSON error body, else the HTTP reason."""
+    try:
+        return json.loads(err.read(65536))["message"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return str(err.reason)
+
+
+def _retry_after(err: urllib.error.HTTPError) -> float | None:
+    try:
+        return max(0.0, float(err.headers.get("Retry-After", "")))
+    except ValueError:
+        return None
+
+
+def refresh(
+    server_url: str,
+    artifact: Path | str,
+    items: Sequence[int],
+    *,
+    verify_key: bytes | Path | str,
+    token: str | None = None,
+    device_id: str = "device",
+    config: ClientConfig = ClientConfig(),
+    runner_config: RunnerConfig = RunnerConfig(),
+    on_reload: Callable[[Runner], None] | None = None,
+) -> Refresh:
+    """Fetch a patch for `artifact` from the device's recent `items` (most recent last), verify
+    it with `verify_key` (the server's Ed25519 public key: raw 32 bytes, or a .pub/raw key file),
+    write it into `artifact` in place and return a runner on the patched model (also passed to
+    `on_reload`). Unsigned, forged or altered patches raise and leave `artifact` untouched."""
+    artifact = Path(artifact)
+    key = verify_key if isinstance(verify_key, bytes) else load_public_key(Path(verify_key))
+    weight_map = wmap.load(artifact, check_fingerprint=False)
+    started = time.perf_counter()
+    data, attempts = fetch_patch(server_url, weight_map.fingerprint, items, device_id=device_id, token=token, config=config)
+    fetched = time.perf_counter()
+    patch = apply_patch_file(artifact, data, verify_key=key, require_signature=True)
+    runner = open_runner(artifact, weight_map=weight_map, config=runner_config)
+    if on_reload is not None:
+        on_reload(runner)
+    return Refresh(runner, patch, attempts, fetched - started, time.perf_counter() - fetched)
