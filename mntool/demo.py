@@ -1,0 +1,465 @@
+"""The main job, end to end: MovieLens-100k -> static and MetaNetwork SASRec -> TFLite/ONNX/Core ML
+artifacts -> signed per-device patches -> scores from the compiled, patched models -> benchmarks
+-> a report. `run_demo(out_dir)` is what `mntool demo` (and `make demo`) runs; every stage reuses
+what an earlier run left in `out_dir` when its inputs have not changed (`fresh=True` rebuilds).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Iterator
+
+import numpy as np
+from rich.console import Console
+from tqdm.auto import tqdm
+
+from device_runtime import weight_map as weight_maps
+from device_runtime.errors import MntoolError
+
+DEMO_FORMAT = 1
+MARKER = ".mntool-demo"  # marks a directory `mntool demo` made, so it may clean it up
+STAMP = "demo-key.json"  # what a cached stage was built from
+RUN_TARGETS = ("tflite", "onnx")  # targets whose runtime runs on this OS: scored and benchmarked
+PARITY_ATOL = 1e-5
+METRICS = ("auc", "uauc", "ndcg@10", "hr@10")
+
+
+class DemoError(MntoolError):
+    """The demo cannot run as asked (output directory, settings)."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    users: int = 200  # device users personalised and scored with the compiled models (0 = all)
+    static_epochs: int = 3  # SASRec static training epochs (early stopping may end sooner)
+    metanetwork_epochs: int = 2  # MetaNetwork phase epochs, started from the static model
+    train_users: int = 0  # train on this many device users only (0 = all); the quick mode's shortcut
+    batch: int = 100  # rows per compiled-model call: one ranking request (1 positive + 99 candidates)
+    bench_runs: int = 500  # timed steady-state inferences per variant
+    bench_warmup: int = 50
+    bench_loads: int = 20  # timed fresh loads / swaps per variant
+    threads: int = 2  # PyTorch threads for training and reference scoring (this targets 2-core hosts)
+    seed: int = 0  # training seed and user sample
+
+    def __post_init__(self) -> None:
+        for name in ("users", "train_users"):
+            if getattr(self, name) < 0:
+                raise DemoError(f"{name} must be >= 0 (0 = all), got {getattr(self, name)}")
+        for name in ("static_epochs", "metanetwork_epochs", "batch", "bench_runs", "bench_loads", "threads"):
+            if getattr(self, name) < 1:
+                raise DemoError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.bench_warmup < 0:
+            raise DemoError(f"bench_warmup must be >= 0, got {self.bench_warmup}")
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        """Smoke-test settings: 120 training users, one epoch each, 24 scored users, short benchmarks."""
+        return cls(users=24, static_epochs=1, metanetwork_epochs=1, train_users=120, bench_runs=60, bench_warmup=10,
+                   bench_loads=3)
+
+
+# ---- stage log ----------------------------------------------------------------------------------
+class StageLog:
+    """One line per stage on stderr (name, elapsed seconds, cached or not) and the same record
+    for report.json; tqdm bars run inside the stages."""
+
+    def __init__(self, progress: bool, total: int):
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True, quiet=not progress)
+        self.progress = progress
+        self.total = total
+        self.records: list[dict] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict]:
+        record = {"stage": name, "seconds": 0.0, "cached": False, "note": ""}
+        self.console.print(f"[bold cyan][{len(self.records) + 1}/{self.total}] {name}[/]")
+        t0 = time.perf_counter()
+        yield record
+        record["seconds"] = time.perf_counter() - t0
+        self.records.append(record)
+        done = "[green]✓[/]" if not record["cached"] else "[green]✓ cached[/]"
+        note = f"  [dim]{record['note']}[/]" if record["note"] else ""
+        self.console.print(f"      {done} {name} [bold]{record['seconds']:.1f} s[/]{note}")
+
+    def log(self, message: str) -> None:
+        self.console.print(f"      [dim]{message}[/]")
+
+
+STAGES = ("data", "train static", "train metanetwork", "export", "personalise and score", "benchmark")
+
+
+# ---- caching ------------------------------------------------------------------------------------
+def _key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached(directory: Path, key: str, fresh: bool) -> bool:
+    stamp = directory / STAMP
+    return not fresh and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
+
+
+def _stamp(directory: Path, key: str) -> None:
+    (directory / STAMP).write_text(json.dumps({"key": key}) + "\n")
+
+
+def dataset_key(dataset) -> str:
+    """Identifies the built dataset by its content (any source, any user subset)."""
+    h = hashlib.sha256()
+    for split in ("train", "valid", "test"):
+        rows = dataset.split(split)
+        for a in (rows.user, rows.target, rows.label, rows.history, rows.recent):
+            h.update(np.ascontiguousarray(a).tobytes())
+    h.update(np.ascontiguousarray(dataset.test_rank.candidates).tobytes())
+    return _key(arrays=h.hexdigest(), n_items=dataset.n_items, protocol=asdict(dataset.config), version=dataset.protocol_version)
+
+
+def prepare_out_dir(out: Path, fresh: bool) -> None:
+    """Create `out` (or reuse one the demo made); with `fresh`, drop the demo's caches in it."""
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise DemoError(f"{out} is not empty and was not made by `mntool demo`; choose a new --out directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).touch()
+    except OSError as err:
+        raise DemoError(f"cannot create output directory {out}: {err.strerror}") from None
+    if fresh:
+        for name in ("runs", "artifacts"):
+            shutil.rmtree(out / name, ignore_errors=True)
+
+
+# ---- stages -------------------------------------------------------------------------------------
+def load_data(data_dir: Path | None, cfg: DemoConfig, log: Callable[[str], None]):
+    """The ML-100k dataset under the default protocol (restricted to `train_users` if set)."""
+    from mntool.data.datasets import load_dataset
+
+    dataset = load_dataset(data_dir, log=log)
+    if cfg.train_users and cfg.train_users < len(dataset.device_users):
+        users = np.random.default_rng(cfg.seed).choice(dataset.device_users, cfg.train_users, replace=False)
+        dataset = dataset.for_users(np.sort(users))
+    return dataset
+
+
+def train_cached(dataset, data_key: str, method: str, epochs: int, cfg: DemoConfig, out: Path, fresh: bool,
+                 progress: bool, record: dict, init: Path | None = None, init_key: str = "") -> tuple[Path, str]:
+    """A checkpoint of `method` in `out`, trained unless one from the same inputs is there."""
+    from mntool.train import TrainConfig, train
+
+    train_cfg = TrainConfig(model="sasrec", method=method, epochs=epochs, seed=cfg.seed)
+    key = _key(train=train_cfg.to_dict(), data=data_key, init=init_key)
+    if _cached(out, key, fresh):
+        record["cached"] = True
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        train(dataset, train_cfg, out, init=init, progress=progress, log=lambda s: None)
+        _stamp(out, key)
+    metrics = json.loads((out / "metrics.json").read_text())
+    record["note"] = f"{out}: test UAUC {metrics['test']['uauc']:.4f} (all {len(dataset.device_users)} users, PyTorch)"
+    return out, key
+
+
+def export_cached(ckpt_dir: Path, ckpt_key: str, targets: tuple[str, ...], cfg: DemoConfig, out: Path, fresh: bool,
+                  progress: bool) -> tuple[dict[str, Path], int]:
+    """Artifacts of a checkpoint's device model for `targets` in `out` (batch `cfg.batch`);
+    each target is re-exported only if its checkpoint or settings changed. Returns (artifacts,
+    how many were reused)."""
+    from exporters import export
+    from mntool.train import load_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    stamps = json.loads((out / STAMP).read_text()) if (out / STAMP).is_file() and not fresh else {}
+    artifacts, reused, ckpt = {}, 0, None
+    for target in targets:
+        key = _key(checkpoint=ckpt_key, target=target, batch=cfg.batch, name="model", outputs=["logits"])
+        artifact = out / ("model" + {"tflite": ".tflite", "onnx": ".onnx", "coreml": ".mlpackage"}[target])
+        if stamps.get(target) == key and artifact.exists():
+            reused += 1
+        else:
+            ckpt = ckpt or load_checkpoint(ckpt_dir)
+            export(ckpt.model, ckpt.example_inputs(batch=cfg.batch), ckpt.adaptive, target, out,
+                   output_names=("logits",), progress=progress)
+            stamps[target] = key
+            (out / STAMP).write_text(json.dumps(stamps, indent=2) + "\n")
+        artifacts[target] = artifact
+    return artifacts, reused
+
+
+# ---- scoring with compiled models ---------------------------------------------------------------
+def score_pairs(runner, history: np.ndarray, target: np.ndarray, batch: int) -> np.ndarray:
+    """Logits of rows (history (N, L), target (N,)) from a compiled model with a fixed batch:
+    chunks of `batch` rows, the last one padded by repeating its last row (padding is dropped)."""
+    out = np.empty(len(target), dtype=np.float32)
+    for i in range(0, len(target), batch):
+        h, t = history[i : i + batch], target[i : i + batch]
+        n = len(t)
+        if n < batch:
+            h = np.concatenate([h, np.repeat(h[-1:], batch - n, axis=0)])
+            t = np.concatenate([t, np.repeat(t[-1:], batch - n)])
+        out[i : i + n] = runner.run({"history": h, "target": t})["logits"][:n]
+    return out
+
+
+@dataclass
+class Scores:
+    """Logits of the sampled users' test rows: pointwise (N,) and ranking (P, C)."""
+
+    pointwise: np.ndarray
+    ranking: np.ndarray
+
+    @classmethod
+    def empty(cls, n_rows: int, rank_shape: tuple[int, int]) -> "Scores":
+        return cls(np.zeros(n_rows, np.float32), np.zeros(rank_shape, np.float32))
+
+    def max_abs_error(self, other: "Scores") -> float:
+        return float(max(np.abs(self.pointwise.astype(np.float64) - other.pointwise).max(),
+                         np.abs(self.ranking.astype(np.float64) - other.ranking).max()))
+
+
+def score_user(runner, rows, rank, row_index: np.ndarray, rank_index: np.ndarray, batch: int, into: Scores) -> None:
+    """Score one user's pointwise rows and ranking tasks with `runner`, writing into `into`."""
+    into.pointwise[row_index] = score_pairs(runner, rows.history[row_index], rows.target[row_index], batch)
+    n_cand = rank.candidates.shape[1]
+    history = np.repeat(rank.history[rank_index], n_cand, axis=0)  # one row per candidate
+    flat = score_pairs(runner, history, rank.candidates[rank_index].reshape(-1), batch)
+    into.ranking[rank_index] = flat.reshape(len(rank_index), n_cand)
+
+
+def metrics_of(rows, rank, scores: Scores) -> dict:
+    from mntool.metrics import evaluate
+
+    return evaluate(rows.user, rows.label, scores.pointwise, rank.user, scores.ranking)
+
+
+def per_user_auc(rows, scores: np.ndarray, users: np.ndarray) -> list[float]:
+    from mntool.metrics import auc
+
+    return [auc(rows.label[rows.user == u], scores[rows.user == u]) for u in users]
+
+
+def coreml_read_back(artifact: Path, wm, files: dict[str, bytes], workdir: Path) -> dict[str, np.ndarray]:
+    """The adaptive tensors of a Core ML artifact held in memory, as coremltools itself reads them
+    (the exporter's read-back: the package must load and each const must point at its blob)."""
+    from exporters.coreml import read_back
+
+    job = SimpleNamespace(stage=workdir, artifact_name=artifact.name, mode=wm.mode, weight_map=wm, extra=wm.extra)
+    return read_back(job, files)
+
+
+def sample_users(dataset, cfg: DemoConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(users (U,), their test-period uploads (U, R)): `cfg.users` device users drawn with
+    `cfg.seed` (all of them for 0), in user-code order."""
+    all_users, all_recent = dataset.device_recent("test")
+    n = len(all_users) if cfg.users == 0 else min(cfg.users, len(all_users))
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(len(all_users), n, replace=False))
+    return all_users[pick], all_recent[pick]
+
+
+def personalise_and_score(dataset, users: np.ndarray, recent: np.ndarray, static_dir: Path, mn_dir: Path,
+                          artifacts: dict[str, dict[str, Path]], cfg: DemoConfig, out: Path, progress: bool,
+                          log: Callable[[str], None]) -> dict:
+    """For each sampled user: generate its parameters from its test-period upload, build a
+    signed patch per target, verify and apply it on the device side (in memory), open a runner
+    on the patched model and score the user's test rows; the static artifact scores them too.
+    PyTorch scores the same rows with the same parameters for parity."""
+    import torch
+
+    from device_runtime.patch import apply_patch_bytes
+    from device_runtime.runners import open_runner
+    from device_runtime.signing import load_public_key
+    from mntool.generate import Generator
+    from mntool.patches import build_patch, keygen, load_signing_key
+    from mntool.train import DeviceParams, load_checkpoint, score_rows
+
+    n = len(users)
+    rows, rank = dataset.test.for_users(users), dataset.test_rank.for_users(users)
+    log(f"{n} of {len(dataset.device_users)} device users; {len(rows):,} pointwise rows, {len(rank):,} ranking tasks x {rank.candidates.shape[1]} candidates")
+
+    keybase = out / "keys" / "demo"
+    if not Path(f"{keybase}.key").is_file():
+        keygen(keybase)
+    signing_key, verify_key = load_signing_key(Path(f"{keybase}.key")), load_public_key(Path(f"{keybase}.pub"))
+
+    t0 = time.perf_counter()
+    generator = Generator.load(mn_dir)
+    params = generator.generate_batch(recent)  # {name: (U, *shape)}
+    generate_ms = (time.perf_counter() - t0) * 1e3 / n
+
+    maps = {m: {t: weight_maps.load(a) for t, a in arts.items()} for m, arts in artifacts.items()}
+    files = {m: {t: weight_maps.read_artifact_files(a, maps[m][t].files) for t, a in arts.items()} for m, arts in artifacts.items()}
+    compiled = {m: {t: Scores.empty(len(rows), rank.candidates.shape) for t in RUN_TARGETS} for m in ("static", "metanetwork")}
+    static_runners = {t: open_runner(artifacts["static"][t], weight_map=maps["static"][t]) for t in RUN_TARGETS}
+    timings: dict[str, list[float]] = {"build_patch_ms": [], "apply_ms": [], "open_ms": []}
+    patch_bytes: dict[str, int] = {}
+    example_patches: dict[str, str] = {}  # the first user's patches, kept for `mntool bench` / patch-weights
+    patches_dir = out / "patches"
+    shutil.rmtree(patches_dir, ignore_errors=True)
+    patches_dir.mkdir()
+    coreml_error, coreml_exact = 0.0, True
+    clock = time.perf_counter
+    with tempfile.TemporaryDirectory(prefix=".coreml-read-back-", dir=out) as workdir, \
+            tqdm(total=n, desc="users", unit="user", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for i, user in enumerate(users):
+            row_index, rank_index = np.flatnonzero(rows.user == user), np.flatnonzero(rank.user == user)
+            user_params = {name: p[i] for name, p in params.items()}
+            for target in RUN_TARGETS:
+                score_user(static_runners[target], rows, rank, row_index, rank_index, cfg.batch, compiled["static"][target])
+            for target, artifact in artifacts["metanetwork"].items():
+                wm = maps["metanetwork"][target]
+                c0 = clock()
+                patch = build_patch(wm, user_params, signing_key)  # cloud
+                c1 = clock()
+                patched = apply_patch_bytes(files["metanetwork"][target], patch, wm, verify_key=verify_key,
+                                            require_signature=True, check_artifact=False)  # device: checked at load
+                c2 = clock()
+                patch_bytes[target] = len(patch)
+                if i == 0:
+                    example_patches[target] = str(patches_dir / f"{target}-user{dataset.user_ids[user]}.mnpatch")
+                    Path(example_patches[target]).write_bytes(patch)
+                timings["build_patch_ms"].append((c1 - c0) * 1e3)
+                timings["apply_ms"].append((c2 - c1) * 1e3)
+                if target == "coreml":
+                    read = coreml_read_back(artifact, wm, patched, Path(workdir))
+                    for name, value in user_params.items():
+                        expected = value.astype(wm.tensor(name).dtype)
+                        coreml_exact &= bool(np.array_equal(read[name], expected))
+                        coreml_error = max(coreml_error, float(np.abs(read[name] - value).max()))
+                    continue
+                c3 = clock()
+                with open_runner(artifact, weight_map=wm, files=patched) as runner:
+                    timings["open_ms"].append((clock() - c3) * 1e3)
+                    score_user(runner, rows, rank, row_index, rank_index, cfg.batch, compiled["metanetwork"][target])
+            bar.update(1)
+    for runner in static_runners.values():
+        runner.close()
+
+    # PyTorch on the same rows: the static model, the MetaNetwork backbone with each user's
+    # generated parameters, and that backbone unpatched (what the shipped artifact does alone).
+    torch.set_num_threads(cfg.threads)
+    static_model, mn_model = load_checkpoint(static_dir).model, load_checkpoint(mn_dir).model
+    device_params = DeviceParams(users, {name: torch.from_numpy(p) for name, p in params.items()})
+
+    def pytorch(model, dp) -> Scores:
+        return Scores(score_rows(model, rows.history, rows.target, rows.user, dp),
+                      score_rows(model, rank.history, rank.candidates, rank.user, dp))
+
+    reference = {"static": pytorch(static_model, None), "metanetwork": pytorch(mn_model, device_params)}
+    unpatched = pytorch(mn_model, None)
+
+    metrics = {m: {**{t: metrics_of(rows, rank, compiled[m][t]) for t in RUN_TARGETS}, "pytorch": metrics_of(rows, rank, reference[m])}
+               for m in compiled}
+    metrics["metanetwork_unpatched"] = {"pytorch": metrics_of(rows, rank, unpatched)}
+    parity = {m: {t: compiled[m][t].max_abs_error(reference[m]) for t in RUN_TARGETS} for m in compiled}
+    return {
+        "sample": {"users": int(n), "of": int(len(dataset.device_users)), "pointwise_rows": int(len(rows)), "ranking_tasks": int(len(rank)),
+                   "candidates": int(rank.candidates.shape[1]), "seed": cfg.seed},
+        "metrics": metrics,
+        "parity": {"atol": PARITY_ATOL, **parity},
+        "coreml": {"users": int(n), "exact": coreml_exact, "max_abs_error": coreml_error,
+                   "method": "coremltools read-back of each user's patched weight.bin (Core ML prediction needs macOS)"},
+        "patch_bytes": patch_bytes,
+        "example_patches": example_patches,
+        "personalise": {"generate_ms_per_device": generate_ms, **{k: float(np.median(v)) for k, v in timings.items()}},
+        "per_user": {"user": [str(dataset.user_ids[u]) for u in users],
+                     "uauc_static": per_user_auc(rows, compiled["static"]["tflite"].pointwise, users),
+                     "uauc_metanetwork": per_user_auc(rows, compiled["metanetwork"]["tflite"].pointwise, users)},
+    }
+
+
+def write_bench_inputs(rank, path: Path) -> Path:
+    """One real ranking request (the first task of `rank`: a history and its candidates) as the
+    benchmark's inputs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n_cand = rank.candidates.shape[1]
+    np.savez(path, history=np.repeat(rank.history[:1], n_cand, axis=0), target=rank.candidates[0])
+    return path
+
+
+def benchmark_runtimes(artifacts: dict[str, Path], patches: dict[str, str], inputs: Path, cfg: DemoConfig,
+                       progress: bool) -> dict:
+    """`device_runtime.bench` on each runnable MetaNetwork artifact with its example patch, on a
+    real request, each in a fresh worker process (as `mntool bench` does)."""
+    from device_runtime.bench import BenchConfig, benchmark_isolated
+
+    config = BenchConfig(runs=cfg.bench_runs, warmup=cfg.bench_warmup, loads=cfg.bench_loads, rounds=min(10, cfg.bench_runs))
+    reports = {}
+    with tqdm(total=len(RUN_TARGETS) * config.work_units(1), desc="bench", unit="run", disable=not progress,
+              leave=False, dynamic_ncols=True) as bar:
+        for target in RUN_TARGETS:
+            reports[target] = benchmark_isolated(artifacts[target], [Path(patches[target])], inputs, config, progress=bar.update)
+    return reports
+
+
+# ---- the whole job ------------------------------------------------------------------------------
+def run_demo(out_dir: Path | str, quick: bool = False, fresh: bool = False, data_dir: Path | str | None = None,
+             progress: bool = True, config: DemoConfig | None = None) -> dict:
+    """Run the whole cloud -> device loop and write DIR/report.md, report.json and PNGs.
+
+    Returns the report as a dict (what report.json holds). `quick` uses `DemoConfig.quick()`
+    unless a `config` is given; `fresh` retrains and re-exports (the verified data cache stays).
+
+    >>> run_demo("demo-out")["checks"]
+    [{'check': 'TFLite parity <= 1e-05', 'ok': True, ...}, ...]
+    """
+    import torch
+
+    from mntool import report as reports
+
+    cfg = config or (DemoConfig.quick() if quick else DemoConfig())
+    out = Path(out_dir)
+    prepare_out_dir(out, fresh)
+    stages = StageLog(progress, len(STAGES))
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with stages.stage("data") as record:
+            dataset = load_data(Path(data_dir) if data_dir else None, cfg, stages.log)
+            data_key = dataset_key(dataset)
+            record["note"] = f"{len(dataset.device_users)} device users, {dataset.n_items} items, {len(dataset.train):,} training rows"
+        with stages.stage("train static") as record:
+            static_dir, static_key = train_cached(dataset, data_key, "static", cfg.static_epochs, cfg, out / "runs" / "static",
+                                                  fresh, progress, record)
+        with stages.stage("train metanetwork") as record:
+            mn_dir, mn_key = train_cached(dataset, data_key, "metanetwork", cfg.metanetwork_epochs, cfg, out / "runs" / "metanetwork",
+                                          fresh, progress, record, init=static_dir, init_key=static_key)
+        with stages.stage("export") as record:
+            static_art, reused_static = export_cached(static_dir, static_key, RUN_TARGETS, cfg, out / "artifacts" / "static", fresh, progress)
+            mn_art, reused_mn = export_cached(mn_dir, mn_key, ("tflite", "onnx", "coreml"), cfg, out / "artifacts" / "metanetwork", fresh, progress)
+            record["cached"] = reused_static + reused_mn == len(static_art) + len(mn_art)
+            record["note"] = f"batch {cfg.batch}; {reused_static + reused_mn} of {len(static_art) + len(mn_art)} artifacts reused"
+        artifacts = {"static": static_art, "metanetwork": mn_art}
+        with stages.stage("personalise and score") as record:
+            users, recent = sample_users(dataset, cfg)
+            scored = personalise_and_score(dataset, users, recent, static_dir, mn_dir, artifacts, cfg, out, progress, stages.log)
+            m = scored["metrics"]
+            record["note"] = (f"UAUC static {m['static']['tflite']['uauc']:.4f} -> MetaNetwork {m['metanetwork']['tflite']['uauc']:.4f} "
+                              f"(TFLite); parity {max(scored['parity']['metanetwork'].values()):.1e}")
+        with stages.stage("benchmark") as record:
+            inputs = write_bench_inputs(dataset.test_rank.for_users(users[:1]), out / "bench" / "inputs.npz")
+            bench = benchmark_runtimes(mn_art, scored["example_patches"], inputs, cfg, progress)
+            record["note"] = ", ".join(f"{t} p50 {r.latency.p50_ms:.2f} ms, swap {r.patches[0].swap_ms:.2f} ms" for t, r in bench.items())
+        result = {
+            "format": DEMO_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "quick": quick, "config": asdict(cfg), "data": {**dataset.summary(), "protocol": asdict(dataset.config), "source": str(data_dir or "fetched cache")},
+            "training": {name: json.loads((d / "metrics.json").read_text()) for name, d in (("static", static_dir), ("metanetwork", mn_dir))},
+            "artifacts": reports.artifact_summaries(artifacts),
+            **scored,
+            "bench": {t: r.to_dict(samples=False) for t, r in bench.items()},
+            "stages": stages.records,
+            "seconds": time.perf_counter() - started,
+        }
+        result["checks"] = reports.checks(result)
+        written = reports.write_report(result, bench, out)
+        stages.log(f"wrote {', '.join(str(p) for p in written)} ({result['seconds']:.0f} s in all)")
+        return result
+    finally:
+        torch.set_num_threads(threads)
