@@ -111,7 +111,7 @@ class GRU4Rec(Backbone):
 
 
 class SelfAttentionBlock(nn.Module):
-    """Pre-norm transformer block with a key-padding mask, written with plain matmuls."""
+    """Pre-norm transformer block with a key-padding mask (an additive bias, finite)."""
 
     def __init__(self, dim: int, n_heads: int, dropout: float):
         super().__init__()
@@ -131,9 +131,10 @@ class SelfAttentionBlock(nn.Module):
         q = q.reshape(B, L, self.n_heads, hs).transpose(1, 2)  # (B, nh, L, hs)
         k = k.reshape(B, L, self.n_heads, hs).transpose(1, 2)
         v = v.reshape(B, L, self.n_heads, hs).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * hs**-0.5 + key_bias[:, None, None, :]  # (B, nh, L, L)
-        att = self.dropout(att.softmax(dim=-1))
-        y = (att @ v).transpose(1, 2).reshape(B, L, d)  # (B, L, d)
+        y = F.scaled_dot_product_attention(  # fused softmax(q k^T / sqrt(hs) + bias) v: (B, nh, L, hs)
+            q, k, v, attn_mask=key_bias[:, None, None, :], dropout_p=self.dropout.p if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(B, L, d)  # (B, L, d)
         x = x + self.dropout(self.proj(y))
         return x + self.dropout(self.ffn(self.ln2(x)))
 

@@ -50,7 +50,7 @@ class TrainConfig:
     lr: float = 2e-3
     meta_lr: float = 1e-3  # metanetwork phase (backbone + generator), started from the static model
     seed: int = 0
-    probe_every: int = 20  # steps between validation probes (loss, UAUC on a fixed user subset)
+    probe_every: int = 50  # steps between validation probes (loss, UAUC on a fixed user subset)
     probe_users: int = 200
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
