@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from device_runtime import weight_map as weight_maps
 from device_runtime.errors import MntoolError
+from device_runtime.weight_map import WeightMap
+from mntool.data import RankingSet, SampleSet
 
 DEMO_FORMAT = 1
 MARKER = ".mntool-demo"  # marks a directory `mntool demo` made, so it may clean it up
@@ -193,7 +195,77 @@ def export_cached(ckpt_dir: Path, ckpt_key: str, targets: tuple[str, ...], cfg: 
     return artifacts, reused
 
 
-# ---- scoring with compiled models ---------------------------------------------------------------
+# ---- the device side: compiled models held in memory --------------------------------------------
+@dataclass
+class DeviceModel:
+    """A compiled artifact as an app holds it: its weight map (checked against the files once, at
+    load) and its files in memory. A patch is verified and written into a copy of the files, then
+    a fresh runner is opened on that copy (runtimes pre-pack weights when they load a model)."""
+
+    artifact: Path
+    weight_map: WeightMap
+    files: dict[str, bytes]
+
+    @classmethod
+    def load(cls, artifact: Path) -> "DeviceModel":
+        wm = weight_maps.load(artifact)
+        return cls(artifact, wm, weight_maps.read_artifact_files(artifact, wm.files))
+
+    def apply(self, patch: bytes, verify_key: bytes) -> dict[str, bytes | bytearray]:
+        from device_runtime.patch import apply_patch_bytes
+
+        return apply_patch_bytes(self.files, patch, self.weight_map, verify_key=verify_key, require_signature=True,
+                                 check_artifact=False)
+
+    def open(self, files: dict[str, bytes | bytearray] | None = None):
+        from device_runtime.runners import open_runner
+
+        return open_runner(self.artifact, weight_map=self.weight_map, files=files)
+
+    def read_back(self, files: dict[str, bytes | bytearray], workdir: Path) -> dict[str, np.ndarray]:
+        """Core ML off macOS: the adaptive tensors of `files` as coremltools itself reads them (the
+        exporter's read-back: the package must load and each const must point at its blob)."""
+        from exporters.coreml import read_back
+
+        job = SimpleNamespace(stage=workdir, artifact_name=self.artifact.name, mode=self.weight_map.mode,
+                              weight_map=self.weight_map, extra=self.weight_map.extra)
+        return read_back(job, files)
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+@dataclass
+class TestPeriod:
+    """The sampled users' test period: pointwise rows (AUC/UAUC) and ranking tasks (NDCG/HR)."""
+
+    rows: SampleSet
+    rank: RankingSet
+
+    def of(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of one user's pointwise rows and ranking tasks."""
+        return np.flatnonzero(self.rows.user == user), np.flatnonzero(self.rank.user == user)
+
+
+@dataclass
+class Scores:
+    """Logits of the test period: pointwise (N,) and ranking (P, C)."""
+
+    pointwise: np.ndarray
+    ranking: np.ndarray
+
+    @classmethod
+    def empty(cls, test: TestPeriod) -> "Scores":
+        return cls(np.zeros(len(test.rows), np.float32), np.zeros(test.rank.candidates.shape, np.float32))
+
+    def max_abs_error(self, other: "Scores") -> float:
+        return float(max(np.abs(self.pointwise.astype(np.float64) - other.pointwise).max(),
+                         np.abs(self.ranking.astype(np.float64) - other.ranking).max()))
+
+    def metrics(self, test: TestPeriod) -> dict:
+        from mntool.metrics import evaluate
+
+        return evaluate(test.rows.user, test.rows.label, self.pointwise, test.rank.user, self.ranking)
+
+
 def score_pairs(runner, history: np.ndarray, target: np.ndarray, batch: int) -> np.ndarray:
     """Logits of rows (history (N, L), target (N,)) from a compiled model with a fixed batch:
     chunks of `batch` rows, the last one padded by repeating its last row (padding is dropped)."""
@@ -208,50 +280,30 @@ def score_pairs(runner, history: np.ndarray, target: np.ndarray, batch: int) -> 
     return out
 
 
-@dataclass
-class Scores:
-    """Logits of the sampled users' test rows: pointwise (N,) and ranking (P, C)."""
-
-    pointwise: np.ndarray
-    ranking: np.ndarray
-
-    @classmethod
-    def empty(cls, n_rows: int, rank_shape: tuple[int, int]) -> "Scores":
-        return cls(np.zeros(n_rows, np.float32), np.zeros(rank_shape, np.float32))
-
-    def max_abs_error(self, other: "Scores") -> float:
-        return float(max(np.abs(self.pointwise.astype(np.float64) - other.pointwise).max(),
-                         np.abs(self.ranking.astype(np.float64) - other.ranking).max()))
-
-
-def score_user(runner, rows, rank, row_index: np.ndarray, rank_index: np.ndarray, batch: int, into: Scores) -> None:
-    """Score one user's pointwise rows and ranking tasks with `runner`, writing into `into`."""
+def score_user(runner, test: TestPeriod, user: int, batch: int, into: Scores) -> None:
+    """One user's pointwise rows and ranking tasks scored by `runner`, written into `into`."""
+    rows, rank = test.rows, test.rank
+    row_index, rank_index = test.of(user)
     into.pointwise[row_index] = score_pairs(runner, rows.history[row_index], rows.target[row_index], batch)
     n_cand = rank.candidates.shape[1]
-    history = np.repeat(rank.history[rank_index], n_cand, axis=0)  # one row per candidate
+    history = np.repeat(rank.history[rank_index], n_cand, axis=0)  # (P_u * C, L): one row per candidate
     flat = score_pairs(runner, history, rank.candidates[rank_index].reshape(-1), batch)
     into.ranking[rank_index] = flat.reshape(len(rank_index), n_cand)
 
 
-def metrics_of(rows, rank, scores: Scores) -> dict:
-    from mntool.metrics import evaluate
+def pytorch_scores(model, test: TestPeriod, device_params) -> Scores:
+    """The same rows scored by PyTorch (`mntool.train.score_rows`), per-user parameters or none."""
+    from mntool.train import score_rows
 
-    return evaluate(rows.user, rows.label, scores.pointwise, rank.user, scores.ranking)
+    return Scores(score_rows(model, test.rows.history, test.rows.target, test.rows.user, device_params),
+                  score_rows(model, test.rank.history, test.rank.candidates, test.rank.user, device_params))
 
 
-def per_user_auc(rows, scores: np.ndarray, users: np.ndarray) -> list[float]:
+def per_user_auc(test: TestPeriod, scores: Scores, users: np.ndarray) -> list[float]:
     from mntool.metrics import auc
 
-    return [auc(rows.label[rows.user == u], scores[rows.user == u]) for u in users]
-
-
-def coreml_read_back(artifact: Path, wm, files: dict[str, bytes], workdir: Path) -> dict[str, np.ndarray]:
-    """The adaptive tensors of a Core ML artifact held in memory, as coremltools itself reads them
-    (the exporter's read-back: the package must load and each const must point at its blob)."""
-    from exporters.coreml import read_back
-
-    job = SimpleNamespace(stage=workdir, artifact_name=artifact.name, mode=wm.mode, weight_map=wm, extra=wm.extra)
-    return read_back(job, files)
+    rows = test.rows
+    return [auc(rows.label[rows.user == u], scores.pointwise[rows.user == u]) for u in users]
 
 
 def sample_users(dataset, cfg: DemoConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -263,114 +315,101 @@ def sample_users(dataset, cfg: DemoConfig) -> tuple[np.ndarray, np.ndarray]:
     return all_users[pick], all_recent[pick]
 
 
+def demo_keys(keybase: Path):
+    """(signing key, raw public key) of the demo's Ed25519 pair at KEYBASE.key/.pub, made once."""
+    from device_runtime.signing import load_public_key
+    from mntool.patches import keygen, load_signing_key
+
+    if not Path(f"{keybase}.key").is_file():
+        keygen(keybase)
+    return load_signing_key(Path(f"{keybase}.key")), load_public_key(Path(f"{keybase}.pub"))
+
+
 def personalise_and_score(dataset, users: np.ndarray, recent: np.ndarray, static_dir: Path, mn_dir: Path,
                           artifacts: dict[str, dict[str, Path]], cfg: DemoConfig, out: Path, progress: bool,
                           log: Callable[[str], None]) -> dict:
-    """For each sampled user: generate its parameters from its test-period upload, build a
-    signed patch per target, verify and apply it on the device side (in memory), open a runner
-    on the patched model and score the user's test rows; the static artifact scores them too.
-    PyTorch scores the same rows with the same parameters for parity."""
+    """For each sampled user: generate its parameters from its test-period upload (cloud), build a
+    signed patch per target (cloud), verify and apply it in memory and open a runner on the
+    patched model (device), and score the user's test period; the static artifact scores it too.
+    PyTorch scores the same rows with the same parameters, for parity."""
     import torch
 
-    from device_runtime.patch import apply_patch_bytes
-    from device_runtime.runners import open_runner
-    from device_runtime.signing import load_public_key
     from mntool.generate import Generator
-    from mntool.patches import build_patch, keygen, load_signing_key
-    from mntool.train import DeviceParams, load_checkpoint, score_rows
+    from mntool.patches import build_patch
+    from mntool.train import DeviceParams, load_checkpoint
 
-    n = len(users)
-    rows, rank = dataset.test.for_users(users), dataset.test_rank.for_users(users)
-    log(f"{n} of {len(dataset.device_users)} device users; {len(rows):,} pointwise rows, {len(rank):,} ranking tasks x {rank.candidates.shape[1]} candidates")
+    test = TestPeriod(dataset.test.for_users(users), dataset.test_rank.for_users(users))
+    log(f"{len(users)} of {len(dataset.device_users)} device users; {len(test.rows):,} pointwise rows, "
+        f"{len(test.rank):,} ranking tasks x {test.rank.candidates.shape[1]} candidates")
+    signing_key, verify_key = demo_keys(out / "keys" / "demo")
+    clock = time.perf_counter
 
-    keybase = out / "keys" / "demo"
-    if not Path(f"{keybase}.key").is_file():
-        keygen(keybase)
-    signing_key, verify_key = load_signing_key(Path(f"{keybase}.key")), load_public_key(Path(f"{keybase}.pub"))
+    t0 = clock()
+    params = Generator.load(mn_dir).generate_batch(recent)  # cloud: {name: (U, *shape)}
+    generate_ms = (clock() - t0) * 1e3 / len(users)
 
-    t0 = time.perf_counter()
-    generator = Generator.load(mn_dir)
-    params = generator.generate_batch(recent)  # {name: (U, *shape)}
-    generate_ms = (time.perf_counter() - t0) * 1e3 / n
-
-    maps = {m: {t: weight_maps.load(a) for t, a in arts.items()} for m, arts in artifacts.items()}
-    files = {m: {t: weight_maps.read_artifact_files(a, maps[m][t].files) for t, a in arts.items()} for m, arts in artifacts.items()}
-    compiled = {m: {t: Scores.empty(len(rows), rank.candidates.shape) for t in RUN_TARGETS} for m in ("static", "metanetwork")}
-    static_runners = {t: open_runner(artifacts["static"][t], weight_map=maps["static"][t]) for t in RUN_TARGETS}
+    static = {t: DeviceModel.load(artifacts["static"][t]) for t in RUN_TARGETS}
+    mn_models = {t: DeviceModel.load(a) for t, a in artifacts["metanetwork"].items()}
+    compiled = {m: {t: Scores.empty(test) for t in RUN_TARGETS} for m in ("static", "metanetwork")}
+    static_runners = {t: model.open() for t, model in static.items()}
     timings: dict[str, list[float]] = {"build_patch_ms": [], "apply_ms": [], "open_ms": []}
-    patch_bytes: dict[str, int] = {}
-    example_patches: dict[str, str] = {}  # the first user's patches, kept for `mntool bench` / patch-weights
+    patch_bytes, example_patches = {}, {}  # the first user's patches are kept for `mntool bench` / patch-weights
+    coreml = {"users": len(users), "exact": True, "max_abs_error": 0.0,
+              "method": "coremltools read-back of each user's patched package (Core ML prediction needs macOS)"}
     patches_dir = out / "patches"
     shutil.rmtree(patches_dir, ignore_errors=True)
     patches_dir.mkdir()
-    coreml_error, coreml_exact = 0.0, True
-    clock = time.perf_counter
-    with tempfile.TemporaryDirectory(prefix=".coreml-read-back-", dir=out) as workdir, \
-            tqdm(total=n, desc="users", unit="user", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+    with tempfile.TemporaryDirectory(prefix=".read-back-", dir=out) as workdir, \
+            tqdm(total=len(users), desc="users", unit="user", disable=not progress, leave=False, dynamic_ncols=True) as bar:
         for i, user in enumerate(users):
-            row_index, rank_index = np.flatnonzero(rows.user == user), np.flatnonzero(rank.user == user)
             user_params = {name: p[i] for name, p in params.items()}
-            for target in RUN_TARGETS:
-                score_user(static_runners[target], rows, rank, row_index, rank_index, cfg.batch, compiled["static"][target])
-            for target, artifact in artifacts["metanetwork"].items():
-                wm = maps["metanetwork"][target]
+            for target, runner in static_runners.items():
+                score_user(runner, test, user, cfg.batch, compiled["static"][target])
+            for target, model in mn_models.items():
                 c0 = clock()
-                patch = build_patch(wm, user_params, signing_key)  # cloud
+                patch = build_patch(model.weight_map, user_params, signing_key)  # cloud
                 c1 = clock()
-                patched = apply_patch_bytes(files["metanetwork"][target], patch, wm, verify_key=verify_key,
-                                            require_signature=True, check_artifact=False)  # device: checked at load
-                c2 = clock()
+                patched = model.apply(patch, verify_key)  # device
+                timings["build_patch_ms"].append((c1 - c0) * 1e3)
+                timings["apply_ms"].append((clock() - c1) * 1e3)
                 patch_bytes[target] = len(patch)
                 if i == 0:
                     example_patches[target] = str(patches_dir / f"{target}-user{dataset.user_ids[user]}.mnpatch")
                     Path(example_patches[target]).write_bytes(patch)
-                timings["build_patch_ms"].append((c1 - c0) * 1e3)
-                timings["apply_ms"].append((c2 - c1) * 1e3)
                 if target == "coreml":
-                    read = coreml_read_back(artifact, wm, patched, Path(workdir))
+                    read = model.read_back(patched, Path(workdir))
                     for name, value in user_params.items():
-                        expected = value.astype(wm.tensor(name).dtype)
-                        coreml_exact &= bool(np.array_equal(read[name], expected))
-                        coreml_error = max(coreml_error, float(np.abs(read[name] - value).max()))
+                        coreml["exact"] &= bool(np.array_equal(read[name], value.astype(model.weight_map.tensor(name).dtype)))
+                        coreml["max_abs_error"] = max(coreml["max_abs_error"], float(np.abs(read[name] - value).max()))
                     continue
-                c3 = clock()
-                with open_runner(artifact, weight_map=wm, files=patched) as runner:
-                    timings["open_ms"].append((clock() - c3) * 1e3)
-                    score_user(runner, rows, rank, row_index, rank_index, cfg.batch, compiled["metanetwork"][target])
+                c2 = clock()
+                with model.open(patched) as runner:
+                    timings["open_ms"].append((clock() - c2) * 1e3)
+                    score_user(runner, test, user, cfg.batch, compiled["metanetwork"][target])
             bar.update(1)
     for runner in static_runners.values():
         runner.close()
 
     # PyTorch on the same rows: the static model, the MetaNetwork backbone with each user's
-    # generated parameters, and that backbone unpatched (what the shipped artifact does alone).
+    # generated parameters, and that backbone unpatched (the shipped artifact on its own).
     torch.set_num_threads(cfg.threads)
     static_model, mn_model = load_checkpoint(static_dir).model, load_checkpoint(mn_dir).model
     device_params = DeviceParams(users, {name: torch.from_numpy(p) for name, p in params.items()})
-
-    def pytorch(model, dp) -> Scores:
-        return Scores(score_rows(model, rows.history, rows.target, rows.user, dp),
-                      score_rows(model, rank.history, rank.candidates, rank.user, dp))
-
-    reference = {"static": pytorch(static_model, None), "metanetwork": pytorch(mn_model, device_params)}
-    unpatched = pytorch(mn_model, None)
-
-    metrics = {m: {**{t: metrics_of(rows, rank, compiled[m][t]) for t in RUN_TARGETS}, "pytorch": metrics_of(rows, rank, reference[m])}
-               for m in compiled}
-    metrics["metanetwork_unpatched"] = {"pytorch": metrics_of(rows, rank, unpatched)}
-    parity = {m: {t: compiled[m][t].max_abs_error(reference[m]) for t in RUN_TARGETS} for m in compiled}
+    reference = {"static": pytorch_scores(static_model, test, None), "metanetwork": pytorch_scores(mn_model, test, device_params)}
+    metrics = {m: {**{t: s.metrics(test) for t, s in compiled[m].items()}, "pytorch": reference[m].metrics(test)} for m in compiled}
+    metrics["metanetwork_unpatched"] = {"pytorch": pytorch_scores(mn_model, test, None).metrics(test)}
     return {
-        "sample": {"users": int(n), "of": int(len(dataset.device_users)), "pointwise_rows": int(len(rows)), "ranking_tasks": int(len(rank)),
-                   "candidates": int(rank.candidates.shape[1]), "seed": cfg.seed},
+        "sample": {"users": len(users), "of": len(dataset.device_users), "pointwise_rows": len(test.rows),
+                   "ranking_tasks": len(test.rank), "candidates": int(test.rank.candidates.shape[1]), "seed": cfg.seed},
         "metrics": metrics,
-        "parity": {"atol": PARITY_ATOL, **parity},
-        "coreml": {"users": int(n), "exact": coreml_exact, "max_abs_error": coreml_error,
-                   "method": "coremltools read-back of each user's patched weight.bin (Core ML prediction needs macOS)"},
+        "parity": {"atol": PARITY_ATOL, **{m: {t: s.max_abs_error(reference[m]) for t, s in compiled[m].items()} for m in compiled}},
+        "coreml": coreml,
         "patch_bytes": patch_bytes,
         "example_patches": example_patches,
         "personalise": {"generate_ms_per_device": generate_ms, **{k: float(np.median(v)) for k, v in timings.items()}},
         "per_user": {"user": [str(dataset.user_ids[u]) for u in users],
-                     "uauc_static": per_user_auc(rows, compiled["static"]["tflite"].pointwise, users),
-                     "uauc_metanetwork": per_user_auc(rows, compiled["metanetwork"]["tflite"].pointwise, users)},
+                     "uauc_static": per_user_auc(test, compiled["static"]["tflite"], users),
+                     "uauc_metanetwork": per_user_auc(test, compiled["metanetwork"]["tflite"], users)},
     }
 
 
