@@ -51,3 +51,39 @@ def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
     train(synthetic_dataset, TrainConfig(model="sasrec", method="metanetwork", epochs=2, batch_size=200, meta_lr=5e-3, probe_every=20), root / "mn",
           init=root / "static", **quiet)
     return {"static": root / "static", "metanetwork": root / "mn"}
+
+
+@pytest.fixture(scope="session")
+def served(tiny_checkpoints, tmp_path_factory):
+    """What `mntool serve` serves in test_serve.py / test_client.py: the tiny MetaNetwork
+    checkpoint, its ONNX export and a signing key pair."""
+    from types import SimpleNamespace
+
+    from device_runtime import weight_map
+    from exporters import export
+    from mntool.patches import keygen
+    from mntool.train import load_checkpoint
+
+    root = tmp_path_factory.mktemp("serve")
+    ckpt = load_checkpoint(tiny_checkpoints["metanetwork"])
+    artifact = export(ckpt.model, ckpt.example_inputs(), ckpt.adaptive, "onnx", root / "artifact")
+    pair = keygen(root / "cloud")
+    return SimpleNamespace(checkpoint=tiny_checkpoints["metanetwork"], artifact=artifact, key=pair.private,
+                           pub=pair.public, fingerprint=weight_map.load(artifact).fingerprint)
+
+
+@pytest.fixture(scope="session")
+def patch_server(served, tmp_path_factory):
+    """`mntool serve` as a real process on a free loopback port: signed patches, a bearer token,
+    a 4 KiB body limit, one worker. `.log` is its stderr."""
+    from types import SimpleNamespace
+
+    from mntool.serve_process import ServerProcess
+
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    token, max_body = "test-device-token", 4096
+    with log.open("w") as stderr:
+        process = ServerProcess.start(served.checkpoint, [served.artifact], "--signing-key", served.key, "--token", token,
+                                      "--max-body-bytes", max_body, "--max-wait-ms", 20, stderr=stderr)
+    yield SimpleNamespace(url=process.url, process=process, log=log, token=token, max_body=max_body)
+    process.stop()

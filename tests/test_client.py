@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_serve import TOKEN, served, server  # noqa: F401  (session fixtures)
 
 from device_runtime import weight_map as wmap
 from device_runtime.client import ClientConfig, ClientError, fetch_patch, refresh
@@ -79,12 +78,12 @@ def error(status: int, message: str) -> tuple[int, bytes, float]:
 
 
 def real_patch(server, served, items=(3, 1, 4)) -> bytes:
-    data, _ = fetch_patch(server.url, served.fingerprint, items, device_id="t", token=TOKEN, config=FAST)
+    data, _ = fetch_patch(server.url, served.fingerprint, items, device_id="t", token=server.token, config=FAST)
     return data
 
 
 # ---- the happy path -------------------------------------------------------------------------
-def test_refresh_applies_the_patch_and_reloads_a_runner(server, served, tmp_path):
+def test_refresh_applies_the_patch_and_reloads_a_runner(patch_server, served, tmp_path):
     import torch
 
     from mntool.generate import Generator
@@ -93,7 +92,7 @@ def test_refresh_applies_the_patch_and_reloads_a_runner(server, served, tmp_path
     artifact = device_copy(served, tmp_path)
     items = [11, 3, 27, 8, 19]
     reloaded = []
-    done = refresh(server.url, artifact, items, verify_key=served.pub, token=TOKEN, device_id="phone-1",
+    done = refresh(patch_server.url, artifact, items, verify_key=served.pub, token=patch_server.token, device_id="phone-1",
                    config=FAST, on_reload=reloaded.append)
     assert done.attempts == 1 and reloaded == [done.runner] and done.patch.signed
     wmap.load(artifact)  # still matches its weight map: only adaptive bytes changed
@@ -110,14 +109,14 @@ def test_refresh_applies_the_patch_and_reloads_a_runner(server, served, tmp_path
 
 
 # ---- patches that must never be applied -----------------------------------------------------
-def test_patch_signed_by_another_key_is_refused(server, served, tmp_path):
+def test_patch_signed_by_another_key_is_refused(patch_server, served, tmp_path):
     from mntool.patches import keygen
 
     other = keygen(tmp_path / "other")
     artifact = device_copy(served, tmp_path)
     before = tree_hash(artifact)
     with pytest.raises(MntoolError, match="signature does not verify"):
-        refresh(server.url, artifact, [1, 2, 3], verify_key=other.public, token=TOKEN, config=FAST)
+        refresh(patch_server.url, artifact, [1, 2, 3], verify_key=other.public, token=patch_server.token, config=FAST)
     assert tree_hash(artifact) == before
 
 
@@ -139,8 +138,8 @@ def _forgeries(server, served, tmp_path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("kind, match", [("altered", "payload is corrupt"), ("forged", "signature does not verify"),
                                          ("unsigned", "not signed"), ("truncated", "truncated")])
-def test_tampered_patch_is_refused_and_the_model_stays_byte_identical(server, served, tmp_path, kind, match):
-    data = _forgeries(server, served, tmp_path)[kind]
+def test_tampered_patch_is_refused_and_the_model_stays_byte_identical(patch_server, served, tmp_path, kind, match):
+    data = _forgeries(patch_server, served, tmp_path)[kind]
     artifact = device_copy(served, tmp_path)
     before = tree_hash(artifact)
     with Rogue([(200, data, 0.0)]) as rogue:
@@ -150,18 +149,18 @@ def test_tampered_patch_is_refused_and_the_model_stays_byte_identical(server, se
 
 
 # ---- retries --------------------------------------------------------------------------------
-def test_5xx_is_retried_then_the_patch_applies(server, served, tmp_path):
+def test_5xx_is_retried_then_the_patch_applies(patch_server, served, tmp_path):
     artifact = device_copy(served, tmp_path)
-    script = [error(503, "busy"), error(500, "oops"), (200, real_patch(server, served), 0.0)]
+    script = [error(503, "busy"), error(500, "oops"), (200, real_patch(patch_server, served), 0.0)]
     with Rogue(script) as rogue:
         done = refresh(rogue.url, artifact, [3, 1, 4], verify_key=served.pub, config=FAST)
         assert done.attempts == 3 and rogue.hits == 3
     done.runner.close()
 
 
-def test_a_timeout_is_retried(server, served, tmp_path):
+def test_a_timeout_is_retried(patch_server, served, tmp_path):
     artifact = device_copy(served, tmp_path)
-    patch = real_patch(server, served)
+    patch = real_patch(patch_server, served)
     with Rogue([(200, patch, 2.0), (200, patch, 0.0)]) as rogue:
         done = refresh(rogue.url, artifact, [3, 1, 4], verify_key=served.pub,
                        config=ClientConfig(timeout_s=0.5, retries=2, backoff_s=0.01))
@@ -169,11 +168,11 @@ def test_a_timeout_is_retried(server, served, tmp_path):
     done.runner.close()
 
 
-def test_4xx_is_final(server, served, tmp_path):
+def test_4xx_is_final(patch_server, served, tmp_path):
     artifact = device_copy(served, tmp_path)
     before = tree_hash(artifact)
     with pytest.raises(ClientError, match=r"\(401\): invalid bearer token") as refused:
-        refresh(server.url, artifact, [1], verify_key=served.pub, token="wrong", config=FAST)
+        refresh(patch_server.url, artifact, [1], verify_key=served.pub, token="wrong", config=FAST)
     assert refused.value.status == 401
     with Rogue([error(404, "unknown fingerprint")]) as rogue:
         with pytest.raises(ClientError, match="unknown fingerprint"):

@@ -1,7 +1,7 @@
 """`mntool serve` as a real process on a free loopback port: the endpoints, patches that verify
 and equal the generator's parameters (also when requests are batched together), every kind of
 bad input answered 4xx with a JSON error (never 5xx, never a crash), and replicas/workers that
-serve byte-identical patches. Also home of the server fixtures test_client.py uses."""
+serve byte-identical patches. Fixtures `served` and `patch_server` live in conftest.py."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,77 +20,21 @@ import pytest
 from device_runtime import weight_map as wmap
 from device_runtime.patch import verify_patch
 from device_runtime.signing import load_public_key
+from mntool.serve_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 MNTOOL = str(Path(sys.executable).with_name("mntool"))
-TOKEN = "test-device-token"
-MAX_BODY = 4096
 
 
-# ---- fixtures -------------------------------------------------------------------------------
-@dataclass
-class Served:
-    checkpoint: Path
-    artifact: Path
-    key: Path  # private, the server signs with it
-    pub: Path
-    fingerprint: str
+def auth(server, **headers) -> dict:
+    return {"Authorization": f"Bearer {server.token}", **headers}
 
 
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    @classmethod
-    def start(cls, served: Served, log: Path, *extra: str) -> "ServerProcess":
-        args = [MNTOOL, "serve", served.checkpoint, "--artifact", served.artifact, "--port", "0", "--json",
-                "--signing-key", served.key, *extra]
-        proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
-        line = proc.stdout.readline()
-        assert line, f"mntool serve did not start: {log.read_text()[-3000:]}"
-        server = cls(proc, json.loads(line)["url"], log)
-        httpx.get(f"{server.url}/healthz", timeout=60).raise_for_status()  # waits in the backlog until loaded
-        return server
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="session")
-def served(tiny_checkpoints, tmp_path_factory) -> Served:
-    """The tiny MetaNetwork checkpoint exported to ONNX, and a signing key pair."""
-    from exporters import export
-    from mntool.patches import keygen
-    from mntool.train import load_checkpoint
-
-    root = tmp_path_factory.mktemp("serve")
-    ckpt = load_checkpoint(tiny_checkpoints["metanetwork"])
-    artifact = export(ckpt.model, ckpt.example_inputs(), ckpt.adaptive, "onnx", root / "artifact")
-    pair = keygen(root / "cloud")
-    return Served(tiny_checkpoints["metanetwork"], artifact, pair.private, pair.public, wmap.load(artifact).fingerprint)
-
-
-@pytest.fixture(scope="session")
-def server(served, tmp_path_factory):
-    """Signed patches, bearer auth on, a small body limit, one worker."""
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    proc = ServerProcess.start(served, log, "--token", TOKEN, "--max-body-bytes", MAX_BODY, "--max-wait-ms", 20)
-    yield proc
-    proc.stop()
-
-
-def auth(**headers) -> dict:
-    return {"Authorization": f"Bearer {TOKEN}", **headers}
-
-
-def body(served: Served, items, **fields) -> dict:
+def body(served, items, **fields) -> dict:
     return {"device_id": "dev-1", "fingerprint": served.fingerprint, "samples": {"items": items}, **fields}
 
 
-def generated(served: Served, items) -> dict[str, np.ndarray]:
+def generated(served, items) -> dict[str, np.ndarray]:
     from mntool.generate import Generator
 
     return Generator.load(served.checkpoint).generate(items)
@@ -113,28 +56,32 @@ def test_help_has_an_example():
     assert shown.returncode == 0 and "Example:" in shown.stdout and "--workers" in shown.stdout
 
 
-def test_healthz_artifacts_openapi(server, served):
-    health = httpx.get(f"{server.url}/healthz").json()
+def test_healthz_artifacts_openapi(patch_server, served):
+    health = httpx.get(f"{patch_server.url}/healthz").json()
     assert health["status"] == "ok" and health["method"] == "metanetwork" and health["signed"] and health["auth"]
 
-    assert httpx.get(f"{server.url}/v1/artifacts").status_code == 401
-    listed = httpx.get(f"{server.url}/v1/artifacts", headers=auth()).json()
+    assert httpx.get(f"{patch_server.url}/v1/artifacts").status_code == 401
+    listed = httpx.get(f"{patch_server.url}/v1/artifacts", headers=auth(patch_server)).json()
     assert [a["fingerprint"] for a in listed] == [served.fingerprint]
     assert listed[0]["target"] == "onnx"
     assert listed[0]["weight_map"] == json.loads(wmap.sidecar_path(served.artifact).read_text())
 
-    schema = httpx.get(f"{server.url}/openapi.json").json()
+    schema = httpx.get(f"{patch_server.url}/openapi.json").json()
+    assert schema["openapi"].startswith("3.")
     post = schema["paths"]["/v1/patches"]["post"]
-    body_schema = post["requestBody"]["content"]["application/json"]["schema"]
-    assert body_schema["required"] == ["device_id", "fingerprint", "samples"]
+    ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    request = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert request["required"] == ["device_id", "fingerprint", "samples"]
+    assert request["properties"]["samples"]["properties"]["items"]["maxItems"] == 30  # the checkpoint's recent_len
     assert "application/octet-stream" in post["responses"]["200"]["content"]
-    assert {"400", "401", "404", "413", "415", "422"} <= set(post["responses"])
-    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert {"400", "401", "404", "413", "415", "422", "503"} <= set(post["responses"])
+    assert post["security"] == [{"bearer": []}]
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
-def test_patch_verifies_and_carries_the_generated_parameters(server, served):
+def test_patch_verifies_and_carries_the_generated_parameters(patch_server, served):
     items = [5, 17, 3, 42, 8]
-    answer = httpx.post(f"{server.url}/v1/patches", json=body(served, items), headers=auth())
+    answer = httpx.post(f"{patch_server.url}/v1/patches", json=body(served, items), headers=auth(patch_server))
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "application/octet-stream"
     wm = wmap.load(served.artifact)
@@ -145,19 +92,19 @@ def test_patch_verifies_and_carries_the_generated_parameters(server, served):
         np.testing.assert_allclose(patch.array(t), expected[t.name], rtol=0, atol=1e-6)
 
 
-def test_concurrent_requests_share_batches_and_each_gets_its_own_parameters(server, served):
+def test_concurrent_requests_share_batches_and_each_gets_its_own_parameters(patch_server, served):
     rng = np.random.default_rng(0)
     uploads = [rng.integers(1, 200, size=int(rng.integers(0, 31))).tolist() for _ in range(48)]
-    before = httpx.get(f"{server.url}/metrics").text
+    before = httpx.get(f"{patch_server.url}/metrics").text
 
     async def burst():
         async with httpx.AsyncClient(timeout=30) as client:
-            return await asyncio.gather(*(client.post(f"{server.url}/v1/patches", json=body(served, u), headers=auth())
+            return await asyncio.gather(*(client.post(f"{patch_server.url}/v1/patches", json=body(served, u), headers=auth(patch_server))
                                           for u in uploads))
 
     answers = asyncio.run(burst())
     assert [a.status_code for a in answers] == [200] * len(uploads)
-    after = httpx.get(f"{server.url}/metrics").text
+    after = httpx.get(f"{patch_server.url}/metrics").text
     batches = metric(after, "mntool_batch_size_count") - metric(before, "mntool_batch_size_count")
     batched = metric(after, "mntool_batch_size_sum") - metric(before, "mntool_batch_size_sum")
     assert batched == len(uploads) and batches < len(uploads), "no two requests shared a generator call"
@@ -173,11 +120,11 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_parameters(serv
             np.testing.assert_allclose(patch.array(t), expected[t.name], rtol=0, atol=1e-6)
 
 
-def test_metrics_count_requests_by_status(server, served):
-    before = httpx.get(f"{server.url}/metrics").text
-    httpx.post(f"{server.url}/v1/patches", json=body(served, [1, 2]), headers=auth())
-    httpx.post(f"{server.url}/v1/patches", json=body(served, [10**6]), headers=auth())
-    after = httpx.get(f"{server.url}/metrics")
+def test_metrics_count_requests_by_status(patch_server, served):
+    before = httpx.get(f"{patch_server.url}/metrics").text
+    httpx.post(f"{patch_server.url}/v1/patches", json=body(served, [1, 2]), headers=auth(patch_server))
+    httpx.post(f"{patch_server.url}/v1/patches", json=body(served, [10**6]), headers=auth(patch_server))
+    after = httpx.get(f"{patch_server.url}/metrics")
     assert after.headers["content-type"].startswith("text/plain")
     for status in (200, 422):
         assert metric(after.text, "mntool_requests_total", endpoint="/v1/patches", status=status) == \
@@ -187,17 +134,17 @@ def test_metrics_count_requests_by_status(server, served):
 
 
 # ---- bad input ------------------------------------------------------------------------------
-def _bad_requests(served: Served) -> dict[str, tuple[int, dict]]:
+def _bad_requests(server, served) -> dict[str, tuple[int, dict]]:
     """name -> (expected status, httpx.post keyword arguments)."""
-    ok = auth(**{"Content-Type": "application/json"})
+    ok = auth(server, **{"Content-Type": "application/json"})
     good = json.dumps(body(served, [1, 2, 3]))
     return {
         "malformed_json": (400, dict(content=good[:-5], headers=ok)),
         "not_an_object": (400, dict(content="[1, 2]", headers=ok)),
         "missing_samples": (400, dict(content=json.dumps({"device_id": "d", "fingerprint": served.fingerprint}), headers=ok)),
         "short_fingerprint": (400, dict(content=json.dumps(body(served, [1], fingerprint="abc")), headers=ok)),
-        "wrong_content_type": (415, dict(content=good, headers=auth(**{"Content-Type": "text/plain"}))),
-        "oversized_body": (413, dict(content="{" + " " * MAX_BODY + "}", headers=ok)),
+        "wrong_content_type": (415, dict(content=good, headers=auth(server, **{"Content-Type": "text/plain"}))),
+        "oversized_body": (413, dict(content="{" + " " * server.max_body + "}", headers=ok)),
         "too_many_samples": (422, dict(content=json.dumps(body(served, [1] * 31)), headers=ok)),
         "unknown_fingerprint": (404, dict(content=json.dumps(body(served, [1], fingerprint="ab" * 32)), headers=ok)),
         "outside_vocabulary": (422, dict(content=json.dumps(body(served, [1, 10**6])), headers=ok)),
@@ -216,9 +163,9 @@ BAD = ["malformed_json", "not_an_object", "missing_samples", "short_fingerprint"
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_request_gets_a_4xx_json_error(server, served, case):
-    status, kwargs = _bad_requests(served)[case]
-    answer = httpx.post(f"{server.url}/v1/patches", **kwargs)
+def test_bad_request_gets_a_4xx_json_error(patch_server, served, case):
+    status, kwargs = _bad_requests(patch_server, served)[case]
+    answer = httpx.post(f"{patch_server.url}/v1/patches", **kwargs)
     assert answer.status_code == status, answer.text
     error = answer.json()
     assert set(error) == {"error", "message"} and error["message"] and "\n" not in error["message"]
@@ -226,9 +173,9 @@ def test_bad_request_gets_a_4xx_json_error(server, served, case):
         assert answer.headers["www-authenticate"] == "Bearer"
 
 
-def test_unknown_path_and_method_are_json_4xx(server):
-    assert httpx.get(f"{server.url}/v2/nothing").json()["error"] == "http_error"
-    wrong = httpx.get(f"{server.url}/v1/patches", headers=auth())
+def test_unknown_path_and_method_are_json_4xx(patch_server):
+    assert httpx.get(f"{patch_server.url}/v2/nothing").json()["error"] == "http_error"
+    wrong = httpx.get(f"{patch_server.url}/v1/patches", headers=auth(patch_server))
     assert wrong.status_code == 405 and wrong.json()["error"] == "http_error"
 
 
@@ -239,46 +186,46 @@ def _raw(url: str, data: bytes, read: bool) -> bytes:
         return sock.recv(65536) if read else b""
 
 
-def test_client_disconnects_do_not_hurt_the_server(server, served):
+def test_client_disconnects_do_not_hurt_the_server(patch_server, served):
     payload = json.dumps(body(served, [1, 2, 3])).encode()
-    head = (f"POST /v1/patches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+    head = (f"POST /v1/patches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {patch_server.token}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
-    before = httpx.get(f"{server.url}/metrics").text
+    before = httpx.get(f"{patch_server.url}/metrics").text
     for _ in range(5):
-        _raw(server.url, head + payload[:10], read=False)  # gone mid-body
-        _raw(server.url, head + payload, read=False)  # gone while its patch is generated
-        _raw(server.url, head[:20], read=False)  # gone mid-headers
+        _raw(patch_server.url, head + payload[:10], read=False)  # gone mid-body
+        _raw(patch_server.url, head + payload, read=False)  # gone while its patch is generated
+        _raw(patch_server.url, head[:20], read=False)  # gone mid-headers
     time.sleep(0.5)  # let the server notice the closed connections
-    valid = httpx.post(f"{server.url}/v1/patches", json=body(served, [4, 5]), headers=auth())
+    valid = httpx.post(f"{patch_server.url}/v1/patches", json=body(served, [4, 5]), headers=auth(patch_server))
     assert valid.status_code == 200
-    after = httpx.get(f"{server.url}/metrics").text
+    after = httpx.get(f"{patch_server.url}/metrics").text
     assert metric(after, "mntool_requests_total", endpoint="/v1/patches", status=499) >= \
         metric(before, "mntool_requests_total", endpoint="/v1/patches", status=499) + 5
-    assert server.proc.poll() is None
+    assert patch_server.process.proc.poll() is None
 
 
-def test_valid_requests_succeed_during_a_burst_of_bad_ones(server, served):
-    bad = _bad_requests(served)
-    good = [dict(json=body(served, [i, i + 1, i + 2]), headers=auth()) for i in range(1, 41)]
+def test_valid_requests_succeed_during_a_burst_of_bad_ones(patch_server, served):
+    bad = _bad_requests(patch_server, served)
+    good = [dict(json=body(served, [i, i + 1, i + 2]), headers=auth(patch_server)) for i in range(1, 41)]
     plan = [("bad", bad[BAD[i % len(BAD)]][1]) for i in range(160)] + [("good", g) for g in good]
     np.random.default_rng(1).shuffle(plan)
 
     async def burst():
         async with httpx.AsyncClient(timeout=30) as client:
-            return await asyncio.gather(*(client.post(f"{server.url}/v1/patches", **kw) for _, kw in plan))
+            return await asyncio.gather(*(client.post(f"{patch_server.url}/v1/patches", **kw) for _, kw in plan))
 
     answers = asyncio.run(burst())
     statuses = [(kind, a.status_code) for (kind, _), a in zip(plan, answers)]
     assert all(s == 200 for kind, s in statuses if kind == "good")
     assert all(400 <= s < 500 for kind, s in statuses if kind == "bad")
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{patch_server.url}/metrics").text
     assert not re.search(r'mntool_requests_total\{[^}]*status="5\d\d"\}', text)
 
 
-def test_server_logged_no_traceback(server):
+def test_server_logged_no_traceback(patch_server):
     """Runs after the bad-input tests above (file order): nothing they sent crashed a handler."""
-    assert server.proc.poll() is None
-    assert "Traceback" not in server.log.read_text()
+    assert patch_server.process.proc.poll() is None
+    assert "Traceback" not in patch_server.log.read_text()
 
 
 # ---- startup errors, replicas and workers ---------------------------------------------------
@@ -299,18 +246,15 @@ def test_bad_artifact_or_busy_port_is_one_line_error(served, tmp_path):
     assert done.returncode == 1 and done.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}")
 
 
-def test_replicas_and_workers_serve_identical_patches(server, served, tmp_path):
+def test_replicas_and_workers_serve_identical_patches(patch_server, served, tmp_path):
     """The service is stateless: a second replica (here with two worker processes) answers the
     same upload with byte-identical signed patches, from every worker."""
-    replica = ServerProcess.start(served, tmp_path / "replica.log", "--token", TOKEN, "--workers", "2")
+    replica = ServerProcess.start(served.checkpoint, [served.artifact], "--signing-key", served.key,
+                                  "--token", patch_server.token, workers=2)
     try:
-        pids, deadline = set(), time.monotonic() + 60
-        while len(pids) < 2 and time.monotonic() < deadline:  # each worker loads the checkpoint itself
-            with httpx.Client() as fresh:  # a new connection each time, so either worker may take it
-                pids.add(fresh.get(f"{replica.url}/healthz", headers={"Connection": "close"}).json()["pid"])
-        assert len(pids) == 2
-        request = dict(json=body(served, [9, 8, 7, 6]), headers=auth())
-        patches = {httpx.post(f"{url}/v1/patches", **request).content for url in [server.url] + [replica.url] * 6}
+        assert len(replica.wait_ready(60)) == 2  # two worker processes, each answering
+        request = dict(json=body(served, [9, 8, 7, 6]), headers=auth(patch_server))
+        patches = {httpx.post(f"{url}/v1/patches", **request).content for url in [patch_server.url] + [replica.url] * 6}
         assert len(patches) == 1 and len(next(iter(patches))) > 0
     finally:
         replica.stop()

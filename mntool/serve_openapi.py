@@ -1,0 +1,94 @@
+"""The patch service's OpenAPI 3.1 document, written out: the contract a device team codes against.
+
+Served at /openapi.json. The limits in it (max samples, vocabulary size) are the running
+service's own, and the bearer security scheme appears when auth is on.
+"""
+from __future__ import annotations
+
+ERROR = {
+    "type": "object",
+    "required": ["error", "message"],
+    "properties": {
+        "error": {"type": "string", "description": "stable slug, e.g. unknown_fingerprint"},
+        "message": {"type": "string", "description": "one line naming the cause"},
+    },
+}
+
+ARTIFACT = {
+    "type": "object",
+    "required": ["fingerprint", "target", "artifact", "weight_map"],
+    "properties": {
+        "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "target": {"type": "string", "enum": ["tflite", "onnx", "coreml"]},
+        "artifact": {"type": "string", "description": "the artifact's file (or .mlpackage) name"},
+        "weight_map": {"type": "object", "description": "the artifact's weight map (docs/weight-map.md)"},
+    },
+}
+
+
+def _errors(*statuses: int) -> dict:
+    why = {400: "malformed request", 401: "missing or invalid bearer token", 404: "unknown fingerprint",
+           413: "body too large", 415: "content type is not application/json",
+           422: "too many samples or an item id outside the vocabulary", 503: "overloaded or timed out; retry"}
+    return {str(s): {"description": why[s], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            for s in statuses}
+
+
+def openapi_document(n_items: int, max_samples: int, max_device_id: int, auth: bool) -> dict:
+    security = [{"bearer": []}] if auth else []
+    patch_request = {
+        "type": "object",
+        "required": ["device_id", "fingerprint", "samples"],
+        "properties": {
+            "device_id": {"type": "string", "minLength": 1, "maxLength": max_device_id},
+            "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                            "description": "weight-map fingerprint of the device's artifact (GET /v1/artifacts)"},
+            "samples": {
+                "type": "object",
+                "required": ["items"],
+                "properties": {"items": {
+                    "type": "array", "maxItems": max_samples, "description": "item ids, most recent last (0 = padding)",
+                    "items": {"type": "integer", "minimum": 0, "maximum": n_items},
+                }},
+            },
+        },
+    }
+    json_ok = lambda description, schema: {"200": {"description": description, "content": {"application/json": {"schema": schema}}}}  # noqa: E731
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": "mntool patch service", "version": "1",
+                 "description": "Devices upload their recent samples and receive a signed patch for their compiled "
+                                "model (docs/serving.md, docs/patch-format.md)."},
+        "paths": {
+            "/v1/patches": {"post": {
+                "summary": "A patch for the device's artifact, generated from its recent samples",
+                "operationId": "create_patch",
+                "security": security,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PatchRequest"}}}},
+                "responses": {
+                    "200": {"description": "the patch (docs/patch-format.md)",
+                            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                    **_errors(400, 401, 404, 413, 415, 422, 503),
+                },
+            }},
+            "/v1/artifacts": {"get": {
+                "summary": "The artifacts served: fingerprint, target, weight map", "operationId": "list_artifacts",
+                "security": security,
+                "responses": {**json_ok("served artifacts", {"type": "array", "items": {"$ref": "#/components/schemas/Artifact"}}),
+                              **_errors(401)},
+            }},
+            "/healthz": {"get": {"summary": "200 once this worker has loaded its checkpoint", "operationId": "health",
+                                 "responses": json_ok("worker status", {"type": "object"})}},
+            "/metrics": {"get": {"summary": "Prometheus metrics of this worker", "operationId": "metrics",
+                                 "responses": {"200": {"description": "exposition format 0.0.4",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
+                                      "responses": json_ok("OpenAPI 3.1", {"type": "object"})}},
+        },
+        "components": {"schemas": {"PatchRequest": patch_request, "Error": ERROR, "Artifact": ARTIFACT}},
+    }
+    if auth:
+        document["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "the token given to `mntool serve --token`"}
+        }
+    return document

@@ -1,0 +1,81 @@
+"""`mntool serve` as a child process on a free loopback port, for tests, benchmarks and examples.
+
+`ServerProcess.start(checkpoint, artifacts, *options)` runs the real CLI with `--port 0 --json`,
+reads the address it printed, and returns once every worker process has answered /healthz.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Sequence
+
+from device_runtime.errors import MntoolError
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str
+    workers: int
+
+    @classmethod
+    def start(
+        cls,
+        checkpoint: Path | str,
+        artifacts: Sequence[Path | str],
+        *options: str,
+        workers: int = 1,
+        env: dict | None = None,
+        stderr: IO | None = None,
+        ready_timeout_s: float = 120.0,
+    ) -> "ServerProcess":
+        """Start `mntool serve CHECKPOINT --artifact ... OPTIONS --workers N` on 127.0.0.1:0."""
+        args = [sys.executable, "-m", "mntool.cli.main", "serve", str(checkpoint), "--port", "0", "--json",
+                "--workers", str(workers), *[a for path in artifacts for a in ("--artifact", str(path))], *map(str, options)]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr if stderr is not None else subprocess.PIPE,
+                                text=True, env=env)
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            why = proc.stderr.read().strip() if proc.stderr else f"exit code {proc.returncode}"
+            raise MntoolError(f"mntool serve did not start: {why}")
+        server = cls(proc, json.loads(line)["url"], workers)
+        server.wait_ready(ready_timeout_s)
+        return server
+
+    def wait_ready(self, timeout_s: float) -> set[int]:
+        """Until each worker (they load the checkpoint in parallel) has answered /healthz; each
+        probe is a new connection, so any worker may take it. Returns the workers' pids."""
+        pids: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(pids) < self.workers:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise MntoolError(f"mntool serve at {self.url}: {len(pids)} of {self.workers} workers became ready")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=timeout_s) as answer:
+                    pids.add(json.loads(answer.read())["pid"])
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.05)
+        return pids
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
