@@ -3,7 +3,7 @@
 Given a backbone and the names of its adaptive parameters, the MetaGenerator encodes a device's
 recent samples (through a pluggable encoder) into a condition vector and emits a low-rank residual
 for every adaptive tensor; the MetaStabilizer turns residuals into parameters
-`theta = theta_static + bound * tanh(gate) * rms(theta_static) * tanh(residual)`, with the gate
+`theta = theta_static + bound * tanh(gate) * rms(theta_static) * residual / max(1, rms(residual))`, with the gate
 starting at zero so training starts exactly from the static model, and keeps an EMA copy of the
 generator for evaluation and generation. `per_sample_call` runs the backbone with a different set
 of adaptive parameters for every row of a batch, without a Python loop over samples. Nothing here
@@ -161,10 +161,15 @@ class MetaGenerator(nn.Module):
 class MetaStabilizer(nn.Module):
     """Keeps generated parameters close to, and starting from, the static ones.
 
-    Per tensor k: theta_k = static_k + bound * tanh(g_k) * rms(static_k) * tanh(residual_k).
+    Per tensor k and device: theta_k = static_k + bound * tanh(g_k) * rms(static_k) * r_k,
+    r_k = residual_k / max(1, rms(residual_k)).
     - g_k starts at 0, so the first forward pass is exactly the static model;
-    - tanh(residual) and the RMS scale normalise the residual to the tensor's own magnitude;
-    - |theta_k - static_k| <= bound * rms(static_k) elementwise: the generator cannot blow up.
+    - r_k has RMS <= 1 and the static RMS scales it to the tensor's own magnitude. (An elementwise
+      tanh saturated here: with the gate small, Adam pushes the residual far out, tanh flattens
+      every device to the same +-1 pattern and its gradient vanishes; measured across-device std
+      of generated weights 0.0002 against a static RMS of 0.24.)
+    - rms(theta_k - static_k) <= bound * rms(static_k) for every device: the generator cannot
+      blow a device's model up.
     Without the gate (ablation) theta_k = static_k + residual_k.
     """
 
@@ -182,7 +187,9 @@ class MetaStabilizer(nn.Module):
                 out[n] = base + residual[n]
             else:
                 scale = base.detach().pow(2).mean().sqrt().clamp_min(1e-6)
-                out[n] = base + self.config.bound * torch.tanh(self.gates[i]) * scale * torch.tanh(residual[n])
+                r = residual[n]
+                r_rms = r.detach().flatten(1).pow(2).mean(1).sqrt().clamp_min(1.0).view(-1, *[1] * (r.dim() - 1))
+                out[n] = base + self.config.bound * torch.tanh(self.gates[i]) * scale * (r / r_rms)
         return out
 
 

@@ -79,7 +79,9 @@ def test_stabilizer_bounds_the_residual():
     static = dict(mn.backbone.named_parameters())
     for n, p in mn.adaptive_params(r).items():
         rms = static[n].pow(2).mean().sqrt()
-        assert (p - static[n]).abs().max() <= 0.5 * rms * (1 + 1e-6)
+        per_device = (p - static[n]).flatten(1).pow(2).mean(1).sqrt()
+        assert (per_device <= 0.5 * rms * (1 + 1e-5)).all()
+        assert (per_device >= 0.4 * rms).all()  # a saturated gate and a huge residual reach the bound
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
