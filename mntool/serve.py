@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -30,12 +32,13 @@ from starlette.routing import Route
 from device_runtime import weight_map as wmap
 from device_runtime.errors import MntoolError
 from device_runtime.weight_map import WeightMap
+from mntool.generate import Generator, SamplesError
+from mntool.patches import build_patch, load_signing_key
 from mntool.serve_batching import BatchConfig, BatchTimeout, MicroBatcher, Overloaded
 from mntool.serve_metrics import ServiceMetrics
 from mntool.serve_openapi import openapi_document
 
 CONFIG_ENV = "MNTOOL_SERVE_CONFIG"  # how `serve` hands its config to worker processes
-TOKEN_ENV = "MNTOOL_SERVE_TOKEN"
 MAX_DEVICE_ID = 128
 HEX = frozenset("0123456789abcdef")
 
@@ -62,7 +65,7 @@ class ServeConfig:
     max_batch: int = 64  # requests per generator call (1 = no batching)
     max_wait_ms: float = 2.0  # how long a request may wait for others to share its batch
     max_queue: int = 1024  # waiting requests beyond this get 503 at once
-    max_body_bytes: int = 16384  # a full upload of 200 ids is ~1.5 KB
+    max_body_bytes: int = 16384  # a full upload (30 ids) is ~250 B
     max_samples: int | None = None  # item ids per upload; None = the checkpoint's recent_len
     request_timeout_s: float = 5.0  # a patch not ready by then is answered 503
     torch_threads: int = 1  # per worker process: on few cores, processes beat threads
@@ -93,7 +96,6 @@ class ServedArtifact:
 class PatchJob:
     """One parsed, validated request: which artifact, and the upload padded to (recent_len,)."""
 
-    device_id: str
     artifact: ServedArtifact
     recent: np.ndarray
 
@@ -103,17 +105,15 @@ class PatchService:
     """Everything a worker needs to answer patch requests; read-only after `load`."""
 
     config: ServeConfig
-    generator: object  # mntool.generate.Generator (torch loads with it)
+    generator: Generator
     artifacts: dict[str, ServedArtifact]  # by fingerprint
-    signing_key: object | None
+    signing_key: Ed25519PrivateKey | None
     max_samples: int
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
     @classmethod
     def load(cls, config: ServeConfig) -> "PatchService":
-        """Artifacts and key first (cheap, no torch), then the checkpoint, then their agreement."""
-        from mntool.patches import load_signing_key
-
+        """Artifacts and key first (cheap), then the checkpoint, then their agreement."""
         if not config.artifacts:
             raise ServeError("give at least one --artifact to serve patches for")
         artifacts: dict[str, ServedArtifact] = {}
@@ -123,11 +123,6 @@ class PatchService:
                 raise ServeError(f"{path} and {artifacts[wm.fingerprint].path} are the same artifact (fingerprint {wm.fingerprint[:12]})")
             artifacts[wm.fingerprint] = ServedArtifact(path, wm)
         key = load_signing_key(Path(config.signing_key)) if config.signing_key else None
-
-        import torch
-
-        from mntool.generate import Generator
-
         torch.set_num_threads(config.torch_threads)
         generator = Generator.load(config.checkpoint)
         for served in artifacts.values():
@@ -166,20 +161,16 @@ class PatchService:
         artifact = self.artifacts.get(fingerprint)
         if artifact is None:
             raise RequestError(404, "unknown_fingerprint", f"no artifact with fingerprint {fingerprint[:12]}... is served here (GET /v1/artifacts)")
-        from mntool.generate import SamplesError
-
         try:
             recent = self.generator.check_recent(np.asarray(items, dtype=np.int64))
         except OverflowError:
             raise RequestError(422, "bad_item_id", f"an item id is outside the vocabulary 1..{self.generator.n_items}") from None
         except SamplesError as err:
             raise RequestError(422, "bad_item_id", str(err)) from None
-        return PatchJob(device_id, artifact, recent[0])
+        return PatchJob(artifact, recent[0])
 
     def build_patches(self, jobs: list[PatchJob]) -> list[bytes | Exception]:
         """One generator call for every job, then one patch per job (its own artifact's layout)."""
-        from mntool.patches import build_patch
-
         params = self.generator.generate_batch(np.stack([job.recent for job in jobs]))
         patches: list[bytes | Exception] = []
         for i, job in enumerate(jobs):
