@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -103,13 +104,15 @@ def _key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _cached(directory: Path, key: str, fresh: bool) -> bool:
-    stamp = directory / STAMP
-    return not fresh and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
+def _cached(directory: Path, key: str, fresh: bool) -> dict | None:
+    """The stamp of `directory` if it was built from `key` (and `fresh` is off), else None."""
+    path = directory / STAMP
+    stamp = json.loads(path.read_text()) if path.is_file() and not fresh else {}
+    return stamp if stamp.get("key") == key else None
 
 
-def _stamp(directory: Path, key: str) -> None:
-    (directory / STAMP).write_text(json.dumps({"key": key}) + "\n")
+def _stamp(directory: Path, key: str, seconds: float) -> None:
+    (directory / STAMP).write_text(json.dumps({"key": key, "seconds": seconds}) + "\n")
 
 
 def dataset_key(dataset) -> str:
@@ -121,6 +124,19 @@ def dataset_key(dataset) -> str:
             h.update(np.ascontiguousarray(a).tobytes())
     h.update(np.ascontiguousarray(dataset.test_rank.candidates).tobytes())
     return _key(arrays=h.hexdigest(), n_items=dataset.n_items, protocol=asdict(dataset.config), version=dataset.protocol_version)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the parts that produced the figures."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("mntool", "torch", "litert-torch", "ai-edge-litert", "onnx", "onnxruntime", "coremltools", "numpy"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
 
 
 def prepare_out_dir(out: Path, fresh: bool) -> None:
@@ -158,14 +174,18 @@ def train_cached(dataset, data_key: str, method: str, epochs: int, cfg: DemoConf
 
     train_cfg = TrainConfig(model="sasrec", method=method, epochs=epochs, seed=cfg.seed)
     key = _key(train=train_cfg.to_dict(), data=data_key, init=init_key)
-    if _cached(out, key, fresh):
+    stamp = _cached(out, key, fresh)
+    if stamp:
         record["cached"] = True
     else:
         shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
         train(dataset, train_cfg, out, init=init, progress=progress, log=lambda s: None)
-        _stamp(out, key)
+        stamp = {"seconds": time.perf_counter() - t0}
+        _stamp(out, key, stamp["seconds"])
     metrics = json.loads((out / "metrics.json").read_text())
-    record["note"] = f"{out}: test UAUC {metrics['test']['uauc']:.4f} (all {len(dataset.device_users)} users, PyTorch)"
+    record["note"] = (f"{out}: {len(metrics['train']['epochs'])} epoch(s), test UAUC {metrics['test']['uauc']:.4f} "
+                      f"(all {len(dataset.device_users)} users, PyTorch)" + (f"; trained in {stamp['seconds']:.0f} s" if record["cached"] and "seconds" in stamp else ""))
     return out, key
 
 
@@ -456,7 +476,7 @@ def run_demo(out_dir: Path | str, quick: bool = False, fresh: bool = False, data
     out = Path(out_dir)
     prepare_out_dir(out, fresh)
     stages = StageLog(progress, len(STAGES))
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -488,7 +508,8 @@ def run_demo(out_dir: Path | str, quick: bool = False, fresh: bool = False, data
             record["note"] = ", ".join(f"{t} p50 {r.latency.p50_ms:.2f} ms, swap {r.patches[0].swap_ms:.2f} ms" for t, r in bench.items())
         result = {
             "format": DEMO_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "quick": quick, "config": asdict(cfg), "data": {**dataset.summary(), "protocol": asdict(dataset.config), "source": str(data_dir or "fetched cache")},
+            "quick": quick, "config": asdict(cfg), "versions": versions(), "load_average_at_start": load_at_start,
+            "data": {**dataset.summary(), "protocol": asdict(dataset.config), "source": str(data_dir or "fetched cache")},
             "training": {name: json.loads((d / "metrics.json").read_text()) for name, d in (("static", static_dir), ("metanetwork", mn_dir))},
             "artifacts": reports.artifact_summaries(artifacts),
             **scored,

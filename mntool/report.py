@@ -45,6 +45,10 @@ def checks(result: dict) -> list[dict]:
 
 
 # ---- figures ------------------------------------------------------------------------------------
+def _users(n: int) -> str:
+    return f"{n} user" if n == 1 else f"{n} users"
+
+
 def plot_user_uauc(per_user: dict, path: Path) -> Path:
     """Per-user UAUC, static vs MetaNetwork (compiled TFLite outputs), with the diagonal; and the
     distribution of per-user gains."""
@@ -52,6 +56,7 @@ def plot_user_uauc(per_user: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     static, mn = np.asarray(per_user["uauc_static"]), np.asarray(per_user["uauc_metanetwork"])
     gain = mn - static
@@ -62,11 +67,11 @@ def plot_user_uauc(per_user: dict, path: Path) -> Path:
     low = min(static.min(), mn.min())
     low = max(0.0, np.floor(low * 20) / 20 - 0.02)
     scatter.plot([low, 1], [low, 1], color="black", lw=1, ls="--", label="no change (y = x)")
-    scatter.scatter(static[gain > 0], mn[gain > 0], s=18, alpha=0.7, color="tab:green", label=f"MetaNetwork better ({better} users)")
-    scatter.scatter(static[gain < 0], mn[gain < 0], s=18, alpha=0.7, color="tab:red", label=f"static better ({worse} users)")
+    scatter.scatter(static[gain > 0], mn[gain > 0], s=18, alpha=0.7, color="tab:green", label=f"MetaNetwork better ({_users(better)})")
+    scatter.scatter(static[gain < 0], mn[gain < 0], s=18, alpha=0.7, color="tab:red", label=f"static better ({_users(worse)})")
     ties = gain == 0
     if ties.any():
-        scatter.scatter(static[ties], mn[ties], s=18, alpha=0.7, color="tab:gray", label=f"equal ({int(ties.sum())} users)")
+        scatter.scatter(static[ties], mn[ties], s=18, alpha=0.7, color="tab:gray", label=f"equal ({_users(int(ties.sum()))})")
     scatter.scatter([static.mean()], [mn.mean()], marker="X", s=160, color="tab:blue", edgecolor="white", zorder=3,
                     label=f"mean: {static.mean():.4f} -> {mn.mean():.4f}")
     scatter.set_xlim(low, 1.005)
@@ -78,13 +83,16 @@ def plot_user_uauc(per_user: dict, path: Path) -> Path:
     scatter.legend(loc="lower right", fontsize=9)
     scatter.grid(alpha=0.3)
 
-    bins = np.linspace(-max(abs(gain).max(), 1e-3), max(abs(gain).max(), 1e-3), 31)
-    hist.hist(gain, bins=bins, color="tab:blue", alpha=0.75)
-    hist.axvline(0, color="black", lw=1, ls="--")
+    reach = max(abs(gain).max(), 0.01)  # a readable axis even when (almost) nothing changed
+    counts = hist.hist(gain[gain != 0], bins=np.linspace(-reach, reach, 31), color="tab:blue", alpha=0.75)[0]
+    hist.axvline(0, color="black", lw=1, ls="--", label=f"unchanged: {_users(int(ties.sum()))} (not binned)")
     hist.axvline(gain.mean(), color="tab:orange", lw=2, label=f"mean gain {gain.mean():+.4f}")
     hist.axvline(np.median(gain), color="tab:purple", lw=2, ls=":", label=f"median gain {np.median(gain):+.4f}")
     hist.set_xlabel("per-user AUC gain (MetaNetwork - static)")
     hist.set_ylabel("number of users")
+    hist.set_ylim(0, max(1.0, 1.1 * counts.max(initial=0)))
+    hist.xaxis.set_major_locator(MaxNLocator(7))
+    hist.yaxis.set_major_locator(MaxNLocator(integer=True))
     hist.set_title("Distribution of per-user gains")
     hist.legend(fontsize=9)
     hist.grid(alpha=0.3)
@@ -170,9 +178,9 @@ def latency_table(result: dict) -> str:
         L = b["latency"]
         rows.append([f"{TARGET_LABELS[target]} {b['runtime_version']}", _ms(b["load_file_ms"]), _ms(b["load_memory_ms"]),
                      _ms(b["first_inference_ms"]), _ms(L["p50_ms"]), _ms(L["p90_ms"]), _ms(L["p99_ms"]),
-                     _ms(p["apply_ms"]), _ms(p["swap_ms"]), f"{p['p50_ratio']:.2f}x", f"{b['peak_rss_mb']:.0f} MB"])
+                     _ms(p["apply_ms"]), _ms(p["swap_ms"]), f"{p['p50_ratio']:.2f}x"])
     return _table(["runtime", "load (file)", "load (memory)", "first inference", "p50", "p90", "p99",
-                   "patch apply", "swap", "patched p50 / unpatched", "peak RSS"], rows)
+                   "patch apply", "swap", "patched p50 / unpatched"], rows)
 
 
 def stage_table(result: dict) -> str:
@@ -185,9 +193,13 @@ def unpatched_note(result: dict) -> str:
     m = result["metrics"]
     shipped, patched, static = (m["metanetwork_unpatched"]["pytorch"]["uauc"], m["metanetwork"]["pytorch"]["uauc"],
                                 m["static"]["pytorch"]["uauc"])
-    return (f"The unpatched row is the MetaNetwork artifact as shipped, before any patch (its backbone was trained "
-            f"further with the generator): UAUC {shipped:.4f} against {static:.4f} for static; the per-user patches "
-            f"move it by {patched - shipped:+.4f} to {patched:.4f} (PyTorch figures).")
+    note = (f"The unpatched row is the MetaNetwork artifact as shipped, before any patch (its backbone was trained "
+            f"further, jointly with the generator): UAUC {shipped:.4f} against {static:.4f} for static; the per-user "
+            f"patches move it by {patched - shipped:+.4f} to {patched:.4f} (PyTorch figures).")
+    if patched > static:
+        note += (f" So the per-user patches account for {(patched - shipped) / (patched - static):.0%} of MetaNetwork's "
+                 "UAUC gain over static, the jointly trained backbone for the rest.")
+    return note
 
 
 def render_markdown(result: dict) -> str:
@@ -210,6 +222,11 @@ def render_markdown(result: dict) -> str:
         "generated head parameters from the user's upload for the test period, the cloud packed them into a signed patch, "
         "and the device side verified the patch and wrote it into the compiled model, which then scored the user's "
         "held-out interactions. Every figure below comes from those compiled models unless it says PyTorch.",
+        "",
+        f"Host: {host.get('cpu', 'unknown CPU')}, {host.get('cpu_count')} CPUs, load average {result['load_average_at_start']:.1f} "
+        "at the start" + (" (other jobs were running: every time below includes their interference)"
+                          if result["load_average_at_start"] > 0.5 * host.get("cpu_count", 1) else "") + ". "
+        + "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
         "",
         "## At a glance",
         "",

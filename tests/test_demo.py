@@ -91,6 +91,7 @@ def test_rerun_reuses_checkpoints_and_artifacts(demo_run):
     assert cached == {"data": False, "train static": True, "train metanetwork": True, "export": True,
                       "personalise and score": False, "benchmark": False}
     assert not any(s["cached"] for s in first["stages"])
+    assert "trained in" in next(s for s in second["stages"] if s["stage"] == "train static")["note"]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes, "a cached checkpoint was rewritten"
     assert second["metrics"] == first["metrics"] and second["parity"] == first["parity"]
 
