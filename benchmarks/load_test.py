@@ -64,7 +64,7 @@ class Connection:
 def start_server(args, key: Path, max_batch: int, token: str | None = None) -> ServerProcess:
     env = {**os.environ, "MNTOOL_SERVE_TOKEN": token} if token else None
     return ServerProcess.start(args.ckpt, [args.artifact], "--max-batch", str(max_batch), "--signing-key", str(key),
-                               workers=args.workers, env=env)
+                               "--torch-threads", str(args.torch_threads), workers=args.workers, env=env)
 
 
 def address(server: ServerProcess) -> tuple[str, int]:
@@ -281,6 +281,8 @@ async def main_async(args) -> dict:
     pick = {(r.scenario, r.clients): r for r in results}
     batched, unbatched, health = pick[("batched", most)], pick[("unbatched", most)], pick[("GET /healthz", most)]
     return {
+        "workers": args.workers,
+        "torch_threads": args.torch_threads,
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "results": [asdict(r) for r in results + [mix]],
@@ -295,6 +297,7 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint directory (mntool train --out)")
     parser.add_argument("--artifact", type=Path, help="artifact to serve [default: ONNX export of --ckpt]")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--requests", type=int, default=5000, help="measured requests per scenario run (upper bound)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario run (upper bound)")
