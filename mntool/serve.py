@@ -144,6 +144,8 @@ class PatchService:
             request = json.loads(body)
         except (UnicodeDecodeError, ValueError) as err:
             raise RequestError(400, "malformed_json", f"body is not valid JSON: {err}") from None
+        except RecursionError:  # e.g. 8,000 nested brackets fit in the body limit
+            raise RequestError(400, "malformed_json", "body nests JSON too deeply") from None
         if not isinstance(request, dict):
             raise RequestError(400, "malformed_request", "body must be a JSON object")
         device_id, fingerprint, samples = request.get("device_id"), request.get("fingerprint"), request.get("samples")

@@ -141,6 +141,7 @@ def _bad_requests(server, served) -> dict[str, tuple[int, dict]]:
     return {
         "malformed_json": (400, dict(content=good[:-5], headers=ok)),
         "not_an_object": (400, dict(content="[1, 2]", headers=ok)),
+        "deeply_nested": (400, dict(content="[" * 2000 + "]" * 2000, headers=ok)),
         "missing_samples": (400, dict(content=json.dumps({"device_id": "d", "fingerprint": served.fingerprint}), headers=ok)),
         "short_fingerprint": (400, dict(content=json.dumps(body(served, [1], fingerprint="abc")), headers=ok)),
         "wrong_content_type": (415, dict(content=good, headers=auth(server, **{"Content-Type": "text/plain"}))),
@@ -157,7 +158,7 @@ def _bad_requests(server, served) -> dict[str, tuple[int, dict]]:
     }
 
 
-BAD = ["malformed_json", "not_an_object", "missing_samples", "short_fingerprint", "wrong_content_type", "oversized_body",
+BAD = ["malformed_json", "not_an_object", "deeply_nested", "missing_samples", "short_fingerprint", "wrong_content_type", "oversized_body",
        "too_many_samples", "unknown_fingerprint", "outside_vocabulary", "negative_id", "huge_id", "float_id", "bool_id",
        "missing_token", "invalid_token"]
 
