@@ -11,7 +11,7 @@ rows are scored by the compiled static model, and by the metanetwork artifact as
 UAUC/NDCG@10 per model and the server's throughput and latency during the run.
 
     .venv/bin/python examples/fleet.py --ckpt runs/sasrec-mn --data ../shared/data/ml-100k
-    .venv/bin/python examples/fleet.py --devices 50 --json     # trains a checkpoint first
+    .venv/bin/python examples/fleet.py --devices 50 --json   # trains runs/fleet/sasrec-mn first (slow)
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ TOKEN = "fleet-token"
 
 @dataclass
 class FleetConfig:
-    ckpt: Path | None  # metanetwork checkpoint; None trains one into out/sasrec-mn
+    ckpt: Path | None  # metanetwork checkpoint; None: out/sasrec-mn, trained there first if missing
     static_ckpt: Path | None  # static baseline; None: the metanetwork checkpoint's init, if found
     data: Path | None  # MovieLens-100k files; None: the fetched cache
     out: Path
@@ -185,7 +185,10 @@ def run_refreshing(cfg: FleetConfig, artifact: Path, devices: list[Device], ever
 # ---- setup ----------------------------------------------------------------------------------
 def checkpoints(cfg: FleetConfig) -> tuple[Path, Path | None]:
     ckpt = cfg.ckpt
-    if ckpt is None:
+    if ckpt is None and (cfg.out / "sasrec-mn" / "config.json").is_file():
+        ckpt = cfg.out / "sasrec-mn"
+        print(f"using the checkpoint trained by an earlier run: {ckpt}", file=sys.stderr)
+    elif ckpt is None:
         ckpt = cfg.out / "sasrec-mn"
         print(f"training a SASRec metanetwork checkpoint into {ckpt} ({cfg.epochs} epochs; static first)", file=sys.stderr)
         data = ["--data", str(cfg.data)] if cfg.data else []
@@ -289,7 +292,7 @@ def report(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, help="metanetwork checkpoint [default: train one into OUT/sasrec-mn]")
+    parser.add_argument("--ckpt", type=Path, help="metanetwork checkpoint [default: OUT/sasrec-mn, trained if missing]")
     parser.add_argument("--static-ckpt", type=Path, help="static baseline [default: the checkpoint's init, if found]")
     parser.add_argument("--data", type=Path, help="MovieLens-100k directory [default: the fetched cache]")
     parser.add_argument("--out", type=Path, default=Path("runs/fleet"), help="working directory and fleet.json")
