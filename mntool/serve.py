@@ -236,15 +236,15 @@ def create_app(service: PatchService) -> Starlette:
     batcher: MicroBatcher[PatchJob, bytes] = MicroBatcher(service.build_patches, cfg.batching, service.metrics.observe_batch)
     service.metrics.queue_waiting = lambda: batcher.waiting
     document = openapi_document(service.generator.n_items, service.max_samples, MAX_DEVICE_ID, auth=bool(cfg.token))
-    expected = f"Bearer {cfg.token}".encode() if cfg.token else None
+    expected = cfg.token.encode() if cfg.token else None
 
     def authorize(request: Request) -> None:
         if expected is None:
             return
-        given = request.headers.get("authorization")
-        if given is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
             raise RequestError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
-        if not hmac.compare_digest(given.encode(), expected):
+        if not hmac.compare_digest(token.strip().encode(), expected):
             raise RequestError(401, "unauthorized", "invalid bearer token")
 
     async def patches(request: Request) -> Response:
