@@ -222,7 +222,8 @@ def build_metanetwork(model: Backbone, cfg: TrainConfig, recent_len: int) -> Met
 
 def generate_device_params(meta: MetaNetwork, users: np.ndarray, recent: np.ndarray, use_ema: bool = True) -> DeviceParams:
     """The generator's adaptive parameters for each device from its upload (no gradients)."""
-    meta.eval()
+    if meta.training:
+        meta.eval()
     with torch.no_grad():
         params = meta.adaptive_params(_t(recent), use_ema=use_ema)
     return DeviceParams(users, {n: p.detach() for n, p in params.items()})
