@@ -31,8 +31,7 @@ DEMO_FORMAT = 1
 MARKER = ".mntool-demo"  # marks a directory `mntool demo` made, so it may clean it up
 STAMP = "demo-key.json"  # what a cached stage was built from
 RUN_TARGETS = ("tflite", "onnx")  # targets whose runtime runs on this OS: scored and benchmarked
-PARITY_ATOL = 1e-5
-METRICS = ("auc", "uauc", "ndcg@10", "hr@10")
+PARITY_ATOL = 1e-5  # compiled vs PyTorch logits, float32 artifacts (the exporters' proof tolerance)
 
 
 class DemoError(MntoolError):
@@ -47,7 +46,7 @@ class DemoConfig:
     train_users: int = 0  # train on this many device users only (0 = all); the quick mode's shortcut
     batch: int = 100  # rows per compiled-model call: one ranking request (1 positive + 99 candidates)
     bench_runs: int = 500  # timed steady-state inferences per variant
-    bench_warmup: int = 50
+    bench_warmup: int = 50  # untimed inferences before timing
     bench_loads: int = 20  # timed fresh loads / swaps per variant
     threads: int = 2  # PyTorch threads for training and reference scoring (this targets 2-core hosts)
     seed: int = 0  # training seed and user sample
@@ -76,7 +75,6 @@ class StageLog:
 
     def __init__(self, progress: bool, total: int):
         self.console = Console(stderr=True, highlight=False, soft_wrap=True, quiet=not progress)
-        self.progress = progress
         self.total = total
         self.records: list[dict] = []
 
@@ -104,15 +102,18 @@ def _key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _cached(directory: Path, key: str, fresh: bool) -> dict | None:
-    """The stamp of `directory` if it was built from `key` (and `fresh` is off), else None."""
-    path = directory / STAMP
-    stamp = json.loads(path.read_text()) if path.is_file() and not fresh else {}
-    return stamp if stamp.get("key") == key else None
+def read_stamp(stamp_file: Path, key: str, fresh: bool) -> dict | None:
+    """The stamp (key, seconds it took) if what it stamps was built from `key` and `fresh` is
+    off, else None."""
+    try:
+        stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() and not fresh else {}
+    except json.JSONDecodeError:  # a run cut off while writing it: rebuild
+        stamp = {}
+    return stamp if isinstance(stamp, dict) and stamp.get("key") == key else None
 
 
-def _stamp(directory: Path, key: str, seconds: float) -> None:
-    (directory / STAMP).write_text(json.dumps({"key": key, "seconds": seconds}) + "\n")
+def write_stamp(stamp_file: Path, key: str, seconds: float) -> None:
+    stamp_file.write_text(json.dumps({"key": key, "seconds": seconds}) + "\n")
 
 
 def dataset_key(dataset) -> str:
@@ -174,7 +175,7 @@ def train_cached(dataset, data_key: str, method: str, epochs: int, cfg: DemoConf
 
     train_cfg = TrainConfig(model="sasrec", method=method, epochs=epochs, seed=cfg.seed)
     key = _key(train=train_cfg.to_dict(), data=data_key, init=init_key)
-    stamp = _cached(out, key, fresh)
+    stamp = read_stamp(out / STAMP, key, fresh)
     if stamp:
         record["cached"] = True
     else:
@@ -182,7 +183,7 @@ def train_cached(dataset, data_key: str, method: str, epochs: int, cfg: DemoConf
         t0 = time.perf_counter()
         train(dataset, train_cfg, out, init=init, progress=progress, log=lambda s: None)
         stamp = {"seconds": time.perf_counter() - t0}
-        _stamp(out, key, stamp["seconds"])
+        write_stamp(out / STAMP, key, stamp["seconds"])
     metrics = json.loads((out / "metrics.json").read_text())
     record["note"] = (f"{out}: {len(metrics['train']['epochs'])} epoch(s), test UAUC {metrics['test']['uauc']:.4f} "
                       f"(all {len(dataset.device_users)} users, PyTorch)" + (f"; trained in {stamp['seconds']:.0f} s" if record["cached"] and "seconds" in stamp else ""))
@@ -198,19 +199,19 @@ def export_cached(ckpt_dir: Path, ckpt_key: str, targets: tuple[str, ...], cfg: 
     from mntool.train import load_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
-    stamps = json.loads((out / STAMP).read_text()) if (out / STAMP).is_file() and not fresh else {}
     artifacts, reused, ckpt = {}, 0, None
     for target in targets:
         key = _key(checkpoint=ckpt_key, target=target, batch=cfg.batch, name="model", outputs=["logits"])
         artifact = out / ("model" + {"tflite": ".tflite", "onnx": ".onnx", "coreml": ".mlpackage"}[target])
-        if stamps.get(target) == key and artifact.exists():
+        stamp_file = out / f"{target}-{STAMP}"
+        if read_stamp(stamp_file, key, fresh) and artifact.exists():
             reused += 1
         else:
+            t0 = time.perf_counter()
             ckpt = ckpt or load_checkpoint(ckpt_dir)
             export(ckpt.model, ckpt.example_inputs(batch=cfg.batch), ckpt.adaptive, target, out,
                    output_names=("logits",), progress=progress)
-            stamps[target] = key
-            (out / STAMP).write_text(json.dumps(stamps, indent=2) + "\n")
+            write_stamp(stamp_file, key, time.perf_counter() - t0)
         artifacts[target] = artifact
     return artifacts, reused
 

@@ -15,7 +15,7 @@ from device_runtime.patch import apply_patch_bytes
 from device_runtime.runners import open_runner
 from device_runtime.signing import load_public_key
 from mntool.cli.main import main
-from mntool.demo import STAGES, DemoConfig, DemoError, prepare_out_dir, run_demo, score_pairs
+from mntool.demo import STAGES, DemoConfig, DemoError, prepare_out_dir, read_stamp, run_demo, score_pairs, write_stamp
 
 pytestmark = pytest.mark.slow
 CONFIG = dataclasses.replace(DemoConfig.quick(), users=16, threads=1, bench_runs=30, bench_warmup=5, bench_loads=2)
@@ -133,6 +133,17 @@ def test_fresh_drops_only_the_demo_caches(tmp_path):
         (tmp_path / name / "f").write_text(name)
     prepare_out_dir(tmp_path, fresh=True)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["keys", "patches"]
+
+
+def test_stamps_reuse_only_what_was_built_from_the_same_inputs(tmp_path):
+    stamp = tmp_path / "demo-key.json"
+    assert read_stamp(stamp, "k1", fresh=False) is None
+    write_stamp(stamp, "k1", 12.5)
+    assert read_stamp(stamp, "k1", fresh=False) == {"key": "k1", "seconds": 12.5}
+    assert read_stamp(stamp, "k2", fresh=False) is None
+    assert read_stamp(stamp, "k1", fresh=True) is None
+    stamp.write_text('{"key": "k1", "seco')  # cut off while writing
+    assert read_stamp(stamp, "k1", fresh=False) is None
 
 
 def test_cli_reports_bad_out_as_one_line(tmp_path, capsys):

@@ -33,7 +33,7 @@ def demo(out, quick, fresh, users, data_dir, as_json, quiet):
 
     \b
     Examples:
-      mntool demo                      # what `make demo` runs (about 10 min on 2 idle cores)
+      mntool demo                      # what `make demo` runs; training takes most of the time
       mntool demo --quick --out /tmp/demo-smoke
       mntool demo --users 0 --out demo-all --json > report.json
     """
