@@ -71,7 +71,8 @@ class DemoConfig:
 # ---- stage log ----------------------------------------------------------------------------------
 class StageLog:
     """One line per stage on stderr (name, elapsed seconds, cached or not) and the same record
-    for report.json; tqdm bars run inside the stages."""
+    for report.json (plus `reused_seconds`: what building the reused parts took when they were
+    built); tqdm bars run inside the stages."""
 
     def __init__(self, progress: bool, total: int):
         self.console = Console(stderr=True, highlight=False, soft_wrap=True, quiet=not progress)
@@ -80,13 +81,13 @@ class StageLog:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[dict]:
-        record = {"stage": name, "seconds": 0.0, "cached": False, "note": ""}
+        record = {"stage": name, "seconds": 0.0, "cached": False, "reused_seconds": 0.0, "note": ""}
         self.console.print(f"[bold cyan][{len(self.records) + 1}/{self.total}] {name}[/]")
         t0 = time.perf_counter()
         yield record
         record["seconds"] = time.perf_counter() - t0
         self.records.append(record)
-        done = "[green]✓[/]" if not record["cached"] else "[green]✓ cached[/]"
+        done = "[green]✓[/]" if not record["cached"] else f"[green]✓ reused (built in {record['reused_seconds']:.0f} s)[/]"
         note = f"  [dim]{record['note']}[/]" if record["note"] else ""
         self.console.print(f"      {done} {name} [bold]{record['seconds']:.1f} s[/]{note}")
 
@@ -178,6 +179,7 @@ def train_cached(dataset, data_key: str, method: str, epochs: int, cfg: DemoConf
     stamp = read_stamp(out / STAMP, key, fresh)
     if stamp:
         record["cached"] = True
+        record["reused_seconds"] = stamp.get("seconds", 0.0)
     else:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
@@ -186,12 +188,12 @@ def train_cached(dataset, data_key: str, method: str, epochs: int, cfg: DemoConf
         write_stamp(out / STAMP, key, stamp["seconds"])
     metrics = json.loads((out / "metrics.json").read_text())
     record["note"] = (f"{out}: {len(metrics['train']['epochs'])} epoch(s), test UAUC {metrics['test']['uauc']:.4f} "
-                      f"(all {len(dataset.device_users)} users, PyTorch)" + (f"; trained in {stamp['seconds']:.0f} s" if record["cached"] and "seconds" in stamp else ""))
+                      f"(all {len(dataset.device_users)} users, PyTorch)")
     return out, key
 
 
 def export_cached(ckpt_dir: Path, ckpt_key: str, targets: tuple[str, ...], cfg: DemoConfig, out: Path, fresh: bool,
-                  progress: bool) -> tuple[dict[str, Path], int]:
+                  progress: bool, record: dict) -> tuple[dict[str, Path], int]:
     """Artifacts of a checkpoint's device model for `targets` in `out` (batch `cfg.batch`);
     each target is re-exported only if its checkpoint or settings changed. Returns (artifacts,
     how many were reused)."""
@@ -204,8 +206,10 @@ def export_cached(ckpt_dir: Path, ckpt_key: str, targets: tuple[str, ...], cfg: 
         key = _key(checkpoint=ckpt_key, target=target, batch=cfg.batch, name="model", outputs=["logits"])
         artifact = out / ("model" + {"tflite": ".tflite", "onnx": ".onnx", "coreml": ".mlpackage"}[target])
         stamp_file = out / f"{target}-{STAMP}"
-        if read_stamp(stamp_file, key, fresh) and artifact.exists():
+        stamp = read_stamp(stamp_file, key, fresh)
+        if stamp and artifact.exists():
             reused += 1
+            record["reused_seconds"] += stamp.get("seconds", 0.0)
         else:
             t0 = time.perf_counter()
             ckpt = ckpt or load_checkpoint(ckpt_dir)
@@ -492,8 +496,10 @@ def run_demo(out_dir: Path | str, quick: bool = False, fresh: bool = False, data
             mn_dir, mn_key = train_cached(dataset, data_key, "metanetwork", cfg.metanetwork_epochs, cfg, out / "runs" / "metanetwork",
                                           fresh, progress, record, init=static_dir, init_key=static_key)
         with stages.stage("export") as record:
-            static_art, reused_static = export_cached(static_dir, static_key, RUN_TARGETS, cfg, out / "artifacts" / "static", fresh, progress)
-            mn_art, reused_mn = export_cached(mn_dir, mn_key, ("tflite", "onnx", "coreml"), cfg, out / "artifacts" / "metanetwork", fresh, progress)
+            static_art, reused_static = export_cached(static_dir, static_key, RUN_TARGETS, cfg, out / "artifacts" / "static", fresh,
+                                                       progress, record)
+            mn_art, reused_mn = export_cached(mn_dir, mn_key, ("tflite", "onnx", "coreml"), cfg, out / "artifacts" / "metanetwork",
+                                         fresh, progress, record)
             record["cached"] = reused_static + reused_mn == len(static_art) + len(mn_art)
             record["note"] = f"batch {cfg.batch}; {reused_static + reused_mn} of {len(static_art) + len(mn_art)} artifacts reused"
         artifacts = {"static": static_art, "metanetwork": mn_art}

@@ -184,8 +184,16 @@ def latency_table(result: dict) -> str:
 
 
 def stage_table(result: dict) -> str:
-    rows = [[s["stage"], f"{s['seconds']:.1f} s", "reused" if s["cached"] else "ran", s["note"]] for s in result["stages"]]
+    rows = [[s["stage"], f"{s['seconds']:.1f} s", f"reused (built in {s['reused_seconds']:.0f} s)" if s["cached"] else "ran",
+             s["note"]] for s in result["stages"]]
     return _table(["stage", "time", "", "note"], rows)
+
+
+def duration(result: dict) -> str:
+    """How long this run took, and how long it would have without reusing an earlier run's work."""
+    reused = sum(s["reused_seconds"] for s in result["stages"])
+    took = f"{result['seconds'] / 60:.1f} min"
+    return took if not reused else f"{took}; {(result['seconds'] + reused) / 60:.1f} min with nothing reused, see Stages"
 
 
 def unpatched_note(result: dict) -> str:
@@ -193,13 +201,15 @@ def unpatched_note(result: dict) -> str:
     m = result["metrics"]
     shipped, patched, static = (m["metanetwork_unpatched"]["pytorch"]["uauc"], m["metanetwork"]["pytorch"]["uauc"],
                                 m["static"]["pytorch"]["uauc"])
-    note = (f"The unpatched row is the MetaNetwork artifact as shipped, before any patch (its backbone was trained "
-            f"further, jointly with the generator): UAUC {shipped:.4f} against {static:.4f} for static; the per-user "
-            f"patches move it by {patched - shipped:+.4f} to {patched:.4f} (PyTorch figures).")
+    note = (f"The unpatched row is the MetaNetwork artifact as shipped, before any patch: UAUC {shipped:.4f} against "
+            f"{static:.4f} for static. The per-user patches move it by {patched - shipped:+.4f} to {patched:.4f} "
+            "(PyTorch figures)")
     if patched > static:
-        note += (f" So the per-user patches account for {(patched - shipped) / (patched - static):.0%} of MetaNetwork's "
-                 "UAUC gain over static, the jointly trained backbone for the rest.")
-    return note
+        share = (patched - shipped) / (patched - static)
+        note += f", {share:.0%} of MetaNetwork's UAUC gain over static"
+        if abs(shipped - static) >= 5e-5:
+            note += "; the rest comes from the MetaNetwork backbone differing from the static one"
+    return note + "."
 
 
 def render_markdown(result: dict) -> str:
@@ -216,7 +226,7 @@ def render_markdown(result: dict) -> str:
         "# mntool demo report",
         "",
         f"MovieLens-100k, SASRec device model, {mode} run of `mntool demo` on {result['created']} "
-        f"({result['seconds'] / 60:.1f} min on {host.get('cpu', 'this host')}, {host.get('cpu_count')} CPUs). "
+        f"({duration(result)}; {host.get('cpu', 'unknown CPU')}, {host.get('cpu_count')} CPUs). "
         "The cloud trained a static model and a MetaNetwork; the device model was compiled to TFLite, ONNX and Core ML "
         "with its adaptive layers (the scoring head) as swappable buffers; for each sampled device user the MetaNetwork "
         "generated head parameters from the user's upload for the test period, the cloud packed them into a signed patch, "
