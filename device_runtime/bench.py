@@ -184,8 +184,13 @@ def _rss_mb() -> float | None:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident set size. The kernel's high-water mark lags the live counters slightly, so
-    the current size bounds it from below."""
+    """Peak resident set size of this process. On Linux `VmHWM` (ru_maxrss of a worker started by
+    fork carries its parent's peak over); the current size bounds it from below."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return max(int(line.split()[1]) / 2**10, _rss_mb() or 0.0)  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
     return max(peak_mb, _rss_mb() or 0.0)
