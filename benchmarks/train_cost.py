@@ -18,18 +18,18 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from mntool import train
 from mntool.data.datasets import load_dataset
+from mntool.models import build_model
 from mntool.train import (
     TrainConfig,
-    _t,
     build_metanetwork,
     finetune_device_params,
     generate_device_params,
     group_batches,
+    metanetwork_optimizer,
 )
-from mntool.models import build_model
 
 
 def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
@@ -38,24 +38,15 @@ def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
     static = build_model(model_name, dataset.n_items, cfg.backbone).train()
     meta = build_metanetwork(build_model(model_name, dataset.n_items, cfg.backbone), cfg, dataset.config.recent_len).train()
     opt_s = torch.optim.Adam(static.parameters(), lr=cfg.lr)
-    opt_m = torch.optim.Adam(meta.parameters(), lr=cfg.meta_lr)
-    rows = dataset.train
-    batches = list(group_batches(rows, cfg.batch_size, dataset.config.n_negatives + 1, np.random.default_rng(0)))[: steps]
+    opt_m = metanetwork_optimizer(meta, cfg)  # exactly what `mntool train --method metanetwork` steps
+    rows, group = dataset.train, dataset.config.n_negatives + 1
+    batches = list(group_batches(rows, cfg.batch_size, group, np.random.default_rng(0)))[:steps]
 
     def static_step(idx):
-        loss = F.binary_cross_entropy_with_logits(static(_t(rows.history[idx]), _t(rows.target[idx])), _t(rows.label[idx]))
-        opt_s.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_s.step()
+        train.static_step(static, opt_s, rows, idx)
 
     def meta_step(idx):
-        cond = _t(rows.recent[idx[:: dataset.config.n_negatives + 1]])
-        logits = meta((_t(rows.history[idx]), _t(rows.target[idx])), (cond,))
-        loss = F.binary_cross_entropy_with_logits(logits, _t(rows.label[idx]))
-        opt_m.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_m.step()
-        meta.update_ema()
+        train.metanetwork_step(meta, opt_m, rows, idx, group)
 
     times = {"static": [], "metanetwork": []}
     for fn in (static_step, meta_step):  # warm-up

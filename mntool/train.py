@@ -191,6 +191,34 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=not progress, leave=False, dynamic_ncols=True)
 
 
+def static_step(model: Backbone, opt: torch.optim.Optimizer, rows: SampleSet, idx: np.ndarray) -> float:
+    """One BCE step of the whole backbone on rows `idx`."""
+    loss = F.binary_cross_entropy_with_logits(model(_t(rows.history[idx]), _t(rows.target[idx])), _t(rows.label[idx]))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def metanetwork_step(meta: MetaNetwork, opt: torch.optim.Optimizer, rows: SampleSet, idx: np.ndarray, group: int) -> float:
+    """One BCE step of the MetaNetwork on rows `idx`, which come in groups of `group` rows (a
+    positive and its negatives) sharing one device upload: parameters are generated per group."""
+    cond = _t(rows.recent[idx[::group]])
+    logits = meta((_t(rows.history[idx]), _t(rows.target[idx])), (cond,))
+    loss = F.binary_cross_entropy_with_logits(logits, _t(rows.label[idx]))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    meta.update_ema()
+    return loss.item()
+
+
+def metanetwork_optimizer(meta: MetaNetwork, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the generator and gates, plus the backbone only if `cfg.meta_train_backbone`."""
+    meta.backbone.requires_grad_(cfg.meta_train_backbone)
+    return torch.optim.Adam([p for p in meta.parameters() if p.requires_grad], lr=cfg.meta_lr)
+
+
 def train_static(dataset: DeviceDataset, cfg: TrainConfig, progress: bool = True) -> tuple[Backbone, dict]:
     """BCE training of the whole backbone; the epoch with the best validation UAUC is kept."""
     _seed_everything(cfg.seed)
@@ -199,13 +227,7 @@ def train_static(dataset: DeviceDataset, cfg: TrainConfig, progress: bool = True
     prober = _Prober(dataset, cfg.probe_users, cfg.seed)
 
     def step_fn(idx: np.ndarray) -> float:
-        rows = dataset.train
-        logits = model(_t(rows.history[idx]), _t(rows.target[idx]))
-        loss = F.binary_cross_entropy_with_logits(logits, _t(rows.label[idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return static_step(model, opt, dataset.train, idx)
 
     log = _fit_loop(dataset, cfg, model, step_fn, lambda: None, prober, cfg.epochs, progress, "static")
     return model, log
@@ -230,27 +252,16 @@ def generate_device_params(meta: MetaNetwork, users: np.ndarray, recent: np.ndar
 
 
 def train_metanetwork(dataset: DeviceDataset, cfg: TrainConfig, init: Backbone, progress: bool = True) -> tuple[MetaNetwork, dict]:
-    """Joint training of backbone and generator, starting from a trained static backbone."""
+    """Train the generator (and, if configured, the backbone) starting from a trained static backbone."""
     _seed_everything(cfg.seed + 1)
     meta = build_metanetwork(init, cfg, dataset.config.recent_len)
-    if not cfg.meta_train_backbone:
-        meta.backbone.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in meta.parameters() if p.requires_grad], lr=cfg.meta_lr)
+    opt = metanetwork_optimizer(meta, cfg)
     prober = _Prober(dataset, cfg.probe_users, cfg.seed)
     users, valid_recent = dataset.device_recent("valid")
     group = dataset.config.n_negatives + 1
 
     def step_fn(idx: np.ndarray) -> float:
-        rows = dataset.train
-        meta.train()
-        cond = _t(rows.recent[idx[::group]])  # one upload per positive-with-negatives group
-        logits = meta((_t(rows.history[idx]), _t(rows.target[idx])), (cond,))
-        loss = F.binary_cross_entropy_with_logits(logits, _t(rows.label[idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        meta.update_ema()
-        return loss.item()
+        return metanetwork_step(meta, opt, dataset.train, idx, group)
 
     def params_fn() -> DeviceParams:
         return generate_device_params(meta, users, valid_recent)
