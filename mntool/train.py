@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from device_runtime.errors import MntoolError
-from mntool.data import PROTOCOL_VERSION, DeviceDataset, ProtocolConfig, RankingSet, SampleSet
+from mntool.data import PROTOCOL_VERSION, DeviceDataset, RankingSet, SampleSet
 from mntool.meta import MetaConfig, MetaNetwork, RecentItemsEncoder, per_sample_call
 from mntool.metrics import evaluate, evaluate_popularity
 from mntool.models import BACKBONES, Backbone, BackboneConfig, build_model

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from mntool.meta import MetaConfig, MetaNetwork, RecentItemsEncoder, per_sample_call
+from mntool.meta import MetaConfig, MetaNetwork, RecentItemsEncoder
 from mntool.models import BACKBONES, build_model
 
 
