@@ -366,9 +366,7 @@ def _adaptive_inputs(weight_map: WeightMap, files: Mapping[str, bytes | bytearra
                 contents[t.file] = (root / t.file).read_bytes()
             else:
                 raise RunnerError(f"weights-as-inputs artifact loaded from bytes needs its {t.file} in `files`")
-        stored = np.frombuffer(contents[t.file], np.dtype(t.dtype).newbyteorder("<"), t.numel, t.offset)
-        stored = stored.reshape(t.stored_shape)
-        values[t.name] = np.ascontiguousarray(stored.T if t.layout == "transpose" else stored)
+        values[t.name] = np.ascontiguousarray(weight_maps.read_tensor(t, contents[t.file]))
     return values
 
 

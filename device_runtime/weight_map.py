@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from device_runtime.errors import MntoolError
 
 FORMAT_NAME = "mntool-weight-map"
@@ -220,6 +222,14 @@ def _check_relative_path(name: str) -> None:
     parts = name.replace("\\", "/").split("/")
     if parts[0] == "" or ".." in parts or ":" in parts[0]:
         raise WeightMapError(f"artifact file name {name!r} is not a plain relative path inside the artifact")
+
+
+def read_tensor(entry: TensorEntry, data: bytes | bytearray | memoryview) -> np.ndarray:
+    """The value `entry` holds in `data` (the contents of `entry.file`): its stored dtype, in
+    PyTorch order (the layout transform undone). A read-only view where no transpose is needed."""
+    stored = np.frombuffer(data, np.dtype(entry.dtype).newbyteorder("<"), entry.numel, entry.offset)
+    stored = stored.reshape(entry.stored_shape)
+    return stored.T if entry.layout == "transpose" else stored
 
 
 # ---- artifact paths and fingerprint ---------------------------------------------------------

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import shutil
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from device_runtime.weight_map import IOSpec, TensorEntry
+from device_runtime.weight_map import IOSpec, TensorEntry, WeightMap
 from exporters import prepare
 from exporters.errors import ConversionFailed, ExportError, first_line
 from exporters.locate import Constant, locate
@@ -207,12 +208,12 @@ def embedded(artifact: Path) -> str | None:
 
 
 # ---- the proof off macOS: read back with coremltools' own readers ----------------------------
-def read_back(job: ExportJob, files: dict[str, bytes]) -> dict[str, np.ndarray]:
-    """The adaptive tensors of an artifact held in `files`, as coremltools reads them, in PyTorch
-    order: the package must load, and each adaptive const (buffers mode) or input (inputs mode)
-    must be where the weight map says."""
+def read_back(weight_map: WeightMap, files: Mapping[str, bytes | bytearray], workdir: Path) -> dict[str, np.ndarray]:
+    """The adaptive tensors of a Core ML artifact held in `files`, as coremltools reads them, in
+    PyTorch order: the package (written to a scratch copy under `workdir`) must load, and each
+    adaptive const (buffers mode) or input (inputs mode) must be where the weight map says."""
     ct = _ct()
-    copy = job.stage / ".proof" / job.artifact_name
+    copy = Path(workdir) / ".proof" / weight_map.artifact
     shutil.rmtree(copy.parent, ignore_errors=True)
     for name, data in files.items():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
@@ -220,17 +221,17 @@ def read_back(job: ExportJob, files: dict[str, bytes]) -> dict[str, np.ndarray]:
     try:
         with quiet():
             spec = ct.models.MLModel(str(copy), skip_model_load=True).get_spec()
-        if job.mode == "inputs":
+        if weight_map.mode == "inputs":
             shapes = {f.name: tuple(f.type.multiArrayType.shape) for f in spec.description.input}
-            for t in job.weight_map.tensors:
+            for t in weight_map.tensors:
                 if shapes.get(prepare.input_name_of(t.name)) != t.shape:
                     raise ExportError(f"{t.name}: the Core ML model has no input {prepare.input_name_of(t.name)} of shape {t.shape}")
-            return stored_values(job.weight_map, files)
+            return stored_values(weight_map, files)
         reader = ct.libmilstoragepython._BlobStorageReader(str(copy / WEIGHT_FILE))
         ops = {op.outputs[0].name: op for op in _operations(spec) if op.type == "const"}
         out = {}
-        for t in job.weight_map.tensors:
-            offset = ops[job.extra["coreml"]["consts"][t.name]].attributes["val"].blobFileValue.offset
+        for t in weight_map.tensors:
+            offset = ops[weight_map.extra["coreml"]["consts"][t.name]].attributes["val"].blobFileValue.offset
             data = reader.read_float_data(offset) if t.dtype == "float32" else reader.read_fp16_data(offset).view(np.float16)
             stored = np.asarray(data).reshape(t.stored_shape)
             out[t.name] = (stored.T if t.layout == "transpose" else stored).astype(np.float32)

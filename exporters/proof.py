@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime import weight_map as weight_maps
-from device_runtime.weight_map import WeightMap
+from device_runtime.weight_map import WeightMap, read_tensor
 from exporters import prepare
 from exporters.errors import ProofMismatch
 from exporters.quiet import quiet
@@ -31,12 +31,7 @@ def patched_files(artifact: Path, wm: WeightMap, values: dict[str, np.ndarray]) 
 
 def stored_values(wm: WeightMap, files: dict[str, bytes]) -> dict[str, np.ndarray]:
     """Each adaptive tensor read back from the files through the weight map, in PyTorch order."""
-    out = {}
-    for t in wm.tensors:
-        raw = memoryview(files[t.file])[t.offset : t.offset + t.nbytes]
-        stored = np.frombuffer(raw, np.dtype(t.dtype).newbyteorder("<")).reshape(t.stored_shape)
-        out[t.name] = (stored.T if t.layout == "transpose" else stored).astype(np.float32)
-    return out
+    return {t.name: read_tensor(t, files[t.file]).astype(np.float32) for t in wm.tensors}
 
 
 def fresh_values(base: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
@@ -78,7 +73,7 @@ def prove(job) -> dict:
 
     errors = {}
     for label, vals in (("base", job.base), ("patched", values)):
-        read = read_back(job, patched_files(job.artifact, wm, vals))
+        read = read_back(wm, patched_files(job.artifact, wm, vals), job.stage)
         for name, value in vals.items():
             expected = value.astype(wm.tensor(name).dtype).astype(np.float32)
             if read[name].shape != value.shape or not np.array_equal(read[name], expected):

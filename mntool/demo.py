@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -252,9 +251,7 @@ class DeviceModel:
         exporter's read-back: the package must load and each const must point at its blob)."""
         from exporters.coreml import read_back
 
-        job = SimpleNamespace(stage=workdir, artifact_name=self.artifact.name, mode=self.weight_map.mode,
-                              weight_map=self.weight_map, extra=self.weight_map.extra)
-        return read_back(job, files)
+        return read_back(self.weight_map, files, workdir)
 
 
 # ---- scoring ------------------------------------------------------------------------------------
