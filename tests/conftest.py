@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from small_artifacts import exported, patch_for
 
 ML100K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
@@ -34,7 +35,12 @@ def ml100k_dataset(ml100k_interactions):
 @pytest.fixture(scope="session")
 def synthetic_dataset():
     """A small drifting synthetic data set under the default protocol: fast training tests."""
-    from mntool.data import ProtocolConfig, SyntheticConfig, build_dataset, synthetic_interactions
+    from mntool.data import (
+        ProtocolConfig,
+        SyntheticConfig,
+        build_dataset,
+        synthetic_interactions,
+    )
 
     inter = synthetic_interactions(SyntheticConfig(n_users=60, n_items=200, per_user=40, drift=0.5, seed=3))
     return build_dataset(inter, ProtocolConfig(history_len=30, recent_len=30))
@@ -87,3 +93,39 @@ def patch_server(served, tmp_path_factory):
                                       "--max-body-bytes", max_body, "--max-wait-ms", 20, stderr=stderr)
     yield SimpleNamespace(url=process.url, process=process, log=log, token=token, max_body=max_body)
     process.stop()
+
+
+# ---- small exported artifacts (tests/small_artifacts.py), shared by the device-side tests -----
+@pytest.fixture(scope="session")
+def tflite_artifact(tmp_path_factory) -> Path:
+    return exported(tmp_path_factory, "tflite", "buffers")
+
+
+@pytest.fixture(scope="session")
+def onnx_artifact(tmp_path_factory) -> Path:
+    return exported(tmp_path_factory, "onnx", "buffers")
+
+
+@pytest.fixture(scope="session")
+def tflite_inputs_artifact(tmp_path_factory) -> Path:
+    return exported(tmp_path_factory, "tflite", "inputs")
+
+
+@pytest.fixture(scope="session")
+def tflite_patch(tflite_artifact) -> Path:
+    return patch_for(tflite_artifact)
+
+
+@pytest.fixture(scope="session")
+def onnx_patch(onnx_artifact) -> Path:
+    return patch_for(onnx_artifact)
+
+
+@pytest.fixture(scope="session")
+def tflite_inputs_patch(tflite_inputs_artifact) -> Path:
+    return patch_for(tflite_inputs_artifact)
+
+
+@pytest.fixture(params=["tflite", "onnx"])
+def artifact(request) -> Path:
+    return request.getfixturevalue(f"{request.param}_artifact")

@@ -7,10 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_runners import tflite_artifact, tflite_patch  # noqa: F401  (session fixtures)
 
 from device_runtime.adb import (
-    AdbError, DeviceBenchConfig, adb_executable, attached_devices, benchmark_on_device, parse_benchmark_model_output,
+    AdbError,
+    DeviceBenchConfig,
+    adb_executable,
+    attached_devices,
+    benchmark_on_device,
+    parse_benchmark_model_output,
     parse_device,
 )
 

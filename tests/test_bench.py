@@ -11,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_runners import patch_for
-from test_runners import (  # noqa: F401  (session fixtures shared with test_runners.py)
-    artifact, onnx_artifact, onnx_patch, tflite_artifact, tflite_inputs_artifact, tflite_inputs_patch, tflite_patch,
-)
+from small_artifacts import patch_for
 
 from device_runtime.bench import (
-    BenchConfig, BenchError, BenchReport, benchmark, benchmark_isolated, generate_inputs, time_interleaved,
+    BenchConfig,
+    BenchError,
+    BenchReport,
+    benchmark,
+    benchmark_isolated,
+    generate_inputs,
+    time_interleaved,
 )
 from device_runtime.profiles import get_profile
 from device_runtime.runners import find_weight_map

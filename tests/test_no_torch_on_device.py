@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import device_runtime
-from test_runners import onnx_artifact, tflite_artifact, tflite_patch  # noqa: F401  (session fixtures)
 
 FORBIDDEN = ("torch", "mntool", "exporters")
 PACKAGE_DIR = Path(device_runtime.__file__).parent

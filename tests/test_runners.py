@@ -2,109 +2,40 @@
 weight map, outputs equal to PyTorch's, lossless casts only, loading from path / memory / bytes,
 patched parameters reaching the runtime, weights-as-inputs binding, and `mntool run`.
 
-Also home of the session fixtures (exported artifacts, patches) that test_bench.py, test_adb.py
-and test_no_torch_on_device.py import.
+The artifacts and patches are session fixtures from conftest.py (built by small_artifacts.py).
 """
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from small_artifacts import HISTORY, N_ITEMS, fresh_params, patch_for, small_sasrec
 
 from device_runtime import weight_map as weight_maps
 from device_runtime.patch import apply_patch_bytes
 from device_runtime.runners import (
-    RunnerConfig, RunnerError, cast_lossless, find_weight_map, load_inputs, open_runner, run_artifact, runtime_for,
+    RunnerConfig,
+    RunnerError,
+    cast_lossless,
+    find_weight_map,
+    load_inputs,
+    open_runner,
+    run_artifact,
+    runtime_for,
 )
-
-N_ITEMS, HISTORY = 40, 6
-EXPORT_DIR = "device-runtime-artifacts"
-
-
-# ---- fixtures ---------------------------------------------------------------------------------
-def _small_sasrec():
-    from mntool.models import BackboneConfig, build_model
-
-    torch.manual_seed(0)
-    model = build_model("sasrec", N_ITEMS, BackboneConfig(dim=16, max_history=HISTORY, head_hidden=16)).eval()
-    example = (torch.randint(1, N_ITEMS + 1, (1, HISTORY)), torch.randint(1, N_ITEMS + 1, (1,)))
-    return model, example
-
-
-def _exported(tmp_path_factory, target: str, mode: str) -> Path:
-    """Export once per session (fixtures imported by several test modules share the files)."""
-    from exporters import export
-
-    out = tmp_path_factory.getbasetemp() / EXPORT_DIR / mode
-    artifact = out / f"model.{'tflite' if target == 'tflite' else 'onnx'}"
-    if not weight_maps.sidecar_path(artifact).is_file():
-        model, example = _small_sasrec()
-        export(model, example, model.adaptive_names(), target, out, adaptive_as_inputs=mode == "inputs")
-    return artifact
-
-
-def fresh_params(artifact: Path, seed: int = 1) -> dict[str, np.ndarray]:
-    wm = weight_maps.load(artifact)
-    rng = np.random.default_rng(seed)
-    return {t.name: rng.normal(0.0, 0.3, t.shape).astype(np.float32) for t in wm.tensors}
-
-
-def patch_for(artifact: Path) -> Path:
-    from mntool.patches import build_patch
-
-    path = artifact.with_name(artifact.name + ".fresh.mnpatch")
-    if not path.is_file():
-        path.write_bytes(build_patch(artifact, fresh_params(artifact)))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tflite_artifact(tmp_path_factory) -> Path:
-    return _exported(tmp_path_factory, "tflite", "buffers")
-
-
-@pytest.fixture(scope="session")
-def onnx_artifact(tmp_path_factory) -> Path:
-    return _exported(tmp_path_factory, "onnx", "buffers")
-
-
-@pytest.fixture(scope="session")
-def tflite_inputs_artifact(tmp_path_factory) -> Path:
-    return _exported(tmp_path_factory, "tflite", "inputs")
-
-
-@pytest.fixture(scope="session")
-def tflite_patch(tflite_artifact) -> Path:
-    return patch_for(tflite_artifact)
-
-
-@pytest.fixture(scope="session")
-def onnx_patch(onnx_artifact) -> Path:
-    return patch_for(onnx_artifact)
-
-
-@pytest.fixture(scope="session")
-def tflite_inputs_patch(tflite_inputs_artifact) -> Path:
-    return patch_for(tflite_inputs_artifact)
-
-
-@pytest.fixture(params=["tflite", "onnx"])
-def artifact(request) -> Path:
-    return request.getfixturevalue(f"{request.param}_artifact")
 
 
 def _feeds() -> dict[str, np.ndarray]:
-    _, (history, target) = _small_sasrec()
+    _, (history, target) = small_sasrec()
     return {"history": history.numpy(), "target": target.numpy()}
 
 
 def _torch_output(params: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    model, example = _small_sasrec()
+    model, example = small_sasrec()
     with torch.no_grad():
         if params is None:
             return model(*example).numpy()
