@@ -35,12 +35,13 @@ def run_dir(out: Path, model: str, seed: int, method: str) -> Path:
     return out / model / f"seed{seed}" / method.replace(" ", "-").replace("/", "")
 
 
-def train_cell(out: Path, model: str, seed: int, method: str, epochs: int | None, data: str | None, history_len: int) -> Path:
+def train_cell(out: Path, model: str, seed: int, method: str, epochs: int | None, data: str | None, history_len: int,
+               recent_len: int) -> Path:
     target = run_dir(out, model, seed, method)
     if (target / "metrics.json").is_file():
         return target
     cmd = [sys.executable, "-m", "mntool.cli.main", "train", "--model", model, "--seed", str(seed), "--out", str(target),
-           "--history-len", str(history_len), "--quiet", *METHODS[method]]
+           "--history-len", str(history_len), "--recent-len", str(recent_len), "--quiet", *METHODS[method]]
     if method != "static":
         cmd += ["--init", str(run_dir(out, model, seed, "static"))]
     if epochs:
@@ -57,13 +58,13 @@ def train_cell(out: Path, model: str, seed: int, method: str, epochs: int | None
 
 
 def run_grid(out: Path, models: list[str], seeds: list[int], methods: list[str], jobs: int, epochs: int | None,
-             data: str | None, history_len: int) -> None:
+             data: str | None, history_len: int, recent_len: int) -> None:
     # statics first (everything else starts from them), then the rest in parallel
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(lambda ms: train_cell(out, ms[0], ms[1], "static", epochs, data, history_len),
+        list(pool.map(lambda ms: train_cell(out, ms[0], ms[1], "static", epochs, data, history_len, recent_len),
                       [(m, s) for m in models for s in seeds]))
         rest = [(m, s, k) for m in models for s in seeds for k in methods if k != "static"]
-        list(pool.map(lambda msk: train_cell(out, *msk, epochs, data, history_len), rest))
+        list(pool.map(lambda msk: train_cell(out, *msk, epochs, data, history_len, recent_len), rest))
 
 
 def load(out: Path, model: str, seed: int, method: str) -> dict | None:
@@ -118,12 +119,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="training runs at a time (one thread each)")
     ap.add_argument("--epochs", type=int, help="override the maximum epochs")
     ap.add_argument("--history-len", type=int, default=30, help="clicks the device model reads (mntool train --history-len)")
+    ap.add_argument("--recent-len", type=int, default=30, help="items a device uploads (mntool train --recent-len)")
     ap.add_argument("--data", help="MovieLens directory [default: the fetched cache]")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--doc", type=Path, help="also write the tables into this markdown file")
     args = ap.parse_args()
     if not args.report_only:
-        run_grid(args.out, args.models, args.seeds, args.methods, args.jobs, args.epochs, args.data, args.history_len)
+        run_grid(args.out, args.models, args.seeds, args.methods, args.jobs, args.epochs, args.data, args.history_len, args.recent_len)
     table = report(args.out, args.models, args.seeds)
     print(table)
     if args.doc:

@@ -501,7 +501,8 @@ def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None
     base = load_checkpoint(init)
     if base.config.method != "static" or base.config.model != cfg.model or base.n_items != dataset.n_items:
         raise MntoolError(f"--init {init} must be a static {cfg.model} checkpoint on the same data (it is {base.config.method} {base.config.model})")
-    if base.protocol != asdict(dataset.config):
+    # a static model never reads the uploads, so only the upload length may differ
+    if {**base.protocol, "recent_len": None} != {**asdict(dataset.config), "recent_len": None}:
         raise MntoolError(f"--init {init} was trained under another protocol configuration (e.g. --history-len); use the same")
     cfg.backbone = base.config.backbone
     model = base.model

@@ -47,6 +47,20 @@ def synthetic_dataset():
 
 
 @pytest.fixture(scope="session")
+def synthetic_dataset_with():
+    """`synthetic_dataset`'s interactions built under other protocol windows: f(history_len=, recent_len=)."""
+    from mntool.data import (
+        ProtocolConfig,
+        SyntheticConfig,
+        build_dataset,
+        synthetic_interactions,
+    )
+
+    inter = synthetic_interactions(SyntheticConfig(n_users=60, n_items=200, per_user=40, drift=0.5, seed=3))
+    return lambda **windows: build_dataset(inter, ProtocolConfig(**windows))
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
     """Static and MetaNetwork SASRec checkpoints trained briefly on the synthetic data."""
     from mntool.train import TrainConfig, train

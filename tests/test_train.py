@@ -94,6 +94,20 @@ def test_unknown_method_and_bad_init_are_clear_errors(tiny_checkpoints, syntheti
               progress=False, log=lambda s: None)
 
 
+def test_metanetwork_may_read_a_longer_upload_than_its_static_init(tiny_checkpoints, synthetic_dataset_with, tmp_path):
+    """A static model never reads uploads, so --init may come from another upload length; any other
+    protocol difference (here the device window) is refused."""
+    quiet = dict(progress=False, log=lambda s: None)
+    longer = synthetic_dataset_with(history_len=30, recent_len=45)
+    cfg = TrainConfig(model="sasrec", method="metanetwork", epochs=1, batch_size=200, probe_every=20)
+    metrics = train(longer, cfg, tmp_path / "r45", init=tiny_checkpoints["static"], **quiet)
+    assert metrics["method"] == "metanetwork"
+    assert load_checkpoint(tmp_path / "r45").protocol["recent_len"] == 45
+    shorter_window = synthetic_dataset_with(history_len=12, recent_len=30)
+    with pytest.raises(MntoolError, match="another protocol configuration"):
+        train(shorter_window, cfg, tmp_path / "l12", init=tiny_checkpoints["static"], **quiet)
+
+
 def test_checkpoint_of_another_protocol_version_is_refused(tiny_checkpoints, tmp_path):
     import shutil
 

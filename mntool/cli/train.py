@@ -27,7 +27,9 @@ def _metrics_table(metrics: dict) -> str:
 @click.option("--epochs", type=int, default=None, help="Maximum epochs (early stopping on validation UAUC).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--history-len", type=click.IntRange(1, 30), default=30, show_default=True,
-              help="Clicks the device model reads (its on-device history window); uploads stay 30 items.")
+              help="Clicks the device model reads per inference (its on-device window).")
+@click.option("--recent-len", type=click.IntRange(1, 500), default=30, show_default=True,
+              help="Items a device uploads when it asks for parameters (what the MetaGenerator reads).")
 @click.option("--init", "init", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Static checkpoint to start finetune/metanetwork from [default: train one first into OUT/static].")
 @click.option("--data", "data_dir", type=click.Path(exists=True, path_type=Path),
@@ -35,7 +37,7 @@ def _metrics_table(metrics: dict) -> str:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Checkpoint directory to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(model, method, no_stabilizer, epochs, seed, history_len, init, data_dir, out, as_json, quiet):
+def train(model, method, no_stabilizer, epochs, seed, history_len, recent_len, init, data_dir, out, as_json, quiet):
     """Train a device backbone on MovieLens-100k under the time-shift protocol.
 
     Writes OUT/config.json, OUT/weights.pt and OUT/metrics.json (AUC, UAUC, NDCG@10, HR@10 on the
@@ -48,6 +50,7 @@ def train(model, method, no_stabilizer, epochs, seed, history_len, init, data_di
       mntool train --model sasrec --method metanetwork --seed 1 --out runs/sasrec-mn
       mntool train --model gru4rec --method finetune --init runs/gru-static --out runs/gru-ft
       mntool train --model sasrec --history-len 5 --method metanetwork --out runs/sasrec-l5
+      mntool train --model sasrec --recent-len 100 --method metanetwork --init runs/sasrec-static --out runs/sasrec-r100
     """
     from mntool.data import ProtocolConfig
     from mntool.data.datasets import load_dataset
@@ -63,7 +66,7 @@ def train(model, method, no_stabilizer, epochs, seed, history_len, init, data_di
             raise click.UsageError("--no-stabilizer only applies to --method metanetwork")
         cfg.meta = MetaConfig(gate=False, ema=False)
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    dataset = load_dataset(data_dir, ProtocolConfig(history_len=history_len), log=log)
+    dataset = load_dataset(data_dir, ProtocolConfig(history_len=history_len, recent_len=recent_len), log=log)
     metrics = run_train(dataset, cfg, out, init=init, progress=not quiet, log=log)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
