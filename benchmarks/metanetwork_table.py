@@ -72,11 +72,11 @@ def load(out: Path, model: str, seed: int, method: str) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 4) -> str:
     if not values:
         return "–"
     a = np.asarray(values, dtype=float)
-    return f"{a.mean():.4f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.4f}"
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.{digits}f}"
 
 
 def report(out: Path, models: list[str], seeds: list[int]) -> str:
@@ -84,6 +84,9 @@ def report(out: Path, models: list[str], seeds: list[int]) -> str:
              "|---|---|" + "---|" * len(METRICS)]
     extra = ["", "| backbone | method | oscillation (val loss) | steps to 95% of UAUC gain | best epoch | samples/s (1 thread) |",
              "|---|---|---|---|---|---|"]
+    paired = ["", "Difference to the static model of the same seed (each method starts from it), test period, mean ± std "
+              "over seeds, and whether the mean difference exceeds both that std and the static model's seed std:", "",
+              "| backbone | method | ΔUAUC | ΔNDCG@10 | UAUC beats | NDCG@10 beats |", "|---|---|---|---|---|---|"]
     cost = ["", "| backbone | finetune s/device | metanetwork s/device | ratio |", "|---|---|---|---|"]
     for model in models:
         pop = None
@@ -98,15 +101,28 @@ def report(out: Path, models: list[str], seeds: list[int]) -> str:
             if train:
                 osc = mean_std([t["oscillation"] for t in train])
                 steps = [t["steps_to_95pct_gain"] for t in train if t["steps_to_95pct_gain"] is not None]
-                extra.append(f"| {model} | {method} | {osc} | {mean_std(steps) if steps else '–'} | "
-                             f"{mean_std([t['best_epoch'] for t in train])} | {mean_std([t['samples_per_s'] for t in train])} |")
+                extra.append(f"| {model} | {method} | {osc} | {mean_std(steps, 0) if steps else '–'} | "
+                             f"{mean_std([t['best_epoch'] for t in train], 1)} | {mean_std([t['samples_per_s'] for t in train], 0)} |")
+        for method in [m for m in METHODS if m != "static"]:
+            pairs = [(load(out, model, s, "static"), load(out, model, s, method)) for s in seeds]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if not pairs:
+                continue
+            cells, verdicts = [], []
+            for metric in ("uauc", "ndcg@10"):
+                diff = np.array([b["test"][metric] - a["test"][metric] for a, b in pairs])
+                static_std = np.std([a["test"][metric] for a, _ in pairs], ddof=1) if len(pairs) > 1 else 0.0
+                diff_std = diff.std(ddof=1) if len(diff) > 1 else 0.0
+                cells.append(f"{diff.mean():+.4f} ± {diff_std:.4f}")
+                verdicts.append("yes" if len(diff) > 1 and diff.mean() > max(diff_std, static_std) else "no")
+            paired.append(f"| {model} | {method} (n={len(pairs)}) | {cells[0]} | {cells[1]} | {verdicts[0]} | {verdicts[1]} |")
         if pop:
             lines.append(f"| {model} | popularity floor | " + " | ".join(f"{pop[m]:.4f}" for m in METRICS) + " |")
         ft = [r["test"].get("personalise_seconds_per_device") for r in (load(out, model, s, "finetune") for s in seeds) if r]
         mn = [r["test"].get("personalise_seconds_per_device") for r in (load(out, model, s, "metanetwork") for s in seeds) if r]
         if ft and mn:
             cost.append(f"| {model} | {np.mean(ft):.2e} | {np.mean(mn):.2e} | {np.mean(ft) / np.mean(mn):.0f}x |")
-    return "\n".join(lines + extra + cost) + "\n"
+    return "\n".join(lines + paired + extra + cost) + "\n"
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
     batches = list(group_batches(rows, cfg.batch_size, group, np.random.default_rng(0)))[:steps]
 
     def static_step(idx):
-        train.static_step(static, opt_s, rows, idx)
+        train.static_step(static, opt_s, rows, idx, group)
 
     def meta_step(idx):
         train.metanetwork_step(meta, opt_m, rows, idx, group)

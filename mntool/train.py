@@ -30,7 +30,7 @@ from mntool.models import BACKBONES, Backbone, BackboneConfig, build_model
 METHODS = ("static", "finetune", "metanetwork")
 CHECKPOINT_FORMAT = 1
 EVAL_ROWS = 8192  # pointwise rows per evaluation batch
-EVAL_RANK_ROWS = 256  # ranking tasks (x 100 candidates) per evaluation batch
+EVAL_CANDIDATES = 25_600  # scored (history, candidate) pairs per evaluation batch in the candidate form
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _t(a: np.ndarray) -> torch.Tensor:
 def score_rows(model: Backbone, history: np.ndarray, target: np.ndarray, users: np.ndarray, device_params: DeviceParams | None) -> np.ndarray:
     """Logits for rows (history (N, L), target (N,) or (N, C)), each with its device's parameters."""
     model.eval()
-    step = EVAL_ROWS if target.ndim == 1 else EVAL_RANK_ROWS
+    step = EVAL_ROWS if target.ndim == 1 else max(1, EVAL_CANDIDATES // target.shape[1])
     out = []
     for i in range(0, len(history), step):
         h, t = _t(history[i : i + step]), _t(target[i : i + step])
@@ -117,7 +117,9 @@ def evaluate_split(model: Backbone, dataset: DeviceDataset, split: str, device_p
     """AUC/UAUC on the pointwise rows and NDCG@10/HR@10 on the ranking tasks of `split`."""
     rows: SampleSet = dataset.split(split)
     rank: RankingSet = getattr(dataset, f"{split}_rank")
-    scores = score_rows(model, rows.history, rows.target, rows.user, device_params)
+    group = dataset.config.n_negatives + 1
+    grouped = group_inputs(rows, np.arange(len(rows)), group)  # each history scored once with its `group` targets
+    scores = score_rows(model, grouped[0].numpy(), grouped[1].numpy(), rows.user[::group], device_params).reshape(-1)
     if not ranking:
         from mntool.metrics import auc, uauc
 
@@ -191,9 +193,21 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=not progress, leave=False, dynamic_ncols=True)
 
 
-def static_step(model: Backbone, opt: torch.optim.Optimizer, rows: SampleSet, idx: np.ndarray) -> float:
-    """One BCE step of the whole backbone on rows `idx`."""
-    loss = F.binary_cross_entropy_with_logits(model(_t(rows.history[idx]), _t(rows.target[idx])), _t(rows.label[idx]))
+def group_inputs(rows: SampleSet, idx: np.ndarray, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows `idx` (groups of `group` consecutive rows: a positive and its negatives, which share one
+    history) as the backbone's candidate form: history (G, L), targets (G, group), labels (G, group).
+    The history is encoded once per group instead of once per row (GRU4Rec, SASRec: ~4x faster
+    steps); DIN's target attention still runs per candidate."""
+    first = idx[::group]
+    history = rows.history[first]
+    assert np.array_equal(np.repeat(history, group, axis=0), rows.history[idx]), "rows of a group must share one history"
+    return _t(history), _t(rows.target[idx].reshape(-1, group)), _t(rows.label[idx].reshape(-1, group))
+
+
+def static_step(model: Backbone, opt: torch.optim.Optimizer, rows: SampleSet, idx: np.ndarray, group: int) -> float:
+    """One BCE step of the whole backbone on rows `idx` (groups of `group`, see `group_inputs`)."""
+    history, target, label = group_inputs(rows, idx, group)
+    loss = F.binary_cross_entropy_with_logits(model(history, target), label)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -204,8 +218,9 @@ def metanetwork_step(meta: MetaNetwork, opt: torch.optim.Optimizer, rows: Sample
     """One BCE step of the MetaNetwork on rows `idx`, which come in groups of `group` rows (a
     positive and its negatives) sharing one device upload: parameters are generated per group."""
     cond = _t(rows.recent[idx[::group]])
-    logits = meta((_t(rows.history[idx]), _t(rows.target[idx])), (cond,))
-    loss = F.binary_cross_entropy_with_logits(logits, _t(rows.label[idx]))
+    history, target, label = group_inputs(rows, idx, group)
+    logits = meta((history, target), (cond,))  # (groups, group): one parameter set per group
+    loss = F.binary_cross_entropy_with_logits(logits, label)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -227,7 +242,7 @@ def train_static(dataset: DeviceDataset, cfg: TrainConfig, progress: bool = True
     prober = _Prober(dataset, cfg.probe_users, cfg.seed)
 
     def step_fn(idx: np.ndarray) -> float:
-        return static_step(model, opt, dataset.train, idx)
+        return static_step(model, opt, dataset.train, idx, dataset.config.n_negatives + 1)
 
     log = _fit_loop(dataset, cfg, model, step_fn, lambda: None, prober, cfg.epochs, progress, "static")
     return model, log

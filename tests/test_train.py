@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from device_runtime.errors import MntoolError
+from mntool.models import BackboneConfig, build_model
 from mntool.train import (
     Curve,
     TrainConfig,
     finetune_device_params,
     group_batches,
+    group_inputs,
     load_checkpoint,
     recent_training_rows,
     train,
@@ -52,6 +54,26 @@ def test_group_batches_keep_each_positive_with_its_negatives(synthetic_dataset):
         assert np.all(rows.recent[groups] == rows.recent[groups[:, :1]])
         seen.append(idx)
     assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(len(rows)))
+
+
+def test_grouped_candidate_form_equals_scoring_each_row(synthetic_dataset):
+    """Training and evaluation encode a group's shared history once and score its targets as
+    candidates; in eval mode that gives the same logits as scoring every row on its own."""
+    rows, group = synthetic_dataset.train, synthetic_dataset.config.n_negatives + 1
+    idx = next(group_batches(rows, 100, group, np.random.default_rng(1)))
+    history, target, label = group_inputs(rows, idx, group)
+    assert history.shape == (len(idx) // group, rows.history.shape[1]) and target.shape == label.shape == (len(idx) // group, group)
+    for name in ("gru4rec", "sasrec", "din"):
+        torch.manual_seed(0)
+        model = build_model(name, synthetic_dataset.n_items, BackboneConfig()).eval()
+        with torch.no_grad():
+            flat = model(torch.from_numpy(rows.history[idx]), torch.from_numpy(rows.target[idx]))
+            grouped = model(history, target).reshape(-1)
+        torch.testing.assert_close(grouped, flat, rtol=1e-5, atol=1e-6)
+    broken = idx.copy()
+    broken[1] = broken[group]  # a row of another group (another history) inside the first group
+    with pytest.raises(AssertionError, match="share one history"):
+        group_inputs(rows, broken, group)
 
 
 def test_recent_training_rows_use_only_the_upload():
