@@ -11,7 +11,7 @@ rows are scored by the compiled static model, and by the metanetwork artifact as
 UAUC/NDCG@10 per model and the server's throughput and latency during the run.
 
     .venv/bin/python examples/fleet.py --ckpt runs/sasrec-mn --data ../shared/data/ml-100k
-    .venv/bin/python examples/fleet.py --devices 50 --json   # trains runs/fleet/sasrec-mn first (slow)
+    .venv/bin/python examples/fleet.py --devices 50 --json   # trains runs/fleet/sasrec-mn first (minutes)
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ class FleetConfig:
     refresh_every: int = 10  # K: re-upload after every K test interactions (the protocol's cloud cadence)
     workers: int = 2  # server worker processes
     concurrency: int = 8  # devices simulated at once (threads)
-    epochs: int = 2  # when training the checkpoint here
+    epochs: int | None = None  # when training the checkpoint here (None: mntool train's default, early stopping)
+    history_len: int = 10  # when training it here: clicks the device model reads (the upload stays 30)
     seed: int = 0
 
 
@@ -190,10 +191,11 @@ def checkpoints(cfg: FleetConfig) -> tuple[Path, Path | None]:
         print(f"using the checkpoint trained by an earlier run: {ckpt}", file=sys.stderr)
     elif ckpt is None:
         ckpt = cfg.out / "sasrec-mn"
-        print(f"training a SASRec metanetwork checkpoint into {ckpt} ({cfg.epochs} epochs; static first)", file=sys.stderr)
-        data = ["--data", str(cfg.data)] if cfg.data else []
+        print(f"training a SASRec metanetwork checkpoint reading {cfg.history_len} clicks into {ckpt} (static first)",
+              file=sys.stderr)
+        extra = (["--data", str(cfg.data)] if cfg.data else []) + (["--epochs", str(cfg.epochs)] if cfg.epochs else [])
         subprocess.run([sys.executable, "-m", "mntool.cli.main", "train", "--model", "sasrec", "--method", "metanetwork",
-                        "--epochs", str(cfg.epochs), "--out", str(ckpt), "--quiet", *data], check=True)
+                        "--history-len", str(cfg.history_len), "--out", str(ckpt), "--quiet", *extra], check=True)
     static = cfg.static_ckpt
     if static is None:
         init = json.loads((ckpt / "metrics.json").read_text()).get("init")
@@ -301,12 +303,13 @@ def main() -> None:
     parser.add_argument("--refresh-every", type=int, default=FleetConfig.refresh_every)
     parser.add_argument("--workers", type=int, default=FleetConfig.workers)
     parser.add_argument("--concurrency", type=int, default=FleetConfig.concurrency)
-    parser.add_argument("--epochs", type=int, default=FleetConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=FleetConfig.epochs, help="when training here [default: early stopping]")
+    parser.add_argument("--history-len", type=int, default=FleetConfig.history_len, help="when training here: device window")
     parser.add_argument("--seed", type=int, default=FleetConfig.seed)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     a = parser.parse_args()
     cfg = FleetConfig(a.ckpt, a.static_ckpt, a.data, a.out, a.devices, a.target, a.refresh_every, a.workers,
-                      a.concurrency, a.epochs, a.seed)
+                      a.concurrency, a.epochs, a.history_len, a.seed)
     result = run(cfg)
     (cfg.out / "fleet.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if a.json else report(result))
