@@ -40,8 +40,9 @@ class DemoError(MntoolError):
 @dataclass(frozen=True)
 class DemoConfig:
     users: int = 200  # device users personalised and scored with the compiled models (0 = all)
-    static_epochs: int = 3  # SASRec static training epochs (early stopping may end sooner)
-    metanetwork_epochs: int = 2  # MetaNetwork phase epochs, started from the static model
+    history_len: int = 10  # clicks the device model reads; the upload stays the protocol's 30 (see docs/metanetwork.md)
+    static_epochs: int = 10  # SASRec static training epochs at most (early stopping on validation ends sooner)
+    metanetwork_epochs: int = 4  # MetaNetwork phase epochs at most, started from the static model
     train_users: int = 0  # train on this many device users only (0 = all); the quick mode's shortcut
     batch: int = 100  # rows per compiled-model call: one ranking request (1 positive + 99 candidates)
     bench_runs: int = 500  # timed steady-state inferences per variant
@@ -54,7 +55,7 @@ class DemoConfig:
         for name in ("users", "train_users"):
             if getattr(self, name) < 0:
                 raise DemoError(f"{name} must be >= 0 (0 = all), got {getattr(self, name)}")
-        for name in ("static_epochs", "metanetwork_epochs", "batch", "bench_runs", "bench_loads", "threads"):
+        for name in ("history_len", "static_epochs", "metanetwork_epochs", "batch", "bench_runs", "bench_loads", "threads"):
             if getattr(self, name) < 1:
                 raise DemoError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.bench_warmup < 0:
@@ -158,10 +159,12 @@ def prepare_out_dir(out: Path, fresh: bool) -> None:
 
 # ---- stages -------------------------------------------------------------------------------------
 def load_data(data_dir: Path | None, cfg: DemoConfig, log: Callable[[str], None]):
-    """The ML-100k dataset under the default protocol (restricted to `train_users` if set)."""
+    """The ML-100k dataset under the default protocol with the demo's device window (restricted to
+    `train_users` if set)."""
+    from mntool.data import ProtocolConfig
     from mntool.data.datasets import load_dataset
 
-    dataset = load_dataset(data_dir, log=log)
+    dataset = load_dataset(data_dir, ProtocolConfig(history_len=cfg.history_len), log=log)
     if cfg.train_users and cfg.train_users < len(dataset.device_users):
         users = np.random.default_rng(cfg.seed).choice(dataset.device_users, cfg.train_users, replace=False)
         dataset = dataset.for_users(np.sort(users))
@@ -171,9 +174,11 @@ def load_data(data_dir: Path | None, cfg: DemoConfig, log: Callable[[str], None]
 def train_cached(dataset, data_key: str, method: str, epochs: int, cfg: DemoConfig, out: Path, fresh: bool,
                  progress: bool, record: dict, init: Path | None = None, init_key: str = "") -> tuple[Path, str]:
     """A checkpoint of `method` in `out`, trained unless one from the same inputs is there."""
+    from mntool.models import BackboneConfig
     from mntool.train import TrainConfig, train
 
-    train_cfg = TrainConfig(model="sasrec", method=method, epochs=epochs, seed=cfg.seed)
+    train_cfg = TrainConfig(model="sasrec", method=method, epochs=epochs, seed=cfg.seed,
+                            backbone=BackboneConfig(max_history=cfg.history_len))
     key = _key(train=train_cfg.to_dict(), data=data_key, init=init_key)
     stamp = read_stamp(out / STAMP, key, fresh)
     if stamp:

@@ -233,6 +233,11 @@ def render_markdown(result: dict) -> str:
         "and the device side verified the patch and wrote it into the compiled model, which then scored the user's "
         "held-out interactions. Every figure below comes from those compiled models unless it says PyTorch.",
         "",
+        (f"The device model reads the user's last {data['protocol']['history_len']} clicks per inference; the upload the "
+         f"MetaNetwork reads is the user's last {data['protocol']['recent_len']} items before the test period, so the cloud "
+         "adapts a cheap on-device model with context it does not read itself (at equal windows MetaNetwork ties a "
+         "converged static model: docs/metanetwork.md)."),
+        "",
         f"Host: {host.get('cpu', 'unknown CPU')}, {host.get('cpu_count')} CPUs, load average {result['load_average_at_start']:.1f} "
         "at the start" + (" (other jobs were running: every time below includes their interference)"
                           if result["load_average_at_start"] > 0.5 * host.get("cpu_count", 1) else "") + ". "

@@ -110,7 +110,7 @@ def test_score_pairs_pads_the_last_chunk(demo_run, ml100k_dir):
     ckpt = load_checkpoint(out / "runs" / "static")
     artifact = out / "artifacts" / "static" / "model.onnx"
     rng = np.random.default_rng(0)
-    history = rng.integers(0, ckpt.n_items + 1, (150, 30))
+    history = rng.integers(0, ckpt.n_items + 1, (150, ckpt.protocol["history_len"]))
     target = rng.integers(1, ckpt.n_items + 1, 150)
     with open_runner(artifact, weight_map=wmap.load(artifact)) as runner:
         got = score_pairs(runner, history, target, 100)
