@@ -41,7 +41,7 @@ class DemoError(MntoolError):
 class DemoConfig:
     users: int = 200  # device users personalised and scored with the compiled models (0 = all)
     history_len: int = 10  # clicks the device model reads; the upload stays the protocol's 30 (see docs/metanetwork.md)
-    static_epochs: int = 10  # SASRec static training epochs at most (early stopping on validation ends sooner)
+    static_epochs: int = 20  # SASRec static training epochs at most (early stopping on validation ends sooner)
     metanetwork_epochs: int = 4  # MetaNetwork phase epochs at most, started from the static model
     train_users: int = 0  # train on this many device users only (0 = all); the quick mode's shortcut
     batch: int = 100  # rows per compiled-model call: one ranking request (1 positive + 99 candidates)
