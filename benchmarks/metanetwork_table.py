@@ -145,7 +145,14 @@ def main() -> None:
     table = report(args.out, args.models, args.seeds)
     print(table)
     if args.doc:
-        args.doc.write_text(table)
+        command = " ".join([".venv/bin/python", "benchmarks/metanetwork_table.py", *(a for a in sys.argv[1:] if a != "--report-only")])
+        args.doc.write_text(
+            f"# MetaNetwork table: device model reads {args.history_len} clicks, devices upload {args.recent_len} items\n\n"
+            f"MovieLens-100k test period (protocol ts-v1), seeds {', '.join(map(str, args.seeds))}; every cell a real "
+            "`mntool train` run selected on validation only. Written by\n\n"
+            f"```\n{command}\n```\n\n(finished runs under `{args.out}` are reused; `--report-only` rewrites this page "
+            "from them). What the columns mean and how to read them: [metanetwork-results.md](metanetwork-results.md).\n\n"
+            + table)
 
 
 if __name__ == "__main__":
