@@ -281,19 +281,29 @@ def train_metanetwork(dataset: DeviceDataset, cfg: TrainConfig, init: Backbone, 
     def params_fn() -> DeviceParams:
         return generate_device_params(meta, users, valid_recent)
 
-    log = _fit_loop(dataset, cfg, meta, step_fn, params_fn, prober, cfg.epochs, progress, "metanetwork", backbone=meta.backbone)
+    log = _fit_loop(dataset, cfg, meta, step_fn, params_fn, prober, cfg.epochs, progress, "metanetwork", backbone=meta.backbone,
+                    start_is_candidate=cfg.meta.gate and not cfg.meta_train_backbone)
     meta.backbone.requires_grad_(True)
     return meta, log
 
 
-def _fit_loop(dataset, cfg, module, step_fn, params_fn, prober, epochs, progress, name, backbone=None) -> dict:
-    """Epochs of `step_fn` with validation probes, early stopping and best-epoch restore."""
+def _fit_loop(dataset, cfg, module, step_fn, params_fn, prober, epochs, progress, name, backbone=None,
+              start_is_candidate: bool = False) -> dict:
+    """Epochs of `step_fn` with validation probes, early stopping and best-epoch restore.
+
+    With `start_is_candidate` the module as given competes as epoch 0 (used when it is exactly the
+    static model, i.e. the gated MetaNetwork at its zero-gate start): if no epoch validates better,
+    the static parameters are what is kept."""
     backbone = backbone if backbone is not None else module
     rng = np.random.default_rng(cfg.seed + 2)
     group = dataset.config.n_negatives + 1
     best, best_state, bad, step = -math.inf, None, 0, 0
     epochs_log = []
     prober(0, backbone, params_fn())
+    start = None
+    if start_is_candidate:
+        start = evaluate_split(backbone, dataset, "valid", params_fn(), ranking=False)["uauc"]
+        best, best_state = start, {k: v.detach().clone() for k, v in module.state_dict().items()}
     for epoch in range(1, epochs + 1):
         t0, n_rows, losses = time.perf_counter(), 0, []
         train_time = 0.0
@@ -325,8 +335,10 @@ def _fit_loop(dataset, cfg, module, step_fn, params_fn, prober, epochs, progress
                 break
     module.load_state_dict(best_state)
     best_epoch = max(epochs_log, key=lambda e: e["valid_uauc"])["epoch"]
+    if start is not None and start >= epochs_log[best_epoch - 1]["valid_uauc"]:
+        best_epoch = 0  # no epoch beat the static start: the static parameters were kept
     return {
-        "epochs": epochs_log, "best_epoch": best_epoch, "steps": step,
+        "epochs": epochs_log, "best_epoch": best_epoch, "start_valid_uauc": start, "steps": step,
         "samples_per_s": float(np.mean([e["samples_per_s"] for e in epochs_log])),
         "epoch_seconds": float(np.mean([e["train_seconds"] for e in epochs_log])),
         "curve": asdict(prober.curve), "oscillation": prober.curve.oscillation(),

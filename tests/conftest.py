@@ -68,7 +68,8 @@ def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     quiet = dict(progress=False, log=lambda s: None)
     train(synthetic_dataset, TrainConfig(model="sasrec", method="static", epochs=3, batch_size=200, lr=5e-3, probe_every=20), root / "static", **quiet)
-    train(synthetic_dataset, TrainConfig(model="sasrec", method="metanetwork", epochs=2, batch_size=200, meta_lr=5e-3, probe_every=20), root / "mn",
+    # meta_lr 2e-2: the generator must validate better than its static start (else the start is kept; test_train.py)
+    train(synthetic_dataset, TrainConfig(model="sasrec", method="metanetwork", epochs=2, batch_size=200, meta_lr=2e-2, probe_every=20), root / "mn",
           init=root / "static", **quiet)
     return {"static": root / "static", "metanetwork": root / "mn"}
 

@@ -13,6 +13,7 @@ from mntool.train import (
     Curve,
     TrainConfig,
     finetune_device_params,
+    generate_device_params,
     group_batches,
     group_inputs,
     load_checkpoint,
@@ -128,6 +129,41 @@ def test_metanetwork_may_read_a_longer_upload_than_its_static_init(tiny_checkpoi
     shorter_window = synthetic_dataset_with(history_len=12, recent_len=30)
     with pytest.raises(MntoolError, match="another protocol configuration"):
         train(shorter_window, cfg, tmp_path / "l12", init=tiny_checkpoints["static"], **quiet)
+
+
+def test_metanetwork_keeps_the_static_start_when_no_epoch_validates_better(tiny_checkpoints, synthetic_dataset):
+    """The gated MetaNetwork starts exactly at the static model, and that start competes in model
+    selection: a generator that only hurts on validation (here trained by gradient *ascent*) ships
+    the static parameters."""
+    import torch.nn.functional as F
+
+    from mntool.train import _fit_loop, _Prober, build_metanetwork
+
+    cfg = TrainConfig(model="sasrec", method="metanetwork", batch_size=200, probe_every=20)
+    static = load_checkpoint(tiny_checkpoints["static"]).model
+    meta = build_metanetwork(load_checkpoint(tiny_checkpoints["static"]).model, cfg, synthetic_dataset.config.recent_len)
+    meta.backbone.requires_grad_(False)
+    opt = torch.optim.Adam(meta.generator_parameters(), lr=1e-2)
+    rows, group = synthetic_dataset.train, synthetic_dataset.config.n_negatives + 1
+    users, valid_recent = synthetic_dataset.device_recent("valid")
+
+    def ascent(idx):
+        history, target, label = group_inputs(rows, idx, group)
+        loss = -F.binary_cross_entropy_with_logits(meta((history, target), (torch.from_numpy(rows.recent[idx[::group]]),)), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        meta.update_ema()
+        return -loss.item()
+
+    log = _fit_loop(synthetic_dataset, cfg, meta, ascent, lambda: generate_device_params(meta, users, valid_recent),
+                    _Prober(synthetic_dataset, cfg.probe_users, cfg.seed), 2, False, "metanetwork", backbone=meta.backbone,
+                    start_is_candidate=True)
+    assert log["best_epoch"] == 0
+    assert all(e["valid_uauc"] < log["start_valid_uauc"] for e in log["epochs"])
+    params = generate_device_params(meta, users[:5], valid_recent[:5]).params
+    for name, value in params.items():
+        assert torch.equal(value, dict(static.named_parameters())[name].detach().expand_as(value)), name
 
 
 def test_checkpoint_of_another_protocol_version_is_refused(tiny_checkpoints, tmp_path):
