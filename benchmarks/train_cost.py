@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from mntool import train
+from mntool.data import ProtocolConfig
 from mntool.data.datasets import load_dataset
-from mntool.models import build_model
+from mntool.models import BackboneConfig, build_model
 from mntool.train import (
     TrainConfig,
     build_metanetwork,
@@ -33,7 +34,7 @@ from mntool.train import (
 
 
 def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
-    cfg = TrainConfig(model=model_name)
+    cfg = TrainConfig(model=model_name, backbone=BackboneConfig(max_history=dataset.config.history_len))
     torch.manual_seed(0)
     static = build_model(model_name, dataset.n_items, cfg.backbone).train()
     meta = build_metanetwork(build_model(model_name, dataset.n_items, cfg.backbone), cfg, dataset.config.recent_len).train()
@@ -65,7 +66,7 @@ def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
 
 
 def personalisation_cost(dataset, model_name: str, devices: int) -> dict:
-    cfg = TrainConfig(model=model_name)
+    cfg = TrainConfig(model=model_name, backbone=BackboneConfig(max_history=dataset.config.history_len))
     torch.manual_seed(0)
     model = build_model(model_name, dataset.n_items, cfg.backbone).eval()
     meta = build_metanetwork(model, cfg, dataset.config.recent_len).eval()
@@ -91,16 +92,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--devices", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--history-len", type=int, default=30, help="clicks the device model reads (mntool train --history-len)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dataset = load_dataset()
+    dataset = load_dataset(None, ProtocolConfig(history_len=args.history_len))
     results = {m: {**training_steps(dataset, m, args.steps, args.rounds), **personalisation_cost(dataset, m, args.devices)}
                for m in args.models}
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"threads={args.threads}, {args.steps} steps x {args.rounds} rounds, batch {TrainConfig().batch_size} rows")
+    print(f"threads={args.threads}, history {args.history_len}, {args.steps} steps x {args.rounds} rounds, "
+          f"batch {TrainConfig().batch_size} rows")
     print("| backbone | static samples/s | MetaNetwork samples/s | MN/static step time | generate ms/device | finetune ms/device | finetune/generate |")
     print("|---|---|---|---|---|---|---|")
     for m, r in results.items():
