@@ -118,8 +118,8 @@ def evaluate_split(model: Backbone, dataset: DeviceDataset, split: str, device_p
     rows: SampleSet = dataset.split(split)
     rank: RankingSet = getattr(dataset, f"{split}_rank")
     group = dataset.config.n_negatives + 1
-    grouped = group_inputs(rows, np.arange(len(rows)), group)  # each history scored once with its `group` targets
-    scores = score_rows(model, grouped[0].numpy(), grouped[1].numpy(), rows.user[::group], device_params).reshape(-1)
+    history, target, _ = grouped_rows(rows, np.arange(len(rows)), group)  # each history scored once with its targets
+    scores = score_rows(model, history, target, rows.user[::group], device_params).reshape(-1)
     if not ranking:
         from mntool.metrics import auc, uauc
 
@@ -193,15 +193,19 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=not progress, leave=False, dynamic_ncols=True)
 
 
-def group_inputs(rows: SampleSet, idx: np.ndarray, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def grouped_rows(rows: SampleSet, idx: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows `idx` (groups of `group` consecutive rows: a positive and its negatives, which share one
     history) as the backbone's candidate form: history (G, L), targets (G, group), labels (G, group).
     The history is encoded once per group instead of once per row (GRU4Rec, SASRec: ~4x faster
     steps); DIN's target attention still runs per candidate."""
-    first = idx[::group]
-    history = rows.history[first]
+    history = rows.history[idx[::group]]
     assert np.array_equal(np.repeat(history, group, axis=0), rows.history[idx]), "rows of a group must share one history"
-    return _t(history), _t(rows.target[idx].reshape(-1, group)), _t(rows.label[idx].reshape(-1, group))
+    return history, rows.target[idx].reshape(-1, group), rows.label[idx].reshape(-1, group)
+
+
+def group_inputs(rows: SampleSet, idx: np.ndarray, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`grouped_rows` as tensors: the inputs of one training step."""
+    return tuple(_t(a) for a in grouped_rows(rows, idx, group))
 
 
 def static_step(model: Backbone, opt: torch.optim.Optimizer, rows: SampleSet, idx: np.ndarray, group: int) -> float:
