@@ -33,31 +33,19 @@ def ml100k_dataset(ml100k_interactions):
 
 
 @pytest.fixture(scope="session")
-def synthetic_dataset():
-    """A small drifting synthetic data set under the default protocol: fast training tests."""
-    from mntool.data import (
-        ProtocolConfig,
-        SyntheticConfig,
-        build_dataset,
-        synthetic_interactions,
-    )
-
-    inter = synthetic_interactions(SyntheticConfig(n_users=60, n_items=200, per_user=40, drift=0.5, seed=3))
-    return build_dataset(inter, ProtocolConfig(history_len=30, recent_len=30))
-
-
-@pytest.fixture(scope="session")
 def synthetic_dataset_with():
-    """`synthetic_dataset`'s interactions built under other protocol windows: f(history_len=, recent_len=)."""
-    from mntool.data import (
-        ProtocolConfig,
-        SyntheticConfig,
-        build_dataset,
-        synthetic_interactions,
-    )
+    """Small drifting synthetic interactions, built under the protocol windows given:
+    f(history_len=, recent_len=) -> DeviceDataset."""
+    from mntool.data import ProtocolConfig, SyntheticConfig, build_dataset, synthetic_interactions
 
     inter = synthetic_interactions(SyntheticConfig(n_users=60, n_items=200, per_user=40, drift=0.5, seed=3))
     return lambda **windows: build_dataset(inter, ProtocolConfig(**windows))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(synthetic_dataset_with):
+    """The synthetic data under the default protocol windows: fast training tests."""
+    return synthetic_dataset_with(history_len=30, recent_len=30)
 
 
 @pytest.fixture(scope="session")
