@@ -6,14 +6,17 @@ for every adaptive tensor; the MetaStabilizer turns residuals into parameters
 `theta = theta_static + bound * tanh(gate) * rms(theta_static) * residual / max(1, rms(residual))`, with the gate
 starting at zero so training starts exactly from the static model, and keeps an EMA copy of the
 generator for evaluation and generation. `per_sample_call` runs the backbone with a different set
-of adaptive parameters for every row of a batch, without a Python loop over samples. Nothing here
-knows about recommendation; `RecentItemsEncoder` at the bottom is the encoder our recommenders use.
+of adaptive parameters for every row of a batch, without a Python loop over samples; in training,
+adaptive `nn.Linear` weights stay factored (`LowRank`: static + A @ B per device, applied as
+`x W^T + (x B^T) A^T`), so no device's full matrix is ever built. Nothing here knows about
+recommendation; `RecentItemsEncoder` at the bottom is the encoder our recommenders use.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -39,18 +42,38 @@ class MetaConfig:
 
 
 # ---- running a module with per-sample parameters ------------------------------------------------
-def _batched_linear_forward(weight: torch.Tensor, bias: torch.Tensor | None):
-    """forward() for an nn.Linear whose weight is (U, out, in) and bias (U, out): one bmm.
+class LowRank(NamedTuple):
+    """Per-device matrices kept factored: W_u = static + left[u] @ right[u].
+
+    static (out, in), left (U, out, r), right (U, r, in). `materialise()` builds the (U, out, in)
+    stack; a Linear layer applies it without doing so (`_batched_linear_forward`)."""
+
+    static: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def materialise(self) -> torch.Tensor:
+        return self.static.unsqueeze(0) + torch.bmm(self.left, self.right)
+
+
+def _batched_linear_forward(weight: torch.Tensor | LowRank, bias: torch.Tensor | None):
+    """forward() for an nn.Linear whose weight is (U, out, in) (one bmm) or a `LowRank`
+    (`x W^T` for all rows in one matmul, plus `(x B^T) A^T` per group: two thin bmm's), and bias
+    (U, out) or None.
 
     The input's rows (B, ..., in) come in U contiguous equal groups; group u uses set u."""
+    U = weight.left.shape[0] if isinstance(weight, LowRank) else weight.shape[0]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        U = weight.shape[0]
         assert x.shape[0] % U == 0, f"{x.shape[0]} rows do not split into {U} parameter groups"
-        y = torch.bmm(x.reshape(U, -1, x.shape[-1]), weight.transpose(1, 2))  # (U, rows per group, out)
+        xg = x.reshape(U, -1, x.shape[-1])  # (U, rows per group, in)
+        if isinstance(weight, LowRank):
+            y = F.linear(xg, weight.static) + torch.bmm(torch.bmm(xg, weight.right.transpose(1, 2)), weight.left.transpose(1, 2))
+        else:
+            y = torch.bmm(xg, weight.transpose(1, 2))  # (U, rows per group, out)
         if bias is not None:
             y = y + bias.unsqueeze(1)
-        return y.reshape(*x.shape[:-1], weight.shape[1])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     return forward
 
@@ -75,7 +98,7 @@ def _patched_linears(owners: dict[str, nn.Linear], params: dict[str, torch.Tenso
         for path, lin in owners.items():
             weight = params.get(f"{path}.weight")
             bias = params.get(f"{path}.bias")
-            B = (weight if weight is not None else bias).shape[0]
+            B = weight.left.shape[0] if isinstance(weight, LowRank) else (weight if weight is not None else bias).shape[0]
             if weight is None:
                 weight = lin.weight.unsqueeze(0).expand(B, *lin.weight.shape)
             if bias is None and lin.bias is not None:
@@ -87,9 +110,10 @@ def _patched_linears(owners: dict[str, nn.Linear], params: dict[str, torch.Tenso
             lin.__dict__.pop("forward", None)
 
 
-def per_sample_call(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, index: torch.Tensor | None = None) -> torch.Tensor:
+def per_sample_call(module: nn.Module, params: dict[str, torch.Tensor | LowRank], args: tuple, index: torch.Tensor | None = None) -> torch.Tensor:
     """`module(*args)` where input row b uses parameter set `index[b]` of each given (adaptive)
-    parameter, `params[name]` being (U, *shape): one set per *device*.
+    parameter, `params[name]` being (U, *shape): one set per *device* (or a `LowRank`, for the
+    weight of an `nn.Linear`).
 
     Without `index`, the B input rows come in U contiguous groups of B / U rows, group u using set
     u: the cheap layout (a batch of a few devices' rows is run without copying any parameter per
@@ -97,9 +121,11 @@ def per_sample_call(module: nn.Module, params: dict[str, torch.Tensor], args: tu
     layers (the common case: heads) run as batched matmuls; anything else falls back to
     `torch.func.vmap` over `functional_call`.
     """
+    owners = _linear_owners(module, list(params))
+    if owners is None or index is not None:
+        params = {n: p.materialise() if isinstance(p, LowRank) else p for n, p in params.items()}
     if index is not None:
         params = {n: p.index_select(0, index) for n, p in params.items()}  # (B, *shape)
-    owners = _linear_owners(module, list(params))
     if owners is not None:
         with _patched_linears(owners, params):
             return module(*args)
@@ -134,13 +160,17 @@ class LowRankHead(nn.Module):
         else:
             self.vector = nn.Linear(cond_dim, int(torch.tensor(shape).prod()))
 
+    def factors(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A / sqrt(rank) (B, n0, r), B (B, r, m)) of a matrix-shaped tensor's residual."""
+        B = c.shape[0]
+        a = self.left(c).view(B, self.rows, self.rank) * self.rank**-0.5
+        return a, self.right(c).view(B, self.rank, self.cols)
+
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         B = c.shape[0]
         if not self.rows:
             return self.vector(c).view(B, *self.shape)
-        a = self.left(c).view(B, self.rows, self.rank)  # (B, n0, r)
-        b = self.right(c).view(B, self.rank, self.cols)  # (B, r, m)
-        return (torch.bmm(a, b) * self.rank**-0.5).view(B, *self.shape)
+        return torch.bmm(*self.factors(c)).view(B, *self.shape)
 
 
 class MetaGenerator(nn.Module):
@@ -156,6 +186,12 @@ class MetaGenerator(nn.Module):
     def forward(self, *condition_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.encoder(*condition_inputs)  # (B, cond_dim)
         return {n: self.heads[n.replace(".", "__")](c) for n in self.names}
+
+    def factored(self, *condition_inputs: torch.Tensor) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """Like forward(), but 2-D residuals stay as their (A, B) factors."""
+        c = self.encoder(*condition_inputs)
+        heads = {n: self.heads[n.replace(".", "__")] for n in self.names}
+        return {n: h.factors(c) if h.rows and len(h.shape) == 2 else h(c) for n, h in heads.items()}
 
 
 class MetaStabilizer(nn.Module):
@@ -179,17 +215,35 @@ class MetaStabilizer(nn.Module):
         self.config = config
         self.gates = nn.Parameter(torch.zeros(len(names))) if config.gate else None
 
+    def _coefficient(self, i: int, static: torch.Tensor, residual_ms: torch.Tensor) -> torch.Tensor:
+        """(B,) factor of tensor i's residual from its mean square per device (a constant to autograd, as before)."""
+        scale = static.detach().pow(2).mean().sqrt().clamp_min(1e-6)
+        return self.config.bound * torch.tanh(self.gates[i]) * scale / residual_ms.sqrt().clamp_min(1.0)
+
+    def _full(self, i: int, static: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if self.gates is None:
+            return static.unsqueeze(0) + r
+        coef = self._coefficient(i, static, r.detach().flatten(1).pow(2).mean(1))
+        return static.unsqueeze(0) + coef.view(-1, *[1] * (r.dim() - 1)) * r
+
     def forward(self, static: dict[str, torch.Tensor], residual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: self._full(i, static[n], residual[n]) for i, n in enumerate(self.names)}
+
+    def factored(self, static: dict[str, torch.Tensor], residual: dict) -> dict[str, torch.Tensor | LowRank]:
+        """forward() for residuals from `MetaGenerator.factored`: a matrix's (A, B) becomes a
+        `LowRank` with the same value (its mean square from the r x r Gram matrices, never the full
+        product); other tensors as in forward()."""
         out = {}
         for i, n in enumerate(self.names):
-            base = static[n].unsqueeze(0)  # (1, *shape)
-            if self.gates is None:
-                out[n] = base + residual[n]
-            else:
-                scale = base.detach().pow(2).mean().sqrt().clamp_min(1e-6)
-                r = residual[n]
-                r_rms = r.detach().flatten(1).pow(2).mean(1).sqrt().clamp_min(1.0).view(-1, *[1] * (r.dim() - 1))
-                out[n] = base + self.config.bound * torch.tanh(self.gates[i]) * scale * (r / r_rms)
+            if not isinstance(residual[n], tuple):
+                out[n] = self._full(i, static[n], residual[n])
+                continue
+            a, b = residual[n]
+            if self.gates is not None:
+                with torch.no_grad():  # ||A B||_F^2 = sum((A^T A) * (B B^T))
+                    ms = (torch.bmm(a.transpose(1, 2), a) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)) / (a.shape[1] * b.shape[2])
+                a = a * self._coefficient(i, static[n], ms).view(-1, 1, 1)
+            out[n] = LowRank(static[n], a, b)
         return out
 
 
@@ -224,13 +278,19 @@ class MetaNetwork(nn.Module):
 
     def adaptive_params(self, *condition: torch.Tensor, use_ema: bool = False) -> dict[str, torch.Tensor]:
         """Generated adaptive parameters, (B, *shape) each, one set per condition row."""
-        generator, stabilizer = (self.ema_generator, self.ema_stabilizer) if use_ema and self.config.ema else (self.generator, self.stabilizer)
+        generator, stabilizer = self._parts(use_ema)
         return stabilizer(self.static_params(), generator(*condition))
+
+    def _parts(self, use_ema: bool) -> tuple[MetaGenerator, MetaStabilizer]:
+        return (self.ema_generator, self.ema_stabilizer) if use_ema and self.config.ema else (self.generator, self.stabilizer)
 
     def forward(self, inputs: tuple, condition: tuple, index: torch.Tensor | None = None, use_ema: bool = False) -> torch.Tensor:
         """Backbone output on `inputs` (B rows); `condition` holds U device rows and `index` (B,)
-        the device of each input row (default: U contiguous equal groups of rows)."""
-        return per_sample_call(self.backbone, self.adaptive_params(*condition, use_ema=use_ema), inputs, index)
+        the device of each input row (default: U contiguous equal groups of rows). Matrices stay
+        factored (`LowRank`) on the way: the same values as `adaptive_params`, built at rank cost."""
+        generator, stabilizer = self._parts(use_ema)
+        params = stabilizer.factored(self.static_params(), generator.factored(*condition))
+        return per_sample_call(self.backbone, params, inputs, index)
 
     @torch.no_grad()
     def update_ema(self) -> None:

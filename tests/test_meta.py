@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from mntool.meta import MetaConfig, MetaNetwork, RecentItemsEncoder
+from mntool.meta import MetaConfig, MetaNetwork, RecentItemsEncoder, per_sample_call
 from mntool.models import BACKBONES, build_model
 
 
@@ -112,6 +112,32 @@ def test_grouped_rows_equal_gathered_rows(name):
     grouped = mn((h, t), (r,))
     gathered = mn((h, t), (r,), torch.tensor([0, 0, 1, 1, 2, 2]))
     torch.testing.assert_close(grouped, gathered, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("config", [MetaConfig(), MetaConfig(gate=False, ema=False)], ids=["stabilized", "plain"])
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_factored_training_path_equals_materialised_weights_with_gradients(name, config):
+    """Training keeps head matrices factored (static + A B, applied as x W^T + (x B^T) A^T, the
+    stabilizer's norm from r x r Grams); outputs and every gradient (generator, gates, backbone)
+    equal running the backbone on the fully built per-device weights."""
+    grads = []
+    for factored in (True, False):
+        mn = _meta(name, config).eval()
+        if mn.stabilizer.gates is not None:
+            with torch.no_grad():
+                mn.stabilizer.gates.fill_(0.7)
+        h, t, r, _ = _batch(B=6, U=3)
+        if factored:
+            out = mn((h, t), (r,))
+        else:
+            out = per_sample_call(mn.backbone, mn.adaptive_params(r), (h, t))
+        (out * torch.linspace(-1, 1, len(out))).sum().backward()
+        grads.append((out.detach(), {n: p.grad for n, p in mn.named_parameters() if p.grad is not None}))
+    (out_f, g_f), (out_m, g_m) = grads
+    torch.testing.assert_close(out_f, out_m, atol=1e-6, rtol=1e-5)
+    assert g_f.keys() == g_m.keys() and any(n.startswith("generator.") for n in g_f)
+    for n in g_f:
+        torch.testing.assert_close(g_f[n], g_m[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
 def test_core_is_task_agnostic_conv_bn_model_with_non_linear_adaptive():
