@@ -194,8 +194,10 @@ def checkpoints(cfg: FleetConfig) -> tuple[Path, Path | None]:
         print(f"training a SASRec metanetwork checkpoint reading {cfg.history_len} clicks into {ckpt} (static first)",
               file=sys.stderr)
         extra = (["--data", str(cfg.data)] if cfg.data else []) + (["--epochs", str(cfg.epochs)] if cfg.epochs else [])
+        # frozen backbone: the fleet patches a deployed static model, which stays what an unpatched device runs
         subprocess.run([sys.executable, "-m", "mntool.cli.main", "train", "--model", "sasrec", "--method", "metanetwork",
-                        "--history-len", str(cfg.history_len), "--out", str(ckpt), "--quiet", *extra], check=True)
+                        "--frozen-backbone", "--history-len", str(cfg.history_len), "--out", str(ckpt), "--quiet", *extra],
+                       check=True)
     static = cfg.static_ckpt
     if static is None:
         init = json.loads((ckpt / "metrics.json").read_text()).get("init")

@@ -48,10 +48,12 @@ class TrainConfig:
     patience: int = 2  # epochs without a validation-UAUC gain before stopping
     batch_size: int = 1280  # rows per step (256 positives with their 4 negatives each)
     lr: float = 5e-3  # static phase (chosen on validation: 2e-3 needs twice the epochs for the same UAUC)
-    meta_lr: float = 2e-3  # metanetwork phase, started from the static model
+    meta_lr: float = 2e-3  # metanetwork on a frozen static backbone (joint training uses `lr` throughout)
     encoder_dim: int = 0  # generator's item table width; 0 reads the backbone's own item embeddings
-    meta_train_backbone: bool = False  # also train the backbone in the metanetwork phase (it overfits:
-    # the static model was stopped at its validation optimum; measured, see docs/metanetwork.md)
+    meta_train_backbone: bool = True  # metanetwork: backbone and generator trained together from scratch;
+    # train() sets it False when it starts from a static `init`, whose backbone then stays frozen
+    # (the patch for a model already on phones). Why both: docs/metanetwork-results.md
+    shuffled_uploads: bool = False  # control experiment: every device reads another's upload (see experiment_dataset)
     seed: int = 0
     probe_every: int = 50  # steps between validation probes (loss, UAUC on a fixed user subset)
     probe_users: int = 200
@@ -233,9 +235,11 @@ def metanetwork_step(meta: MetaNetwork, opt: torch.optim.Optimizer, rows: Sample
 
 
 def metanetwork_optimizer(meta: MetaNetwork, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam over the generator and gates, plus the backbone only if `cfg.meta_train_backbone`."""
+    """Adam over the generator and gates, plus the backbone if `cfg.meta_train_backbone` (then at
+    the static learning rate, as everything trains from scratch; else at `meta_lr`)."""
     meta.backbone.requires_grad_(cfg.meta_train_backbone)
-    return torch.optim.Adam([p for p in meta.parameters() if p.requires_grad], lr=cfg.meta_lr)
+    lr = cfg.lr if cfg.meta_train_backbone else cfg.meta_lr
+    return torch.optim.Adam([p for p in meta.parameters() if p.requires_grad], lr=lr)
 
 
 def train_static(dataset: DeviceDataset, cfg: TrainConfig, progress: bool = True) -> tuple[Backbone, dict]:
@@ -271,7 +275,8 @@ def generate_device_params(meta: MetaNetwork, users: np.ndarray, recent: np.ndar
 
 
 def train_metanetwork(dataset: DeviceDataset, cfg: TrainConfig, init: Backbone, progress: bool = True) -> tuple[MetaNetwork, dict]:
-    """Train the generator (and, if configured, the backbone) starting from a trained static backbone."""
+    """Train the generator around `init`: together with it if `cfg.meta_train_backbone` (`init`
+    freshly built), else on it frozen (`init` a trained static backbone)."""
     _seed_everything(cfg.seed + 1)
     meta = build_metanetwork(init, cfg, dataset.config.recent_len)
     opt = metanetwork_optimizer(meta, cfg)
@@ -495,6 +500,13 @@ def device_params_for(ckpt_or_model, method: str, dataset: DeviceDataset, split:
     return finetune_device_params(ckpt_or_model, users, recent, cfg.finetune, seed, dataset.config.history_len, progress=progress)
 
 
+def experiment_dataset(dataset: DeviceDataset, cfg: TrainConfig) -> DeviceDataset:
+    """The dataset a run with `cfg` trains and is scored on: as given, or, for the
+    `shuffled_uploads` control, with every upload swapped for another device's
+    (`DeviceDataset.with_shuffled_uploads`, seeded by the run's seed)."""
+    return dataset.with_shuffled_uploads(cfg.seed) if cfg.shuffled_uploads else dataset
+
+
 def report_metrics(model: Backbone, dataset: DeviceDataset, cfg: TrainConfig, meta: MetaNetwork | None, progress: bool) -> dict:
     """Validation and test metrics of a trained model under its method, plus per-device cost."""
     out = {}
@@ -513,11 +525,25 @@ def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None
           log: Callable[[str], None] = print) -> dict:
     """Train `cfg.method` on `dataset`, write a checkpoint to `out`, return its metrics.
 
-    `metanetwork` and `finetune` start from a static model: `init` (a static checkpoint of the
-    same backbone) or, if not given, one trained first with the same seed into `out/static/`.
+    `metanetwork` trains the backbone and the generator together from scratch, unless it is given a
+    static `init` or `cfg.meta_train_backbone` is False: then the generator learns on that static
+    backbone, frozen. `finetune` (and the frozen metanetwork) start from a static model: `init` (a
+    static checkpoint of the same backbone) or, if not given, one trained first with the same seed
+    into `out/static/`. With `cfg.shuffled_uploads` everything runs on `experiment_dataset`.
     """
     out = Path(out)
     torch.set_num_threads(min(2, torch.get_num_threads()))  # the machines this targets have 2 cores
+    dataset = experiment_dataset(dataset, cfg)
+    if cfg.method == "metanetwork":
+        cfg.meta_train_backbone = cfg.meta_train_backbone and init is None
+    if cfg.method == "metanetwork" and cfg.meta_train_backbone:
+        _seed_everything(cfg.seed)  # the same initial backbone as the static model of this seed
+        model = build_model(cfg.model, dataset.n_items, cfg.backbone)
+        meta, train_log = train_metanetwork(dataset, cfg, model, progress)
+        metrics = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "init": None, "train": train_log,
+                   **report_metrics(model, dataset, cfg, meta, progress)}
+        save_checkpoint(out, cfg, dataset, meta, metrics)
+        return metrics
     if cfg.method == "static":
         model, train_log = train_static(dataset, cfg, progress)
         metrics = {"method": "static", "model": cfg.model, "seed": cfg.seed, "train": train_log,
@@ -526,7 +552,7 @@ def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None
         return metrics
     if init is None:
         log(f"{cfg.method} starts from a static {cfg.model}: training it first into {out / 'static'}")
-        static_cfg = TrainConfig.from_dict({**cfg.to_dict(), "method": "static"})
+        static_cfg = TrainConfig.from_dict({**cfg.to_dict(), "method": "static", "shuffled_uploads": False})
         train(dataset, static_cfg, out / "static", progress=progress, log=log)
         init = out / "static"
     base = load_checkpoint(init)

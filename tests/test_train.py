@@ -45,6 +45,65 @@ def test_metanetwork_init_is_the_static_checkpoint(tiny_checkpoints):
     assert metrics["train"]["curve"]["step"][0] == 0
 
 
+def test_frozen_metanetwork_leaves_the_static_backbone_exactly(tiny_checkpoints):
+    """With --init the generator learns on the static backbone, frozen: the unpatched model of the
+    MetaNetwork checkpoint is the static model, tensor for tensor."""
+    static = load_checkpoint(tiny_checkpoints["static"]).model.state_dict()
+    ck = load_checkpoint(tiny_checkpoints["metanetwork"])
+    assert ck.config.meta_train_backbone is False
+    backbone = ck.model.state_dict()
+    assert backbone.keys() == static.keys()
+    for name, tensor in static.items():
+        assert torch.equal(backbone[name], tensor), name
+
+
+def test_metanetwork_without_init_trains_backbone_and_generator_together(synthetic_dataset, tmp_path):
+    """No --init: no static model is trained first; the backbone and the generator learn together
+    from the initial weights a static model of the same seed starts from."""
+    from mntool.train import _seed_everything
+
+    cfg = TrainConfig(model="gru4rec", method="metanetwork", epochs=2, batch_size=200, probe_every=20)
+    metrics = train(synthetic_dataset, cfg, tmp_path / "joint", progress=False, log=lambda s: None)
+    assert metrics["init"] is None and not (tmp_path / "joint" / "static").exists()
+    ck = load_checkpoint(tmp_path / "joint")
+    assert ck.config.meta_train_backbone is True and ck.meta is not None
+    _seed_everything(cfg.seed)
+    start = build_model("gru4rec", synthetic_dataset.n_items, cfg.backbone).state_dict()
+    trained = ck.model.state_dict()
+    moved = [n for n in start if not torch.equal(start[n], trained[n])]
+    assert "item_embedding.weight" in moved and "head.layers.0.weight" in moved, moved
+    gates = ck.meta.stabilizer.gates.detach()
+    assert torch.all(gates != 0), gates  # the generator's residual was switched on from its zero start
+
+
+def test_shuffled_uploads_keep_everything_but_whose_upload_it_is(synthetic_dataset):
+    ds = synthetic_dataset
+    sh = ds.with_shuffled_uploads(seed=0)
+    g = ds.config.n_negatives + 1
+    for split in ("train", "valid", "test"):
+        a, b = ds.split(split), sh.split(split)
+        for field in ("user", "target", "history", "label", "timestamp"):
+            assert np.array_equal(getattr(a, field), getattr(b, field)), (split, field)
+    # training: whole uploads permuted between sample groups, each group still sharing one
+    up = sh.train.recent.reshape(-1, g, ds.config.recent_len)
+    assert np.all(up == up[:, :1])
+    before = {r.tobytes() for r in ds.train.recent[::g]}
+    assert {r.tobytes() for r in sh.train.recent[::g]} <= before
+    # (a user's first block uploads nothing yet: about 1 group in 9 here, so some swaps trade two empty uploads)
+    assert np.mean(np.any(sh.train.recent != ds.train.recent, axis=1)) > 0.75
+    # device periods: a permutation of the devices' uploads, and every row carries its device's
+    for name in ("valid_request", "test_request"):
+        a, b = getattr(ds, name), getattr(sh, name)
+        assert sorted(map(bytes, a)) == sorted(map(bytes, b))
+        assert np.mean(np.any(a != b, axis=1)) > 0.9
+    where = {int(u): i for i, u in enumerate(sh.device_users)}
+    for split, request in (("valid", sh.valid_request), ("test", sh.test_request)):
+        rows = sh.split(split)
+        assert np.array_equal(rows.recent, request[[where[int(u)] for u in rows.user]])
+    assert np.array_equal(sh.test_rank.recent, sh.test_request[[where[int(u)] for u in sh.test_rank.user]])
+    assert np.array_equal(ds.with_shuffled_uploads(seed=0).valid_request, sh.valid_request)  # seeded
+
+
 def test_group_batches_keep_each_positive_with_its_negatives(synthetic_dataset):
     rows = synthetic_dataset.train
     seen = []
@@ -181,8 +240,9 @@ def test_checkpoint_of_another_protocol_version_is_refused(tiny_checkpoints, tmp
     assert proc.stderr.strip().count("\n") == 0 and "ts-v0" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cli_train_rejects_unknown_names():
-    for args in (["--model", "bert"], ["--method", "maml"]):
+def test_cli_train_rejects_unknown_names_and_misplaced_flags():
+    for args in (["--model", "bert"], ["--method", "maml"], ["--method", "static", "--shuffled-uploads"],
+                 ["--method", "finetune", "--frozen-backbone"]):
         proc = subprocess.run([sys.executable, "-m", "mntool.cli.main", "train", *args, "--out", "/tmp/never"],
                               capture_output=True, text=True)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr

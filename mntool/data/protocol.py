@@ -162,6 +162,29 @@ class DeviceDataset:
             test_request=self.test_request[keep],
         )
 
+    def with_shuffled_uploads(self, seed: int = 0) -> "DeviceDataset":
+        """An experimental control: every upload swapped for a random other one of its period
+        (cloud samples: another sample group's; device periods: another device's, in its rows
+        too). Uploads keep their distribution but no longer describe the device they come with, so
+        whatever a MetaNetwork still gains on this dataset does not come from reading uploads.
+        Histories, targets and labels are untouched."""
+        rng = np.random.default_rng([seed, 7])
+        g = self.config.n_negatives + 1
+        groups = self.train.recent[::g]  # one upload per positive and its negatives
+        train = dataclasses.replace(self.train, recent=np.repeat(groups[rng.permutation(len(groups))], g, axis=0))
+        device_index = np.full(self.n_users, -1, dtype=np.int64)
+        device_index[self.device_users] = np.arange(len(self.device_users))
+        valid_request = self.valid_request[rng.permutation(len(self.device_users))]
+        test_request = self.test_request[rng.permutation(len(self.device_users))]
+
+        def rows(r, request):
+            return dataclasses.replace(r, recent=request[device_index[r.user]])
+
+        return dataclasses.replace(
+            self, train=train, valid=rows(self.valid, valid_request), test=rows(self.test, test_request),
+            valid_rank=rows(self.valid_rank, valid_request), test_rank=rows(self.test_rank, test_request),
+            valid_request=valid_request, test_request=test_request)
+
     def summary(self) -> dict:
         return {
             "protocol_version": self.protocol_version,
