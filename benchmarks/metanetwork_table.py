@@ -22,17 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
+STATIC = "{static}"  # stands for the static cell's checkpoint of the same backbone and seed
 METHODS = {  # cell name -> extra `mntool train` arguments
     "static": ["--method", "static"],
-    "finetune": ["--method", "finetune"],
-    "metanetwork": ["--method", "metanetwork"],
+    "finetune": ["--method", "finetune", "--init", STATIC],
+    "metanetwork": ["--method", "metanetwork"],  # backbone and generator together, from scratch
     "metanetwork w/o stabilizer": ["--method", "metanetwork", "--no-stabilizer"],
+    # controls: what the uploads buy, and what patching a deployed static model (frozen backbone) buys
+    "metanetwork, shuffled uploads": ["--method", "metanetwork", "--shuffled-uploads"],
+    "metanetwork, frozen backbone": ["--method", "metanetwork", "--init", STATIC],
 }
+CONTROL = "metanetwork, shuffled uploads"
 METRICS = ("auc", "uauc", "ndcg@10", "hr@10")
 
 
 def run_dir(out: Path, model: str, seed: int, method: str) -> Path:
-    return out / model / f"seed{seed}" / method.replace(" ", "-").replace("/", "")
+    return out / model / f"seed{seed}" / method.replace(",", "").replace(" ", "-").replace("/", "")
 
 
 def train_cell(out: Path, model: str, seed: int, method: str, epochs: int | None, data: str | None, history_len: int,
@@ -41,9 +46,8 @@ def train_cell(out: Path, model: str, seed: int, method: str, epochs: int | None
     if (target / "metrics.json").is_file():
         return target
     cmd = [sys.executable, "-m", "mntool.cli.main", "train", "--model", model, "--seed", str(seed), "--out", str(target),
-           "--history-len", str(history_len), "--recent-len", str(recent_len), "--quiet", *METHODS[method]]
-    if method != "static":
-        cmd += ["--init", str(run_dir(out, model, seed, "static"))]
+           "--history-len", str(history_len), "--recent-len", str(recent_len), "--quiet",
+           *(str(run_dir(out, model, seed, "static")) if a == STATIC else a for a in METHODS[method])]
     if epochs:
         cmd += ["--epochs", str(epochs)]
     if data:
@@ -59,7 +63,7 @@ def train_cell(out: Path, model: str, seed: int, method: str, epochs: int | None
 
 def run_grid(out: Path, models: list[str], seeds: list[int], methods: list[str], jobs: int, epochs: int | None,
              data: str | None, history_len: int, recent_len: int) -> None:
-    # statics first (everything else starts from them), then the rest in parallel
+    # statics first (finetune and the frozen-backbone cells start from them), then the rest in parallel
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(lambda ms: train_cell(out, ms[0], ms[1], "static", epochs, data, history_len, recent_len),
                       [(m, s) for m in models for s in seeds]))
@@ -79,14 +83,37 @@ def mean_std(values: list[float], digits: int = 4) -> str:
     return f"{a.mean():.{digits}f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.{digits}f}"
 
 
+def _paired_row(out: Path, model: str, seeds: list[int], base: str, method: str) -> str | None:
+    """One row of paired differences `method - base` (same backbone and seed) on the test period:
+    mean ± std over seeds of ΔUAUC and ΔNDCG@10, and whether the mean exceeds both the std of the
+    differences and the base's own seed std."""
+    pairs = [(load(out, model, s, base), load(out, model, s, method)) for s in seeds]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not pairs:
+        return None
+    cells, verdicts = [], []
+    for metric in ("uauc", "ndcg@10"):
+        diff = np.array([b["test"][metric] - a["test"][metric] for a, b in pairs])
+        base_std = np.std([a["test"][metric] for a, _ in pairs], ddof=1) if len(pairs) > 1 else 0.0
+        diff_std = diff.std(ddof=1) if len(diff) > 1 else 0.0
+        cells.append(f"{diff.mean():+.4f} ± {diff_std:.4f}")
+        verdicts.append("yes" if len(diff) > 1 and diff.mean() > max(diff_std, base_std) else "no")
+    name = method if base == "static" else f"{method} - {base}"
+    return f"| {model} | {name} (n={len(pairs)}) | {cells[0]} | {cells[1]} | {verdicts[0]} | {verdicts[1]} |"
+
+
 def report(out: Path, models: list[str], seeds: list[int]) -> str:
     lines = ["| backbone | method | " + " | ".join(m.upper() if m != "uauc" else "UAUC" for m in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     extra = ["", "| backbone | method | oscillation (val loss) | steps to 95% of UAUC gain | best epoch | samples/s (1 thread) |",
              "|---|---|---|---|---|---|"]
-    paired = ["", "Difference to the static model of the same seed (each method starts from it), test period, mean ± std "
-              "over seeds, and whether the mean difference exceeds both that std and the static model's seed std:", "",
+    paired = ["", "Difference to the static model of the same seed (finetune and the frozen-backbone MetaNetwork start "
+              "from it; the other MetaNetworks start from the same initial weights), test period, mean ± std over seeds, "
+              "and whether the mean difference exceeds both that std and the static model's seed std:", "",
               "| backbone | method | ΔUAUC | ΔNDCG@10 | UAUC beats | NDCG@10 beats |", "|---|---|---|---|---|---|"]
+    control = ["", "What the uploads themselves buy: the MetaNetwork against its shuffled-uploads control of the same "
+               "seed (same training, every device reading another device's upload), same columns:", "",
+               "| backbone | comparison | ΔUAUC | ΔNDCG@10 | UAUC beats | NDCG@10 beats |", "|---|---|---|---|---|---|"]
     cost = ["", "| backbone | finetune s/device | metanetwork s/device | ratio |", "|---|---|---|---|"]
     for model in models:
         pop = None
@@ -104,25 +131,19 @@ def report(out: Path, models: list[str], seeds: list[int]) -> str:
                 extra.append(f"| {model} | {method} | {osc} | {mean_std(steps, 0) if steps else '–'} | "
                              f"{mean_std([t['best_epoch'] for t in train], 1)} | {mean_std([t['samples_per_s'] for t in train], 0)} |")
         for method in [m for m in METHODS if m != "static"]:
-            pairs = [(load(out, model, s, "static"), load(out, model, s, method)) for s in seeds]
-            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-            if not pairs:
-                continue
-            cells, verdicts = [], []
-            for metric in ("uauc", "ndcg@10"):
-                diff = np.array([b["test"][metric] - a["test"][metric] for a, b in pairs])
-                static_std = np.std([a["test"][metric] for a, _ in pairs], ddof=1) if len(pairs) > 1 else 0.0
-                diff_std = diff.std(ddof=1) if len(diff) > 1 else 0.0
-                cells.append(f"{diff.mean():+.4f} ± {diff_std:.4f}")
-                verdicts.append("yes" if len(diff) > 1 and diff.mean() > max(diff_std, static_std) else "no")
-            paired.append(f"| {model} | {method} (n={len(pairs)}) | {cells[0]} | {cells[1]} | {verdicts[0]} | {verdicts[1]} |")
+            row = _paired_row(out, model, seeds, "static", method)
+            if row:
+                paired.append(row)
+        row = _paired_row(out, model, seeds, CONTROL, "metanetwork")
+        if row:
+            control.append(row)
         if pop:
             lines.append(f"| {model} | popularity floor | " + " | ".join(f"{pop[m]:.4f}" for m in METRICS) + " |")
         ft = [r["test"].get("personalise_seconds_per_device") for r in (load(out, model, s, "finetune") for s in seeds) if r]
         mn = [r["test"].get("personalise_seconds_per_device") for r in (load(out, model, s, "metanetwork") for s in seeds) if r]
         if ft and mn:
             cost.append(f"| {model} | {np.mean(ft):.2e} | {np.mean(mn):.2e} | {np.mean(ft) / np.mean(mn):.0f}x |")
-    return "\n".join(lines + paired + extra + cost) + "\n"
+    return "\n".join(lines + paired + (control if len(control) > 5 else []) + extra + cost) + "\n"
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
 """What each part of the MetaStabilizer buys: the gated, RMS-bounded residual alone, the EMA
 generator alone, both (`mntool train --method metanetwork`) and neither (`--no-stabilizer`),
-each a real `mntool.train.train` run started from the same static checkpoints as the MetaNetwork
-table (so it reuses them), 3 seeds, selection on validation only.
+each a real `mntool.train.train` run of the default method (backbone and generator together, from
+scratch), beside the MetaNetwork table's cells (so it reuses them), 3 seeds, selection on
+validation only.
 
     .venv/bin/python benchmarks/stabilizer_parts.py --table runs/table-l10 --model sasrec --history-len 10
+    .venv/bin/python benchmarks/stabilizer_parts.py --table runs/table-l10 --model gru4rec --history-len 10
 
 Prints oscillation of validation loss, steps to 95% of the UAUC gain, and test UAUC / NDCG@10,
 mean +- std over seeds. The "both" and "neither" rows are read from the table's own cells.
@@ -21,7 +23,7 @@ import numpy as np
 PARTS = {"gate only": {"gate": True, "ema": False}, "EMA only": {"gate": False, "ema": True}}
 
 
-def run_part(table: Path, model: str, seed: int, part: str, history_len: int) -> Path:
+def run_part(table: Path, model: str, seed: int, part: str, history_len: int, data: Path | None) -> Path:
     out = table / model / f"seed{seed}" / f"stabilizer-{part.replace(' ', '-')}"
     if (out / "metrics.json").is_file():
         return out
@@ -34,9 +36,9 @@ def run_part(table: Path, model: str, seed: int, part: str, history_len: int) ->
     from mntool.train import TrainConfig, train
 
     torch.set_num_threads(1)
-    dataset = load_dataset(None, ProtocolConfig(history_len=history_len))
+    dataset = load_dataset(data, ProtocolConfig(history_len=history_len))
     cfg = TrainConfig(model=model, method="metanetwork", seed=seed, meta=MetaConfig(**PARTS[part]))
-    train(dataset, cfg, out, init=table / model / f"seed{seed}" / "static", progress=False, log=lambda s: None)
+    train(dataset, cfg, out, progress=False, log=lambda s: None)
     return out
 
 
@@ -62,10 +64,11 @@ def main() -> None:
     ap.add_argument("--history-len", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--data", type=Path, help="MovieLens directory [default: the fetched cache]")
     args = ap.parse_args()
     jobs = [(part, seed) for part in PARTS for seed in args.seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
-        list(pool.map(run_part, *zip(*[(args.table, args.model, s, p, args.history_len) for p, s in jobs])))
+        list(pool.map(run_part, *zip(*[(args.table, args.model, s, p, args.history_len, args.data) for p, s in jobs])))
     seed_dirs = [args.table / args.model / f"seed{s}" for s in args.seeds]
     static = [d / "static" for d in seed_dirs]
     print(f"{args.model}, device model reading {args.history_len} clicks, seeds {args.seeds}")

@@ -2,7 +2,9 @@
 
 - Training: samples/s of a static and a MetaNetwork training step for each backbone, on real
   MovieLens-100k batches (the trainer's own batching), 2 threads, measured in interleaved rounds so
-  machine noise hits both alike; ratio = MetaNetwork step time / static step time.
+  machine noise hits all alike; ratio = MetaNetwork step time / static step time. "MetaNetwork" is
+  `mntool train --method metanetwork` (backbone and generator trained together); "frozen" is the
+  generator alone on a frozen backbone (`--init`, the patch for a deployed static model).
 - Per device: generating one device's adaptive parameters (MetaNetwork) vs fine-tuning the same
   adaptive layers on that device's labelled recent samples (the `finetune` baseline), one device
   at a time, median over devices.
@@ -38,8 +40,10 @@ def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
     torch.manual_seed(0)
     static = build_model(model_name, dataset.n_items, cfg.backbone).train()
     meta = build_metanetwork(build_model(model_name, dataset.n_items, cfg.backbone), cfg, dataset.config.recent_len).train()
+    frozen = build_metanetwork(build_model(model_name, dataset.n_items, cfg.backbone), cfg, dataset.config.recent_len).train()
     opt_s = torch.optim.Adam(static.parameters(), lr=cfg.lr)
     opt_m = metanetwork_optimizer(meta, cfg)  # exactly what `mntool train --method metanetwork` steps
+    opt_f = metanetwork_optimizer(frozen, TrainConfig.from_dict({**cfg.to_dict(), "meta_train_backbone": False}))
     rows, group = dataset.train, dataset.config.n_negatives + 1
     batches = list(group_batches(rows, cfg.batch_size, group, np.random.default_rng(0)))[:steps]
 
@@ -49,12 +53,16 @@ def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
     def meta_step(idx):
         train.metanetwork_step(meta, opt_m, rows, idx, group)
 
-    times = {"static": [], "metanetwork": []}
-    for fn in (static_step, meta_step):  # warm-up
+    def frozen_step(idx):
+        train.metanetwork_step(frozen, opt_f, rows, idx, group)
+
+    steps = {"static": static_step, "metanetwork": meta_step, "frozen": frozen_step}
+    times = {name: [] for name in steps}
+    for fn in steps.values():  # warm-up
         for idx in batches[:3]:
             fn(idx)
     for _ in range(rounds):
-        for name, fn in (("static", static_step), ("metanetwork", meta_step)):
+        for name, fn in steps.items():
             t0 = time.perf_counter()
             for idx in batches:
                 fn(idx)
@@ -62,7 +70,8 @@ def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
     n_rows = sum(len(b) for b in batches)
     sps = {k: n_rows / statistics.median(v) for k, v in times.items()}
     return {"static_samples_per_s": sps["static"], "metanetwork_samples_per_s": sps["metanetwork"],
-            "step_time_ratio": sps["static"] / sps["metanetwork"]}
+            "step_time_ratio": sps["static"] / sps["metanetwork"], "frozen_samples_per_s": sps["frozen"],
+            "frozen_step_time_ratio": sps["static"] / sps["frozen"]}
 
 
 def personalisation_cost(dataset, model_name: str, devices: int) -> dict:
@@ -104,10 +113,12 @@ def main() -> None:
         return
     print(f"threads={args.threads}, history {args.history_len}, {args.steps} steps x {args.rounds} rounds, "
           f"batch {TrainConfig().batch_size} rows")
-    print("| backbone | static samples/s | MetaNetwork samples/s | MN/static step time | generate ms/device | finetune ms/device | finetune/generate |")
-    print("|---|---|---|---|---|---|---|")
+    print("| backbone | static samples/s | MetaNetwork samples/s | MN/static step time | frozen-backbone MN samples/s | "
+          "frozen/static step time | generate ms/device | finetune ms/device | finetune/generate |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m, r in results.items():
         print(f"| {m} | {r['static_samples_per_s']:,.0f} | {r['metanetwork_samples_per_s']:,.0f} | {r['step_time_ratio']:.2f}x | "
+              f"{r['frozen_samples_per_s']:,.0f} | {r['frozen_step_time_ratio']:.2f}x | "
               f"{r['generate_ms_per_device']:.2f} | {r['finetune_ms_per_device']:.1f} | {r['finetune_over_generate']:.0f}x |")
 
 
