@@ -23,7 +23,7 @@ import numpy as np
 PARTS = {"gate only": {"gate": True, "ema": False}, "EMA only": {"gate": False, "ema": True}}
 
 
-def run_part(table: Path, model: str, seed: int, part: str, history_len: int, data: Path | None) -> Path:
+def run_part(table: Path, model: str, seed: int, part: str, history_len: int, recent_len: int, data: Path | None) -> Path:
     out = table / model / f"seed{seed}" / f"stabilizer-{part.replace(' ', '-')}"
     if (out / "metrics.json").is_file():
         return out
@@ -33,11 +33,13 @@ def run_part(table: Path, model: str, seed: int, part: str, history_len: int, da
     from mntool.data import ProtocolConfig
     from mntool.data.datasets import load_dataset
     from mntool.meta import MetaConfig
+    from mntool.models import BackboneConfig
     from mntool.train import TrainConfig, train
 
     torch.set_num_threads(1)
-    dataset = load_dataset(data, ProtocolConfig(history_len=history_len))
-    cfg = TrainConfig(model=model, method="metanetwork", seed=seed, meta=MetaConfig(**PARTS[part]))
+    dataset = load_dataset(data, ProtocolConfig(history_len=history_len, recent_len=recent_len))
+    cfg = TrainConfig(model=model, method="metanetwork", seed=seed, meta=MetaConfig(**PARTS[part]),
+                      backbone=BackboneConfig(max_history=history_len))  # as `mntool train --history-len` builds it
     train(dataset, cfg, out, progress=False, log=lambda s: None)
     return out
 
@@ -62,16 +64,17 @@ def main() -> None:
     ap.add_argument("--table", type=Path, default=Path("runs/table-l10"), help="metanetwork_table.py --out of the same windows")
     ap.add_argument("--model", default="sasrec")
     ap.add_argument("--history-len", type=int, default=10)
+    ap.add_argument("--recent-len", type=int, default=30, help="items a device uploads (the table's --recent-len)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--data", type=Path, help="MovieLens directory [default: the fetched cache]")
     args = ap.parse_args()
     jobs = [(part, seed) for part in PARTS for seed in args.seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
-        list(pool.map(run_part, *zip(*[(args.table, args.model, s, p, args.history_len, args.data) for p, s in jobs])))
+        list(pool.map(run_part, *zip(*[(args.table, args.model, s, p, args.history_len, args.recent_len, args.data) for p, s in jobs])))
     seed_dirs = [args.table / args.model / f"seed{s}" for s in args.seeds]
     static = [d / "static" for d in seed_dirs]
-    print(f"{args.model}, device model reading {args.history_len} clicks, seeds {args.seeds}")
+    print(f"{args.model}, device model reading {args.history_len} clicks, uploads of {args.recent_len}, seeds {args.seeds}")
     print("| stabilizer | oscillation (val loss) | steps to 95% of UAUC gain | test UAUC | test NDCG@10 | ΔUAUC vs static | ΔNDCG@10 vs static |")
     print("|---|---|---|---|---|---|---|")
     rows = {"gate + EMA (default)": "metanetwork", **{p: f"stabilizer-{p.replace(' ', '-')}" for p in PARTS},

@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,13 +57,13 @@ def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
     def frozen_step(idx):
         train.metanetwork_step(frozen, opt_f, rows, idx, group)
 
-    steps = {"static": static_step, "metanetwork": meta_step, "frozen": frozen_step}
-    times = {name: [] for name in steps}
-    for fn in steps.values():  # warm-up
+    step_fns = {"static": static_step, "metanetwork": meta_step, "frozen": frozen_step}
+    times = {name: [] for name in step_fns}
+    for fn in step_fns.values():  # warm-up
         for idx in batches[:3]:
             fn(idx)
     for _ in range(rounds):
-        for name, fn in steps.items():
+        for name, fn in step_fns.items():
             t0 = time.perf_counter()
             for idx in batches:
                 fn(idx)
@@ -102,16 +103,18 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--history-len", type=int, default=30, help="clicks the device model reads (mntool train --history-len)")
+    ap.add_argument("--recent-len", type=int, default=30, help="items a device uploads (mntool train --recent-len)")
+    ap.add_argument("--data", type=Path, help="MovieLens directory [default: the fetched cache]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dataset = load_dataset(None, ProtocolConfig(history_len=args.history_len))
+    dataset = load_dataset(args.data, ProtocolConfig(history_len=args.history_len, recent_len=args.recent_len))
     results = {m: {**training_steps(dataset, m, args.steps, args.rounds), **personalisation_cost(dataset, m, args.devices)}
                for m in args.models}
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"threads={args.threads}, history {args.history_len}, {args.steps} steps x {args.rounds} rounds, "
+    print(f"threads={args.threads}, history {args.history_len}, uploads {args.recent_len}, {args.steps} steps x {args.rounds} rounds, "
           f"batch {TrainConfig().batch_size} rows")
     print("| backbone | static samples/s | MetaNetwork samples/s | MN/static step time | frozen-backbone MN samples/s | "
           "frozen/static step time | generate ms/device | finetune ms/device | finetune/generate |")

@@ -60,6 +60,7 @@ def train(model, method, no_stabilizer, frozen_backbone, shuffled_uploads, epoch
       mntool train --model sasrec --method metanetwork --init runs/sasrec-static --out runs/sasrec-patches
       mntool train --model gru4rec --method finetune --init runs/gru-static --out runs/gru-ft
       mntool train --model sasrec --history-len 10 --method metanetwork --out runs/sasrec-l10
+      mntool train --model sasrec --history-len 10 --recent-len 100 --method metanetwork --out runs/sasrec-l10-r100
       mntool train --model sasrec --history-len 10 --method metanetwork --shuffled-uploads --out runs/sasrec-l10-control
     """
     from mntool.data import ProtocolConfig
