@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +51,7 @@ class TrainConfig:
     meta_lr: float = 2e-3  # metanetwork on a frozen static backbone (joint training uses `lr` throughout)
     encoder_dim: int = 0  # generator's item table width; 0 reads the backbone's own item embeddings
     meta_train_backbone: bool = True  # metanetwork: backbone and generator trained together from scratch;
-    # train() sets it False when it starts from a static `init`, whose backbone then stays frozen
+    # train() runs with it False when it starts from a static `init`, whose backbone then stays frozen
     # (the patch for a model already on phones). Why both: docs/metanetwork-results.md
     shuffled_uploads: bool = False  # control experiment: every device reads another's upload (see experiment_dataset)
     seed: int = 0
@@ -532,6 +532,7 @@ def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None
     into `out/static/`. With `cfg.shuffled_uploads` everything runs on `experiment_dataset`.
     """
     out = Path(out)
+    cfg = replace(cfg)  # what actually runs (frozen backbone with an init, the init's backbone shape) is saved, not written back
     torch.set_num_threads(min(2, torch.get_num_threads()))  # the machines this targets have 2 cores
     dataset = experiment_dataset(dataset, cfg)
     if cfg.method == "metanetwork":

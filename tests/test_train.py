@@ -184,6 +184,8 @@ def test_metanetwork_may_read_a_longer_upload_than_its_static_init(tiny_checkpoi
     cfg = TrainConfig(model="sasrec", method="metanetwork", epochs=1, batch_size=200, probe_every=20)
     metrics = train(longer, cfg, tmp_path / "r45", init=tiny_checkpoints["static"], **quiet)
     assert metrics["method"] == "metanetwork"
+    assert load_checkpoint(tmp_path / "r45").config.meta_train_backbone is False  # the init's backbone stayed frozen...
+    assert cfg.meta_train_backbone is True  # ...and the caller's config was not rewritten
     assert load_checkpoint(tmp_path / "r45").protocol["recent_len"] == 45
     shorter_window = synthetic_dataset_with(history_len=12, recent_len=30)
     with pytest.raises(MntoolError, match="another protocol configuration"):
