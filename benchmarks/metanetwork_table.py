@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -166,7 +167,7 @@ def main() -> None:
     table = report(args.out, args.models, args.seeds)
     print(table)
     if args.doc:
-        command = " ".join([".venv/bin/python", "benchmarks/metanetwork_table.py", *(a for a in sys.argv[1:] if a != "--report-only")])
+        command = shlex.join([".venv/bin/python", "benchmarks/metanetwork_table.py", *(a for a in sys.argv[1:] if a != "--report-only")])
         args.doc.write_text(
             f"# MetaNetwork table: device model reads {args.history_len} clicks, devices upload {args.recent_len} items\n\n"
             f"MovieLens-100k test period (protocol ts-v1), seeds {', '.join(map(str, args.seeds))}; every cell a real "
