@@ -112,6 +112,7 @@ def report(out: Path, models: list[str], seeds: list[int]) -> str:
               "from it; the other MetaNetworks start from the same initial weights), test period, mean ± std over seeds, "
               "and whether the mean difference exceeds both that std and the static model's seed std:", "",
               "| backbone | method | ΔUAUC | ΔNDCG@10 | UAUC beats | NDCG@10 beats |", "|---|---|---|---|---|---|"]
+    control_rows = []
     control = ["", "What the uploads themselves buy: the MetaNetwork against its shuffled-uploads control of the same "
                "seed (same training, every device reading another device's upload), same columns:", "",
                "| backbone | comparison | ΔUAUC | ΔNDCG@10 | UAUC beats | NDCG@10 beats |", "|---|---|---|---|---|---|"]
@@ -137,14 +138,14 @@ def report(out: Path, models: list[str], seeds: list[int]) -> str:
                 paired.append(row)
         row = _paired_row(out, model, seeds, CONTROL, "metanetwork")
         if row:
-            control.append(row)
+            control_rows.append(row)
         if pop:
             lines.append(f"| {model} | popularity floor | " + " | ".join(f"{pop[m]:.4f}" for m in METRICS) + " |")
         ft = [r["test"].get("personalise_seconds_per_device") for r in (load(out, model, s, "finetune") for s in seeds) if r]
         mn = [r["test"].get("personalise_seconds_per_device") for r in (load(out, model, s, "metanetwork") for s in seeds) if r]
         if ft and mn:
             cost.append(f"| {model} | {np.mean(ft):.2e} | {np.mean(mn):.2e} | {np.mean(ft) / np.mean(mn):.0f}x |")
-    return "\n".join(lines + paired + (control if len(control) > 5 else []) + extra + cost) + "\n"
+    return "\n".join(lines + paired + (control + control_rows if control_rows else []) + extra + cost) + "\n"
 
 
 def main() -> None:

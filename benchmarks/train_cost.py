@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def training_steps(dataset, model_name: str, steps: int, rounds: int) -> dict:
     frozen = build_metanetwork(build_model(model_name, dataset.n_items, cfg.backbone), cfg, dataset.config.recent_len).train()
     opt_s = torch.optim.Adam(static.parameters(), lr=cfg.lr)
     opt_m = metanetwork_optimizer(meta, cfg)  # exactly what `mntool train --method metanetwork` steps
-    opt_f = metanetwork_optimizer(frozen, TrainConfig.from_dict({**cfg.to_dict(), "meta_train_backbone": False}))
+    opt_f = metanetwork_optimizer(frozen, replace(cfg, meta_train_backbone=False))
     rows, group = dataset.train, dataset.config.n_negatives + 1
     batches = list(group_batches(rows, cfg.batch_size, group, np.random.default_rng(0)))[:steps]
 

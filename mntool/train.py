@@ -541,16 +541,10 @@ def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None
         _seed_everything(cfg.seed)  # the same initial backbone as the static model of this seed
         model = build_model(cfg.model, dataset.n_items, cfg.backbone)
         meta, train_log = train_metanetwork(dataset, cfg, model, progress)
-        metrics = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "init": None, "train": train_log,
-                   **report_metrics(model, dataset, cfg, meta, progress)}
-        save_checkpoint(out, cfg, dataset, meta, metrics)
-        return metrics
+        return _score_and_save(out, cfg, dataset, model, meta, train_log, progress, init=None)
     if cfg.method == "static":
         model, train_log = train_static(dataset, cfg, progress)
-        metrics = {"method": "static", "model": cfg.model, "seed": cfg.seed, "train": train_log,
-                   **report_metrics(model, dataset, cfg, None, progress)}
-        save_checkpoint(out, cfg, dataset, model, metrics)
-        return metrics
+        return _score_and_save(out, cfg, dataset, model, None, train_log, progress)
     if init is None:
         log(f"{cfg.method} starts from a static {cfg.model}: training it first into {out / 'static'}")
         static_cfg = TrainConfig.from_dict({**cfg.to_dict(), "method": "static", "shuffled_uploads": False})
@@ -567,7 +561,14 @@ def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None
     meta, train_log = None, {}
     if cfg.method == "metanetwork":
         meta, train_log = train_metanetwork(dataset, cfg, model, progress)
-    metrics = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, "init": str(init), "train": train_log,
+    return _score_and_save(out, cfg, dataset, model, meta, train_log, progress, init=str(init))
+
+
+def _score_and_save(out: Path, cfg: TrainConfig, dataset: DeviceDataset, model: Backbone, meta: MetaNetwork | None,
+                    train_log: dict, progress: bool, **extra) -> dict:
+    """Score a trained run (`report_metrics`), write its checkpoint (the MetaNetwork if any, else the
+    backbone) and return its metrics; `extra` (e.g. `init`) goes into metrics.json after the run's names."""
+    metrics = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, **extra, "train": train_log,
                **report_metrics(model, dataset, cfg, meta, progress)}
     save_checkpoint(out, cfg, dataset, meta if meta is not None else model, metrics)
     return metrics
