@@ -26,8 +26,8 @@ from tqdm import tqdm
 from device_runtime.bench import LatencyStats, empty_call, time_interleaved
 from device_runtime.runners import RunnerConfig, open_runner
 from exporters import export
-from mntool.cli.bench import plot_latency
 from mntool.models import BackboneConfig, build_model
+from mntool.plots import plot_latency
 
 ML100K_ITEMS = 1682  # items in MovieLens-100k: the default device model's vocabulary
 MODELS = {

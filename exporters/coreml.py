@@ -8,6 +8,7 @@ With precision="float16" the adaptive blobs are fp16.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from collections.abc import Mapping
@@ -15,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from device_runtime.layout import ALIGNMENT, stored_values
 from device_runtime.weight_map import IOSpec, TensorEntry, WeightMap
 from exporters import prepare
 from exporters.errors import ConversionFailed, ExportError, first_line
 from exporters.locate import Constant, locate
-from exporters.pipeline import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
-from exporters.proof import stored_values
+from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
 from exporters.quiet import quiet
 
 METADATA_KEY = "mntool.weightmap"
+MANIFEST_FILE = "Manifest.json"
 SPEC_FILE = "Data/com.apple.CoreML/model.mlmodel"
 WEIGHT_FILE = "Data/com.apple.CoreML/weights/weight.bin"
 BLOB_FILE_NAME = "@model_path/weights/weight.bin"
@@ -187,10 +189,11 @@ def move_to_blobs(job: ExportJob) -> None:
     for p in job.placements:
         value = ops[p.key].attributes["val"]
         sentinel, code, nbytes, data_offset, _ = BLOB_METADATA.unpack_from(blobs, value.blobFileValue.offset)
-        if sentinel != BLOB_SENTINEL or BLOB_DTYPES.get(code) != p.dtype or data_offset % 64:
+        if sentinel != BLOB_SENTINEL or BLOB_DTYPES.get(code) != p.dtype or data_offset % ALIGNMENT:
             raise ExportError(f"{p.name}: weight.bin blob at {value.blobFileValue.offset} is not a {p.dtype} blob (format changed?)")
         job.tensors.append(TensorEntry(
-            p.name, tuple(job.base[p.name].shape), WEIGHT_FILE, data_offset, nbytes, p.dtype, p.layout, p.stored_shape, 64,
+            p.name, tuple(job.base[p.name].shape), WEIGHT_FILE, data_offset, nbytes, p.dtype, p.layout, p.stored_shape,
+            ALIGNMENT,
         ))
     job.extra["coreml"]["consts"] = {p.name: p.key for p in job.placements}
 
@@ -218,6 +221,9 @@ def read_back(weight_map: WeightMap, files: Mapping[str, bytes | bytearray], wor
     for name, data in files.items():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         (copy / name).write_bytes(data)
+    for item in json.loads(files[MANIFEST_FILE])["itemInfoEntries"].values():
+        if not (copy / "Data" / item["path"]).exists():  # a directory that held no file: weights/ without blobs
+            (copy / "Data" / item["path"]).mkdir(parents=True)
     try:
         with quiet():
             spec = ct.models.MLModel(str(copy), skip_model_load=True).get_spec()

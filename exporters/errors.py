@@ -1,7 +1,8 @@
 """The ways an export can fail, one class each, all `MntoolError`s (one line, no traceback).
 
 The `AdaptiveTensor*` errors name what a converter did to an adaptive tensor that would make a
-patch write the wrong bytes (or no bytes at all); `ProofMismatch` is the export-time proof failing.
+patch write the wrong bytes (or no bytes at all), or an adaptive tensor no patch could make a
+difference with (`AdaptiveTensorNoEffect`); `ProofMismatch` is the export-time proof failing.
 """
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ class AdaptiveTensorTransposed(ExportError):
 
 class AdaptiveTensorMissing(ExportError):
     """The artifact holds no used constant with an adaptive tensor's values (dropped or made dynamic)."""
+
+
+class AdaptiveTensorNoEffect(ExportError):
+    """Changing an adaptive tensor does not change the model's output: no patch could personalise it."""
 
 
 class ProofMismatch(ExportError):

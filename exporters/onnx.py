@@ -8,11 +8,12 @@ hardware-specific and renames/transposes initializers).
 """
 from __future__ import annotations
 
+from device_runtime.layout import ALIGNMENT, align
 from device_runtime.weight_map import IOSpec, TensorEntry
 from exporters import prepare
 from exporters.errors import ConversionFailed, first_line
 from exporters.locate import Constant, locate
-from exporters.pipeline import ExportJob, Pass, align, embedded_weight_map, lay_out_adaptive_inputs
+from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
 from exporters.quiet import quiet
 
 METADATA_KEY = "mntool.weightmap"
@@ -113,7 +114,7 @@ def externalise(job: ExportJob) -> None:
         init.data_location = TensorProto.EXTERNAL
         job.tensors.append(TensorEntry(
             p.name, tuple(job.base[p.name].shape), job.adaptive_file, offset, len(raw), p.dtype, p.layout,
-            p.stored_shape, 64,
+            p.stored_shape, ALIGNMENT,
         ))
     (job.root / job.adaptive_file).write_bytes(bytes(data))
     job.files.append(job.adaptive_file)

@@ -11,6 +11,7 @@ from exporters.errors import ExportError
 
 TARGETS = ("tflite", "onnx", "coreml")
 PRECISIONS = ("float32", "float16")
+PROOF_ATOL = 1e-5  # max abs error between a float32 artifact and PyTorch that the proof accepts
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class ExportOptions:
     adaptive_as_inputs: bool = False  # adaptive tensors become model inputs instead of swappable buffers
     precision: str = "float32"  # Core ML only: "float16" stores (and computes) weights in fp16
     output_names: tuple[str, ...] | None = None  # default: "output", or output_0.. for several outputs
-    atol: float = 1e-5  # proof tolerance (max abs error) for float32 artifacts
+    atol: float = PROOF_ATOL  # proof tolerance (max abs error)
     seed: int = 0  # seeds the fingerprint values and the proof's fresh values
     progress: bool = False  # a progress bar over the passes (the CLI turns it on)
 

@@ -20,7 +20,7 @@ class ArtifactSummary:
     total_bytes: int  # every file of the artifact (the weight map sidecar excluded)
     adaptive_bytes: int
     adaptive_tensors: int
-    proof: dict | None  # extra["proof"]: method, runtime, max_abs_error, base_max_abs_error, atol
+    proof: dict | None  # extra["proof"]: method, proven, runtime, max_abs_error, base_max_abs_error, atol (+ note)
 
     @property
     def adaptive_fraction(self) -> float:
@@ -31,8 +31,11 @@ class ArtifactSummary:
 
     def line(self) -> str:
         proof = "not proven (--no-verify)"
-        if self.proof:
+        if self.proof and self.proof.get("proven", self.proof["method"] == "run"):  # sidecars before "proven": run = proof
             proof = f"proof max abs error {self.proof['max_abs_error']:.2g} ({self.proof['method']}, {self.proof['runtime']})"
+        elif self.proof:
+            note = self.proof.get("note", "read-back, not a proof")
+            proof = f"NOT PROVEN, {note} (max abs error {self.proof['max_abs_error']:.2g})"
         return (
             f"{self.target}: {self.artifact} ({self.total_bytes / 1024:.1f} KiB, {self.adaptive_tensors} adaptive tensors "
             f"= {self.adaptive_bytes / 1024:.1f} KiB, {100 * self.adaptive_fraction:.2f}%), {proof}"

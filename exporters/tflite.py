@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from device_runtime.layout import ALIGNMENT, align
 from device_runtime.weight_map import IOSpec, TensorEntry
 from exporters import prepare
 from exporters.errors import ConversionFailed, first_line
 from exporters.locate import Constant, locate
-from exporters.pipeline import ExportJob, Pass, align, embedded_weight_map, lay_out_adaptive_inputs
+from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
 from exporters.quiet import quiet
 
 METADATA_NAME = "mntool.weightmap"
@@ -90,9 +91,19 @@ def _read_signature(job: ExportJob, model) -> None:
     job.inputs = [spec(n, by_name[n]) for n in job.input_names]
     if job.mode == "inputs":
         job.inputs += [spec(n, by_name[prepare.input_name_of(n)]) for n in job.adaptive]
-    outputs = sorted(signature.outputs, key=lambda m: int(m.name.decode().rpartition("_")[2]))
+    outputs = _outputs_in_subgraph_order(model, signature)
     job.outputs = [spec(n, m) for n, m in zip(job.output_names, outputs)]
     job.extra["tflite"] = {"signature": signature.signatureKey.decode(), "signature_names": signature_names}
+
+
+def _outputs_in_subgraph_order(model, signature) -> list:
+    """The signature's outputs in the order the subgraph returns them, which is PyTorch's order
+    (signature names like `output_10` sort wrongly as strings and are not a contract)."""
+    position = {int(t): i for i, t in enumerate(model.subgraphs[signature.subgraphIndex].outputs)}
+    missing = [m.name.decode(errors="replace") for m in signature.outputs if m.tensorIndex not in position]
+    if missing:
+        raise ConversionFailed(f"the TFLite signature names outputs {missing} that its subgraph does not return")
+    return sorted(signature.outputs, key=lambda m: position[m.tensorIndex])
 
 
 def find(job: ExportJob) -> None:
@@ -151,7 +162,7 @@ def lay_out_tail(job: ExportJob) -> None:
         flatbuffer_utils.update_packed_buffer(packed.Buffers(p.key), offset, len(payloads[p.key]))
         job.tensors.append(TensorEntry(
             p.name, tuple(job.base[p.name].shape), job.artifact_name, offset, len(payloads[p.key]),
-            p.dtype, p.layout, p.stored_shape, 64,
+            p.dtype, p.layout, p.stored_shape, ALIGNMENT,
         ))
     if job.placements:
         job.extra["tflite"]["adaptive_region"] = [start, len(data)]

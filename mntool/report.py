@@ -2,7 +2,7 @@
 (per-user UAUC static vs MetaNetwork; latency distributions per runtime).
 
 Everything here renders a result dict that `mntool.demo.run_demo` assembled; nothing is measured
-here. The latency figure is `mntool bench`'s own (`mntool.cli.bench.plot_latency`).
+here. The latency figure is `mntool bench`'s own (`mntool.plots.plot_latency`).
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def plot_user_uauc(per_user: dict, path: Path) -> Path:
 
 def plot_bench_latency(bench: dict, path: Path, batch: int) -> Path:
     """Steady-state latency distributions per runtime, unpatched and patched (mntool bench's figure)."""
-    from mntool.cli.bench import plot_latency, report_series
+    from mntool.plots import plot_latency, report_series
 
     reports = list(bench.values())
     r = reports[0]

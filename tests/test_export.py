@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 
 from device_runtime import weight_map as weight_maps
+from device_runtime.layout import ALIGNMENT, stored_values
 from exporters import export
-from exporters.proof import stored_values
+from exporters.options import PROOF_ATOL
 
 BACKBONES = ("gru4rec", "sasrec", "din")
 TARGETS = ("tflite", "onnx", "coreml")
@@ -72,14 +73,17 @@ def test_backbone_exports_and_passes_the_proof(exported, backbone, target):
     artifact, model = exported(backbone, target)
     wm = weight_maps.load(artifact)  # validates, checks every file and the fingerprint
     proof = wm.extra["proof"]
-    assert proof["max_abs_error"] <= 1e-5 and proof["base_max_abs_error"] <= 1e-5
+    assert proof["max_abs_error"] <= PROOF_ATOL and proof["base_max_abs_error"] <= PROOF_ATOL
     assert proof["method"] == ("read-back" if target == "coreml" and sys.platform != "darwin" else "run")
+    assert proof["proven"] is (proof["method"] == "run")
+    if proof["proven"]:  # every adaptive tensor, patched alone, moved the compiled output
+        assert proof["min_effect"] > PROOF_ATOL
     assert wm.target == target and wm.mode == "buffers"
     assert [i.name for i in wm.inputs] == ["history", "target"] and [o.name for o in wm.outputs] == ["logits"]
     params = dict(model.named_parameters())
     assert [(t.name, t.shape) for t in wm.tensors] == [(n, tuple(params[n].shape)) for n in model.adaptive_names()]
     assert len({t.file for t in wm.tensors}) == 1, "one file per artifact holds every adaptive tensor"
-    assert all(t.offset % 64 == 0 and t.alignment == 64 for t in wm.tensors)
+    assert all(t.offset % ALIGNMENT == 0 and t.alignment == ALIGNMENT for t in wm.tensors)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -114,7 +118,7 @@ def test_tflite_adaptive_buffers_form_one_tail_region_both_runtimes_load(exporte
     start, end = wm.extra["tflite"]["adaptive_region"]
     spans = sorted((t.offset, t.offset + t.nbytes) for t in wm.tensors)
     assert spans[0][0] == start and spans[-1][1] == end
-    assert all(b0 - a1 < 64 for (_, a1), (b0, _) in zip(spans, spans[1:])), "tensors are packed, gaps are alignment only"
+    assert all(b0 - a1 < ALIGNMENT for (_, a1), (b0, _) in zip(spans, spans[1:])), "tensors are packed, gaps are alignment only"
     data = artifact.read_bytes()
     packed = schema.Model.GetRootAs(bytearray(data), 0)
     external = sorted((packed.Buffers(i).Offset(), packed.Buffers(i).Size()) for i in range(packed.BuffersLength())
@@ -184,7 +188,7 @@ def test_adaptive_as_inputs_records_inputs_and_a_flat_values_file(exported, targ
     names = model.adaptive_names()
     assert [i.name for i in wm.inputs] == ["history", "target", *names]
     assert len({t.file for t in wm.tensors}) == 1 and wm.tensors[0].file.endswith("adaptive.bin")
-    assert wm.extra["proof"]["max_abs_error"] <= 1e-5
+    assert wm.extra["proof"]["max_abs_error"] <= PROOF_ATOL
     stored = stored_values(wm, weight_maps.read_artifact_files(artifact, wm.files))
     params = dict(model.named_parameters())
     for name in names:
@@ -230,7 +234,7 @@ def test_conv_batchnorm_model_with_adaptive_head_exports(target, tmp_path):
     wm = weight_maps.load(artifact)
     assert wm.adaptive_names == adaptive
     assert [i.name for i in wm.inputs] == ["image"] and wm.outputs[0].shape == (2, 10)
-    assert wm.extra["proof"]["max_abs_error"] <= 1e-5
+    assert wm.extra["proof"]["max_abs_error"] <= PROOF_ATOL
 
 
 # ---- cheap import ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 from test_patch_cli import mntool, one_line_error
 
 from device_runtime import weight_map as weight_maps
+from exporters.options import PROOF_ATOL
 
 
 def test_export_onnx_prints_json_and_writes_a_proven_artifact(tiny_checkpoints, tmp_path):
@@ -18,7 +19,7 @@ def test_export_onnx_prints_json_and_writes_a_proven_artifact(tiny_checkpoints, 
     wm = weight_maps.load(artifact)
     assert summary["adaptive_bytes"] == sum(t.nbytes for t in wm.tensors) > 0
     assert 0 < summary["adaptive_fraction"] < 1
-    assert summary["proof"]["max_abs_error"] <= 1e-5 and [o.name for o in wm.outputs] == ["logits"]
+    assert summary["proof"]["max_abs_error"] <= PROOF_ATOL and [o.name for o in wm.outputs] == ["logits"]
 
 
 def test_export_metanetwork_checkpoint_as_inputs(tiny_checkpoints, tmp_path):

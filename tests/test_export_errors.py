@@ -23,6 +23,7 @@ from exporters.errors import (
     UnknownAdaptiveParameter,
     UnknownTarget,
 )
+from exporters.options import PROOF_ATOL
 from test_export import with_batch_statistics
 
 
@@ -123,7 +124,7 @@ def test_adaptive_tensor_is_kept_patchable_or_refused_by_name(case, target, tmp_
     expected = EXPECTED[(case, target)]
     if expected is None:
         artifact = export(model, example, adaptive, target, tmp_path)
-        assert weight_maps.load(artifact).extra["proof"]["max_abs_error"] <= 1e-5
+        assert weight_maps.load(artifact).extra["proof"]["max_abs_error"] <= PROOF_ATOL
     else:
         with pytest.raises(expected) as err:
             export(model, example, adaptive, target, tmp_path)
@@ -206,3 +207,23 @@ def test_failed_export_leaves_an_earlier_artifact_byte_identical(tmp_path):
     assert tree_digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == [
         "model.tflite", "model.tflite.weightmap.json"
     ]
+
+
+def test_tflite_outputs_follow_the_subgraph_not_their_names():
+    """litert-torch names signature outputs `output_0, output_1, output_10, ...`; their order is the
+    subgraph's (PyTorch's), whatever the names, and a signature naming a tensor the subgraph does
+    not return is a ConversionFailed, not a traceback."""
+    from types import SimpleNamespace
+
+    from exporters.errors import ConversionFailed
+    from exporters.tflite import _outputs_in_subgraph_order
+
+    def output(name: str, index: int):
+        return SimpleNamespace(name=name.encode(), tensorIndex=index)
+
+    signature = SimpleNamespace(subgraphIndex=0, outputs=[output("logits", 7), output("score", 3), output("output_10", 5)])
+    model = SimpleNamespace(subgraphs=[SimpleNamespace(outputs=[3, 5, 7])])
+    assert [m.name for m in _outputs_in_subgraph_order(model, signature)] == [b"score", b"output_10", b"logits"]
+    signature.outputs.append(output("stray", 9))
+    with pytest.raises(ConversionFailed, match="stray"):
+        _outputs_in_subgraph_order(model, signature)

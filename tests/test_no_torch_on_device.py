@@ -1,6 +1,9 @@
-"""The device side never imports torch or the cloud side: every `device_runtime` module imports,
-and real artifacts load and run, in a process where importing torch/mntool/exporters fails;
-and no source line of `device_runtime/` imports them, not even lazily inside a function."""
+"""The layering stays as designed. The device side never imports torch or the cloud side: every
+`device_runtime` module imports, and real artifacts load and run, in a process where importing
+torch/mntool/exporters fails; and no source line of `device_runtime/` imports them, not even
+lazily inside a function. From the source, the other directions too: `exporters` imports no
+`mntool` module; no library module (nor a benchmark script) imports the CLI (`mntool.cli`); and
+the modules of `exporters` import each other without a cycle."""
 from __future__ import annotations
 
 import ast
@@ -15,6 +18,7 @@ import device_runtime
 
 FORBIDDEN = ("torch", "mntool", "exporters")
 PACKAGE_DIR = Path(device_runtime.__file__).parent
+ROOT = PACKAGE_DIR.parent
 
 BLOCKER = f"""
 import importlib.abc, sys
@@ -83,6 +87,34 @@ def _imported_names(source: str) -> list[str]:
     return names
 
 
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module `path` imports, at module level or inside a function: `from pkg import name`
+    counts as importing `pkg.name` when that is a module, else `pkg`."""
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            for a in node.names:
+                sub = ROOT.joinpath(*base.split("."), a.name)
+                out.add(f"{base}.{a.name}" if sub.with_suffix(".py").is_file() or (sub / "__init__.py").is_file() else base)
+    return out
+
+
+def _sources(*dirs: str) -> list[Path]:
+    return sorted(p for d in dirs for p in (ROOT / d).rglob("*.py"))
+
+
 def test_no_source_line_imports_torch_or_the_cloud_side():
     offenders = []
     dynamic = re.compile(r"""(__import__|import_module)\(\s*["'](%s)\b""" % "|".join(FORBIDDEN))
@@ -91,3 +123,54 @@ def test_no_source_line_imports_torch_or_the_cloud_side():
         offenders += [f"{path.name}: import {n}" for n in _imported_names(source) if n.split(".")[0] in FORBIDDEN]
         offenders += [f"{path.name}: {m.group(0)}" for m in dynamic.finditer(source)]
     assert offenders == []
+
+
+def test_exporters_import_no_mntool_module():
+    offenders = [f"{p.relative_to(ROOT)}: import {m}" for p in _sources("exporters") for m in sorted(_imports(p))
+                 if m.split(".")[0] == "mntool"]
+    assert offenders == []
+
+
+def test_no_library_module_imports_the_cli():
+    library = [p for p in _sources("mntool", "exporters", "device_runtime", "benchmarks")
+               if not p.relative_to(ROOT).parts[:2] == ("mntool", "cli")]
+    assert ROOT / "mntool" / "report.py" in library and ROOT / "benchmarks" / "compare.py" in library
+    offenders = [f"{p.relative_to(ROOT)}: import {m}" for p in library for m in sorted(_imports(p))
+                 if m == "mntool.cli" or m.startswith("mntool.cli.")]
+    assert offenders == []
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph` (module -> modules it imports), as a path; [] if there is none."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]  # "open" modules are exactly those on `path`
+            if nxt not in state and (found := visit(nxt, path + [nxt])):
+                return found
+        state[node] = "done"
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_exporters_modules_import_each_other_without_a_cycle():
+    """Function-level imports count; the package `__init__` is left out (every submodule import
+    loads it, and it imports the pipeline only inside `export()`)."""
+    sources = [p for p in _sources("exporters") if p.name != "__init__.py"]
+    graph = {_module_name(p): {m for m in _imports(p) if m.startswith("exporters.")} for p in sources}
+    assert "exporters.proof" in graph["exporters.pipeline"] and "exporters.locate" in graph["exporters.coreml"]
+    assert _cycle(graph) == []
+    dynamic = [p.name for p in sources if re.search(r"\b(import_module|__import__)\(", p.read_text())]
+    assert dynamic == [], "dynamic imports would hide edges from this check"
