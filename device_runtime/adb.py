@@ -3,11 +3,13 @@
 `benchmark_on_device` pushes the binary, the artifact and each patched artifact to the phone,
 runs the binary there with its output redirected to a file, pulls that file back and parses it
 (`parse_benchmark_model_output`, which reads the tool's timing and memory lines), then removes
-everything it pushed.
+everything it pushed. The phone's shell parses every `adb shell` command line, so each word of
+one is quoted (`shlex.quote`): a file name with spaces or `;` stays one argument.
 """
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -170,6 +172,14 @@ class _Adb:
             raise AdbError(f"adb {' '.join(args[:2])} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
         return done.stdout
 
+    def shell(self, *argv: str, log: str | None = None) -> str:
+        """Run `argv` in the phone's shell, each word quoted; with `log`, stdout and stderr go to
+        that file on the phone and the exit status is ignored (the log says what happened)."""
+        command = shlex.join(argv)
+        if log is not None:
+            command += f" > {shlex.quote(log)} 2>&1; true"
+        return self("shell", command)
+
 
 def benchmark_on_device(
     artifact: Path, patches: list[Path], device: str, benchmark_binary: Path, config: DeviceBenchConfig = DeviceBenchConfig()
@@ -187,15 +197,15 @@ def benchmark_on_device(
     adb = _Adb(serial)
     with tempfile.TemporaryDirectory(prefix="mntool-adb-") as scratch:
         variants = [("unpatched", artifact)] + [(str(p), _write_patched(artifact, Path(p), Path(scratch))) for p in patches]
-        adb("shell", f"mkdir -p {DEVICE_DIR}")
+        adb.shell("mkdir", "-p", DEVICE_DIR)
         try:
             adb("push", str(benchmark_binary), f"{DEVICE_DIR}/benchmark_model")
-            adb("shell", f"chmod +x {DEVICE_DIR}/benchmark_model")
+            adb.shell("chmod", "+x", f"{DEVICE_DIR}/benchmark_model")
             results = [_run_variant(adb, name, path, Path(scratch), config) for name, path in variants]
-            model = adb("shell", "getprop ro.product.model").strip()
-            abi = adb("shell", "getprop ro.product.cpu.abi").strip()
+            model = adb.shell("getprop", "ro.product.model").strip()
+            abi = adb.shell("getprop", "ro.product.cpu.abi").strip()
         finally:
-            adb("shell", f"rm -rf {DEVICE_DIR}")
+            adb.shell("rm", "-rf", DEVICE_DIR)
     return DeviceBenchReport(serial, model, abi, str(artifact), asdict(config), results)
 
 
@@ -216,9 +226,9 @@ def _run_variant(adb: _Adb, name: str, path: Path, scratch: Path, config: Device
     remote = f"{DEVICE_DIR}/{path.name}"
     log_remote = f"{remote}.log"
     adb("push", str(path), remote)
-    flags = (f"--graph={remote} --num_threads={config.threads} --num_runs={config.runs} "
-             f"--warmup_runs={config.warmup} --use_xnnpack={'true' if config.xnnpack else 'false'}")
-    adb("shell", f"{DEVICE_DIR}/benchmark_model {flags} > {log_remote} 2>&1; true")
+    adb.shell(f"{DEVICE_DIR}/benchmark_model", f"--graph={remote}", f"--num_threads={config.threads}",
+              f"--num_runs={config.runs}", f"--warmup_runs={config.warmup}",
+              f"--use_xnnpack={'true' if config.xnnpack else 'false'}", log=log_remote)
     local_log = scratch / f"{path.name}.log"
     adb("pull", log_remote, str(local_log))
     log = local_log.read_text(errors="replace")

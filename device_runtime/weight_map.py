@@ -107,7 +107,7 @@ class WeightMap:
         try:
             if d.get("format") != FORMAT_NAME:
                 raise WeightMapError(f"not a weight map (format={d.get('format')!r})")
-            if d.get("version") != FORMAT_VERSION:
+            if not _is_int(d.get("version")) or d.get("version") != FORMAT_VERSION:
                 raise WeightMapError(
                     f"weight map version {d.get('version')!r} is not supported (this mntool reads {FORMAT_VERSION})"
                 )
@@ -120,9 +120,9 @@ class WeightMap:
                 outputs=tuple(IOSpec(o["name"], o["runtime_name"], o["dtype"], tuple(o["shape"])) for o in d["outputs"]),
                 tensors=tuple(
                     TensorEntry(
-                        name=t["name"], shape=tuple(t["shape"]), file=t["file"], offset=int(t["offset"]),
-                        nbytes=int(t["nbytes"]), dtype=t["dtype"], layout=t["layout"],
-                        stored_shape=tuple(t["stored_shape"]), alignment=int(t["alignment"]),
+                        name=t["name"], shape=tuple(t["shape"]), file=t["file"], offset=_json_int(t, "offset"),
+                        nbytes=_json_int(t, "nbytes"), dtype=t["dtype"], layout=t["layout"],
+                        stored_shape=tuple(t["stored_shape"]), alignment=_json_int(t, "alignment"),
                     )
                     for t in d["tensors"]
                 ),
@@ -210,8 +210,21 @@ class WeightMap:
                 raise WeightMapError(f"{t.name}: bytes [{t.offset}, {t.offset + t.nbytes}) lie outside {t.file} ({size} B)")
 
 
+def _is_int(value) -> bool:
+    """A JSON integer: not a float (64.9, or 64.0) and not a boolean (which Python counts as int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_int(entry: dict, key: str) -> int:
+    """`entry[key]` when it is an integer; a WeightMapError instead of rounding (`int(64.9)`)."""
+    value = entry[key]
+    if not _is_int(value):
+        raise WeightMapError(f"{entry.get('name')}: {key} {value!r} is not an integer")
+    return value
+
+
 def _check_shape(what: str, shape: tuple) -> None:
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not all(_is_int(d) and d >= 0 for d in shape):
         raise WeightMapError(f"{what}: shape {shape} is not a list of non-negative integers")
 
 

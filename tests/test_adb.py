@@ -1,13 +1,18 @@
 """The Android path: benchmark_model's output parsed from real logs of that tool (quoted with their
-sources), the device spec, the missing-adb error, and the end-to-end run when a phone is attached."""
+sources), the device spec, the missing-adb error, the command lines run through a stand-in adb
+whose "phone" is a local shell, and the end-to-end run when a phone is attached."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from device_runtime import adb as adb_module
 from device_runtime.adb import (
     AdbError,
     DeviceBenchConfig,
@@ -167,6 +172,71 @@ def test_onnx_artifacts_are_refused_before_touching_the_phone(tmp_path):
     artifact.write_bytes(b"")
     with pytest.raises(AdbError, match=r"\.tflite artifacts"):
         benchmark_on_device(artifact, [], "adb:any", tmp_path / "benchmark_model")
+
+
+# ---- command lines, through a stand-in adb --------------------------------------------------
+FAKE_ADB = """\
+import os, shutil, subprocess, sys
+args = sys.argv[1:]
+if args == ["devices"]:
+    print("List of devices attached\\nphone-1\\tdevice")
+    sys.exit(0)
+assert args[:2] == ["-s", "phone-1"], args
+verb, *rest = args[2:]
+if verb in ("push", "pull"):
+    shutil.copyfile(*rest)
+elif verb == "shell":  # adb joins its arguments with spaces; the phone's sh parses the line
+    sys.exit(subprocess.run(["sh", "-c", " ".join(rest)], cwd=os.environ["FAKE_ADB_PHONE_CWD"]).returncode)
+else:
+    sys.exit(f"fake adb: unknown verb {verb}")
+"""
+
+# benchmark_model's stand-in: records its argv, and logs like the real tool when --graph exists.
+FAKE_BENCHMARK_MODEL = """\
+import json, os, sys
+with open(os.environ["FAKE_BENCHMARK_ARGV"], "w") as f:
+    json.dump(sys.argv[1:], f)
+graph = next(a[len("--graph="):] for a in sys.argv[1:] if a.startswith("--graph="))
+sys.stdout.write(LOG if os.path.isfile(graph) else f"ERROR: Could not open '{graph}'.\\nBenchmarking failed.\\n")
+"""
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def fake_phone(tmp_path, monkeypatch):
+    """`adb` on PATH is a stand-in whose phone is this machine: push/pull copy files, `shell` runs
+    the command line with sh in `cwd`, and DEVICE_DIR is a directory whose name needs quoting."""
+    bin_dir, cwd = tmp_path / "bin", tmp_path / "phone-cwd"
+    bin_dir.mkdir()
+    cwd.mkdir()
+    _script(bin_dir / "adb", FAKE_ADB)
+    (bin_dir / "getprop").write_text('#!/bin/sh\ncase "$1" in ro.product.model) echo "Pixel Test";; *) echo arm64-v8a;; esac\n')
+    (bin_dir / "getprop").chmod(0o755)
+    device_dir = tmp_path / "phone storage; touch pwned-dir" / "mntool bench"
+    monkeypatch.setattr(adb_module, "DEVICE_DIR", str(device_dir))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_ADB_PHONE_CWD", str(cwd))
+    monkeypatch.setenv("FAKE_BENCHMARK_ARGV", str(tmp_path / "benchmark-argv.json"))
+    binary = _script(tmp_path / "benchmark_model", f"LOG = {ALBERT_ANDROID!r}\n{FAKE_BENCHMARK_MODEL}")
+    return SimpleNamespace(binary=binary, cwd=cwd, device_dir=device_dir, argv=tmp_path / "benchmark-argv.json")
+
+
+def test_file_names_with_spaces_and_semicolons_stay_one_shell_word(fake_phone, tmp_path):
+    artifact = tmp_path / "my model; touch pwned.tflite"
+    artifact.write_bytes(b"not really a model")
+    report = benchmark_on_device(artifact, [], "adb:phone-1", fake_phone.binary, DeviceBenchConfig(runs=7, threads=2))
+    remote = f"{fake_phone.device_dir}/{artifact.name}"
+    assert json.loads(fake_phone.argv.read_text()) == [
+        f"--graph={remote}", "--num_threads=2", "--num_runs=7", "--warmup_runs=1", "--use_xnnpack=true"]
+    assert report.variants[0].result.inference_avg_us == 266473  # the log came back through the quoted redirect
+    assert (report.model, report.abi) == ("Pixel Test", "arm64-v8a")
+    assert list(fake_phone.cwd.iterdir()) == []  # nothing ran as a second command, nothing split into stray files
+    assert not fake_phone.device_dir.exists()  # rm -rf removed exactly what was pushed
 
 
 def _phone_or_skip() -> tuple[str, Path]:

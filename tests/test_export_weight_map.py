@@ -89,6 +89,31 @@ def test_malformed_weight_map_is_rejected(valid, path, value, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("field", ["offset", "nbytes", "alignment"])
+@pytest.mark.parametrize("convert", [float, lambda v: v + 0.9, lambda v: True], ids=["whole-float", "fraction", "bool"])
+def test_byte_fields_must_be_json_integers(valid, field, convert):
+    # int() would have read 64.9 as 64 and true as 1 (a bool alignment of 1 even validated)
+    bad = convert(valid["tensors"][0][field])
+    with pytest.raises(WeightMapError) as err:
+        WeightMap.from_dict(mutate(valid, f"tensors.0.{field}", bad))
+    assert str(err.value) == f"score.weight: {field} {bad!r} is not an integer"
+
+
+@pytest.mark.parametrize("path", ["tensors.0.shape", "tensors.0.stored_shape", "inputs.0.shape", "outputs.0.shape"])
+@pytest.mark.parametrize("convert", [float, lambda v: True], ids=["whole-float", "bool"])
+def test_shapes_must_be_json_integers(valid, path, convert):
+    dims = valid
+    for key in path.split("."):
+        dims = dims[int(key) if key.isdigit() else key]
+    with pytest.raises(WeightMapError, match="is not a list of non-negative integers"):
+        WeightMap.from_dict(mutate(valid, f"{path}.0", convert(dims[0])))
+
+
+def test_version_must_be_the_integer_1(valid):
+    with pytest.raises(WeightMapError, match="version True is not supported"):
+        WeightMap.from_dict(mutate(valid, "version", True))
+
+
 def test_overlapping_tensors_are_rejected(valid):
     bias = valid["tensors"][1]
     overlapping = mutate(valid, "tensors.1.offset", valid["tensors"][0]["offset"])
