@@ -1,8 +1,10 @@
 """Patch figures, each a ratio against a reference measured in the same run (medians).
 
 1. Apply in memory (bytes -> bytes, hot swap) / a raw numpy copy of the payload into the same
-   buffer, for 4 KB, 256 KB and 4 MB payloads, with the fixed and per-byte checks broken down.
-2. Apply in place on disk, crash-safe / os.pwrite of the same bytes at the same offsets + fsync.
+   buffer, and / the payload hash alone (BLAKE3, format v2), for 4 KB, 256 KB and 4 MB payloads,
+   with the fixed and per-byte checks broken down; unsigned and signed (Ed25519 + key list).
+2. Apply in place on disk, crash-safe (A/B slots) / os.pwrite of the same bytes at the same
+   offsets + fsync, for the same payloads on a 1 MB artifact and a 256 KB payload on a 64 MB one.
 3. On the default SASRec exported to each target: patch size / artifact size, cloud build time
    per device, and re-export time / (patch build + apply).
 
@@ -11,7 +13,7 @@
 from __future__ import annotations
 
 import gc
-import hashlib
+import itertools
 import json
 import os
 import statistics
@@ -24,13 +26,17 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+import blake3
+
 from device_runtime import weight_map as wmap
-from device_runtime.patch import apply_patch_bytes, apply_patch_file, parse_patch
+from device_runtime.install import apply_patch_file
+from device_runtime.patch import TrustPolicy, apply_patch_bytes, parse_patch
 from device_runtime.weight_map import TensorEntry, WeightMap
-from mntool.patches import Ed25519PrivateKey, build_patch
+from mntool.patches import Ed25519PrivateKey, build_patch, certify_keys, raw_public_key, signer_for
 
 PAYLOAD_DIMS = {"4 KB": 32, "256 KB": 256, "4 MB": 1024}  # head (d, d) weight + (d,) bias, float32
 STATIC_BYTES = 1 << 20  # non-adaptive bytes before the adaptive region of the synthetic artifact
+LARGE_STATIC_BYTES = 64 << 20  # the "large model" file case: a 256 KB patch into a 64 MB artifact
 
 
 def median_s(fn, repeats: int) -> float:
@@ -47,12 +53,12 @@ def median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def synthetic_artifact(root: Path, d: int) -> tuple[Path, WeightMap, dict[str, np.ndarray]]:
-    """A tflite-shaped artifact: STATIC_BYTES of random bytes, then a (d, d) weight and a (d,)
+def synthetic_artifact(root: Path, d: int, static_bytes: int = STATIC_BYTES) -> tuple[Path, WeightMap, dict[str, np.ndarray]]:
+    """A tflite-shaped artifact: `static_bytes` of random bytes, then a (d, d) weight and a (d,)
     bias, 64-aligned; plus random parameters for it."""
     rng = np.random.default_rng(d)
     shapes = {"head.weight": (d, d), "head.bias": (d,)}
-    data, tensors = bytearray(rng.bytes(STATIC_BYTES)), []
+    data, tensors = bytearray(rng.bytes(static_bytes)), []
     for name, shape in shapes.items():
         nbytes = int(np.prod(shape)) * 4
         offset = -(-len(data) // 64) * 64
@@ -70,31 +76,38 @@ def synthetic_artifact(root: Path, d: int) -> tuple[Path, WeightMap, dict[str, n
 def bench_memory(d: int, repeats: int, root: Path) -> dict:
     artifact, wm, params = synthetic_artifact(root, d)
     patch = build_patch(wm, params)
+    root_key, online = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    signed = build_patch(wm, params, signer_for(online, certify_keys(root_key, [raw_public_key(online)], serial=1)))
+    trust = TrustPolicy(root_key=raw_public_key(root_key))
     p = parse_patch(patch)
     buf = bytearray(artifact.read_bytes())
     start = wm.tensors[0].offset
     region = np.frombuffer(buf, np.uint8)[start : start + len(p.payload)]
     payload = np.frombuffer(p.payload, np.uint8)
     memcpy = median_s(lambda: np.copyto(region, payload), repeats)
+    hash_alone = median_s(lambda: blake3.blake3(p.payload).digest(), repeats)
     hot = median_s(lambda: apply_patch_bytes(buf, patch, wm, check_artifact=False), repeats)
+    hot_signed = median_s(lambda: apply_patch_bytes(buf, signed, wm, policy=trust, check_artifact=False), repeats)
     full = median_s(lambda: apply_patch_bytes(buf, patch, wm), repeats)
     parts = {
         "parse_s": median_s(lambda: parse_patch(patch), repeats),
-        "sha256_s": median_s(lambda: hashlib.sha256(p.payload).digest(), repeats),
         "isfinite_s": median_s(lambda: [np.isfinite(p.array(t)).all() for t in p.tensors], repeats),
     }
     return {
-        "payload_bytes": len(p.payload), "artifact_bytes": len(buf), "memcpy_s": memcpy,
-        "apply_s": hot, "ratio": hot / memcpy, "apply_checked_artifact_s": full, "ratio_checked_artifact": full / memcpy,
+        "payload_bytes": len(p.payload), "artifact_bytes": len(buf), "memcpy_s": memcpy, "blake3_s": hash_alone,
+        "blake3_ratio": hash_alone / memcpy, "apply_s": hot, "ratio": hot / memcpy, "over_hash": hot / hash_alone,
+        "apply_signed_s": hot_signed, "ratio_signed": hot_signed / memcpy, "signed_over_hash": hot_signed / hash_alone,
+        "apply_checked_artifact_s": full, "ratio_checked_artifact": full / memcpy,
         **parts, **{k.replace("_s", "_ratio"): v / memcpy for k, v in parts.items()},
-        "ratio_without_sha256": (hot - parts["sha256_s"]) / memcpy,
     }
 
 
-def bench_file(d: int, repeats: int, root: Path) -> dict:
-    artifact, wm, params = synthetic_artifact(root, d)
-    patch = build_patch(wm, params)
-    p = parse_patch(patch)
+def bench_file(d: int, repeats: int, root: Path, static_bytes: int = STATIC_BYTES) -> dict:
+    """In-place apply (A/B slots, a new sequence each time, as a device receives them) vs the
+    bare pwrite + fsync of the same bytes."""
+    artifact, wm, params = synthetic_artifact(root, d, static_bytes)
+    sequence = itertools.count(1)
+    p = parse_patch(build_patch(wm, params, sequence=0))
 
     def pwrite_fsync() -> None:
         fd = os.open(artifact, os.O_WRONLY)
@@ -106,10 +119,16 @@ def bench_file(d: int, repeats: int, root: Path) -> dict:
             os.close(fd)
 
     reference = median_s(pwrite_fsync, repeats)
-    fast = median_s(lambda: apply_patch_file(artifact, patch, check_artifact=False), repeats)
-    full = median_s(lambda: apply_patch_file(artifact, patch), repeats)
+
+    def timed_apply(check_artifact: bool) -> float:
+        patches = [build_patch(wm, params, sequence=next(sequence)) for _ in range(repeats + 3)]
+        apply_patch_file(artifact, patches.pop(0), check_artifact=check_artifact)  # first apply makes the slots
+        return median_s(lambda: apply_patch_file(artifact, patches.pop(0), check_artifact=check_artifact), repeats)
+
+    fast = timed_apply(False)
+    full = timed_apply(True)
     return {
-        "payload_bytes": len(p.payload), "artifact_bytes": artifact.stat().st_size, "pwrite_fsync_s": reference,
+        "payload_bytes": len(p.payload), "artifact_bytes": os.stat(artifact).st_size, "pwrite_fsync_s": reference,
         "apply_s": fast, "ratio": fast / reference, "apply_checked_artifact_s": full, "ratio_checked_artifact": full / reference,
     }
 
@@ -152,7 +171,8 @@ def bench_export(repeats: int, root: Path, checkpoint: Path | None) -> dict:
         else:
             build = median_s(lambda: build_patch(wm, params, key), repeats)
         patch = build_patch(wm, params, key)
-        apply = median_s(lambda: apply_patch_file(artifact, patch), repeats)
+        patches = [build_patch(wm, params, key) for _ in range(repeats + 1)]
+        apply = median_s(lambda: apply_patch_file(artifact, patches.pop(0)), repeats)
         files = {f: bytearray(b) for f, b in wmap.read_artifact_files(artifact, wm.files).items()}
         apply_memory = median_s(lambda: apply_patch_bytes(files, patch, wm, check_artifact=False), repeats)
         results[target] = {
@@ -169,17 +189,17 @@ def fmt_s(s: float) -> str:
 
 
 def print_tables(report: dict) -> None:
-    print("in-memory apply (bytes -> bytes, artifact check skipped as in hot swap) vs numpy copy of the payload")
-    print(f"{'payload':>8} {'memcpy':>10} {'apply':>10} {'ratio':>7} {'parse':>7} {'sha256':>7} {'isfinite':>8} "
-          f"{'ratio w/o sha256':>17} {'+artifact check':>16}")
+    print("in-memory apply (bytes -> bytes, artifact check skipped as in hot swap) vs numpy copy of the payload / BLAKE3 alone")
+    print(f"{'payload':>8} {'memcpy':>10} {'blake3':>8} {'apply':>10} {'/memcpy':>8} {'/hash':>6} {'signed /memcpy':>15} "
+          f"{'/hash':>6} {'parse':>7} {'isfinite':>8} {'+artifact check':>16}")
     for label, r in report["memory"].items():
-        print(f"{label:>8} {fmt_s(r['memcpy_s']):>10} {fmt_s(r['apply_s']):>10} {r['ratio']:>6.1f}x {r['parse_ratio']:>6.1f}x "
-              f"{r['sha256_ratio']:>6.1f}x {r['isfinite_ratio']:>7.1f}x {r['ratio_without_sha256']:>16.1f}x "
-              f"{r['ratio_checked_artifact']:>15.1f}x")
-    print("\nin-place file apply (copy + fsync + rename) vs pwrite + fsync of the same bytes; artifact = 1 MB + payload")
-    print(f"{'payload':>8} {'pwrite+fsync':>13} {'apply':>10} {'ratio':>7} {'+artifact check':>16}")
+        print(f"{label:>8} {fmt_s(r['memcpy_s']):>10} {r['blake3_ratio']:>7.1f}x {fmt_s(r['apply_s']):>10} {r['ratio']:>7.1f}x "
+              f"{r['over_hash']:>5.2f}x {r['ratio_signed']:>14.1f}x {r['signed_over_hash']:>5.2f}x {r['parse_ratio']:>6.1f}x "
+              f"{r['isfinite_ratio']:>7.1f}x {r['ratio_checked_artifact']:>15.1f}x")
+    print("\nin-place file apply (A/B slots: pwrite into the inactive slot + fsync + symlink switch) vs pwrite + fsync of the same bytes")
+    print(f"{'payload':>24} {'pwrite+fsync':>13} {'apply':>10} {'ratio':>7} {'+artifact check':>16}")
     for label, r in report["file"].items():
-        print(f"{label:>8} {fmt_s(r['pwrite_fsync_s']):>13} {fmt_s(r['apply_s']):>10} {r['ratio']:>6.1f}x "
+        print(f"{label:>24} {fmt_s(r['pwrite_fsync_s']):>13} {fmt_s(r['apply_s']):>10} {r['ratio']:>6.1f}x "
               f"{r['ratio_checked_artifact']:>15.1f}x")
     if report.get("export"):
         print("\ndefault SASRec: patch vs artifact, cloud build per device (signed), in-place apply, re-export vs patch")
@@ -210,6 +230,8 @@ def main(as_json: bool, repeats: int, skip_export: bool, checkpoint: Path | None
             (root / f"f{d}").mkdir()
             report["memory"][label] = bench_memory(d, repeats, root / f"m{d}")
             report["file"][label] = bench_file(d, max(5, repeats // 5), root / f"f{d}")
+        (root / "large").mkdir()
+        report["file"]["256 KB, 64 MB artifact"] = bench_file(256, max(5, repeats // 5), root / "large", LARGE_STATIC_BYTES)
         if not skip_export:
             report["export"] = bench_export(max(5, repeats // 5), root / "export", checkpoint)
     if as_json:

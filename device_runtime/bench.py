@@ -27,7 +27,8 @@ import numpy as np
 
 from device_runtime import weight_map as weight_maps
 from device_runtime.errors import MntoolError
-from device_runtime.patch import apply_patch_bytes
+from device_runtime.hotswap import HotSwap
+from device_runtime.patch import DeviceState, apply_patch_bytes, verify_patch
 from device_runtime.profiles import DeviceProfile, ProfileSandbox
 from device_runtime.runners import RunnerConfig, find_weight_map, load_inputs, open_runner, runtime_for
 from device_runtime.weight_map import IOSpec, WeightMap
@@ -92,9 +93,11 @@ class LatencyStats:
 class PatchReport:
     patch: str
     patch_bytes: int
-    apply_ms: float  # median: verify the patch and write it into the in-memory artifact
-    swap_ms: float  # median: patch bytes in hand -> first output with the new parameters
+    apply_ms: float  # median: verify the patch and write it into the idle in-memory slot
+    verify_ms: float  # median: the patch's own checks alone (hashes, signature, destinations, values)
+    swap_ms: float  # median: patch bytes in hand -> first output with the new parameters (HotSwap)
     swap_vs_cold_start: float  # swap_ms / the unpatched artifact's cold_start_memory_ms
+    swap_vs_reference: float  # swap_ms / (cold_start_memory_ms + verify_ms): 1.0 = the swap adds nothing
     latency: LatencyStats
     p50_ratio: float  # patched p50 / unpatched p50, interleaved in the same run
     outputs_changed: bool  # the patched model's outputs differ from the unpatched model's
@@ -261,7 +264,7 @@ def _read_patch(path: Path) -> bytes:
 def _apply_patch(files: dict[str, bytes], patch: bytes, weight_map: WeightMap) -> dict[str, bytes | bytearray]:
     """The artifact's files with the patch verified and written in, all in memory. The artifact
     itself was checked against its weight map when the benchmark loaded it, as an app does at
-    start-up, so the swap re-verifies the patch but does not re-hash the whole artifact."""
+    start-up, so a swap re-verifies the patch but does not re-hash the whole artifact."""
     return apply_patch_bytes(files, patch, weight_map, check_artifact=False)
 
 
@@ -302,8 +305,12 @@ def benchmark(
     clock = time.perf_counter_ns
     load_file, load_memory, first_run, cold_start = [], [], [], []
     apply_times: dict[Path, list[float]] = {p: [] for p in patch_bytes}
+    verify_times: dict[Path, list[float]] = {p: [] for p in patch_bytes}
     swap_times: dict[Path, list[float]] = {p: [] for p in patch_bytes}
-    patched_files: dict[Path, dict[str, bytes | bytearray]] = {}
+    patched_files = {p: _apply_patch(files, data, weight_map) for p, data in patch_bytes.items()}
+    sizes = {name: len(data) for name, data in files.items()}
+    swappers = {p: HotSwap(artifact, weight_map=weight_map, files=files, runtime=runtime, config=config.runner)
+                for p in patch_bytes}
 
     def from_file() -> None:
         t0 = clock()
@@ -322,19 +329,27 @@ def benchmark(
         cold_start.append((t2 - t0) / 1e6)
         runner.close()
 
-    def swap(path: Path) -> None:
+    def verify(path: Path) -> None:
         t0 = clock()
-        patched = _apply_patch(files, patch_bytes[path], weight_map)
-        t1 = clock()
-        runner = load(patched)
-        runner.run(feeds)  # weights-as-inputs artifacts bind the patched values here
-        t2 = clock()
-        apply_times[path].append((t1 - t0) / 1e6)
-        swap_times[path].append((t2 - t0) / 1e6)
-        patched_files[path] = patched
-        runner.close()
+        verify_patch(patch_bytes[path], weight_map, sizes)
+        verify_times[path].append((clock() - t0) / 1e6)
 
-    steps = [from_file, from_memory, *(partial(swap, p) for p in patch_bytes)]
+    def swap(path: Path) -> None:
+        swapper = swappers[path]
+        swapper.state = DeviceState()  # the same patch again: a timing loop, not a replay
+        t0 = clock()
+        runner, _ = swapper.swap(patch_bytes[path])
+        runner.run(feeds)  # weights-as-inputs artifacts bind the patched values here
+        t1 = clock()
+        swap_times[path].append((t1 - t0) / 1e6)
+        swapper.release_previous()  # as the cold loads close theirs: off the clock
+
+    def apply(path: Path) -> None:
+        t0 = clock()
+        _apply_patch(files, patch_bytes[path], weight_map)
+        apply_times[path].append((clock() - t0) / 1e6)
+
+    steps = [from_file, from_memory, *(partial(step, p) for p in patch_bytes for step in (verify, swap, apply))]
     gc.disable()
     try:
         for cycle in range(config.loads):
@@ -344,6 +359,8 @@ def benchmark(
             tick(1 + len(patch_bytes))
     finally:
         gc.enable()
+        for swapper in swappers.values():
+            swapper.close()
 
     # Steady state: every variant loaded from memory, warmed up, then timed in interleaved rounds.
     variants = {"unpatched": load(files), **{str(p): load(patched_files[p]) for p in patch_bytes}}
@@ -369,7 +386,9 @@ def benchmark(
         changed = any(not np.array_equal(outputs[str(path)][n], outputs["unpatched"][n]) for n in reference)
         patch_reports.append(PatchReport(
             patch=str(path), patch_bytes=len(patch), apply_ms=_median(apply_times[path]),
-            swap_ms=_median(swap_times[path]), swap_vs_cold_start=_median(swap_times[path]) / cold_start_ms,
+            verify_ms=_median(verify_times[path]), swap_ms=_median(swap_times[path]),
+            swap_vs_cold_start=_median(swap_times[path]) / cold_start_ms,
+            swap_vs_reference=_median(swap_times[path]) / (cold_start_ms + _median(verify_times[path])),
             latency=stats, p50_ratio=stats.p50_ms / latency.p50_ms, outputs_changed=changed,
             samples_ms=samples[str(path)],
         ))

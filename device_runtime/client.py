@@ -1,19 +1,24 @@
 """The device's client of `mntool serve`: upload recent samples, get a patch, apply it, reload.
 
 `refresh` asks the service for a patch for the local artifact (by its weight-map fingerprint),
-verifies its Ed25519 signature with the server's public key, writes it into the artifact
-crash-safely (`apply_patch_file(..., require_signature=True)`) and opens a fresh runner on the
-patched model. Standard-library HTTP only; 5xx answers, timeouts and refused connections are
+verifies it (signature through the root key's key list, or the server's key; expiry, device,
+sequence), writes it into the artifact crash-safely (`install.apply_patch_file`: A/B slots) and
+opens a fresh runner on the patched model. Standard-library HTTP only; 5xx answers, timeouts and refused connections are
 retried with exponential backoff, 4xx answers are final. A patch that fails any check is never
 applied: the artifact stays byte-identical.
+
+The bearer token never leaves the server's origin: the URL must be https (plain http only to a
+loopback host), and redirects are not followed (a 3xx answer is a ClientError naming its target).
 """
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import random
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,8 @@ from typing import Callable, Sequence
 
 from device_runtime import weight_map as wmap
 from device_runtime.errors import MntoolError
-from device_runtime.patch import Patch, apply_patch_file
+from device_runtime.install import apply_patch_file
+from device_runtime.patch import Patch, TrustPolicy
 from device_runtime.runners import Runner, RunnerConfig, open_runner
 from device_runtime.signing import load_public_key
 
@@ -29,7 +35,8 @@ PATCHES_PATH = "/v1/patches"
 
 
 class ClientError(MntoolError):
-    """The service refused the request (4xx), or could not be reached after every retry."""
+    """The server URL is not https (nor loopback http), the service refused the request (3xx, 4xx),
+    or it could not be reached after every retry."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
@@ -43,6 +50,38 @@ class ClientConfig:
     backoff_s: float = 0.2  # wait before the first retry; doubles each time, plus up to 25% jitter
     max_backoff_s: float = 5.0  # cap on one wait (also on a server's Retry-After)
     max_patch_bytes: int = 64 << 20  # a larger answer is refused unread
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Makes every 3xx an HTTPError: urllib would otherwise re-send the Authorization header to
+    wherever the redirect points (another host, or https -> http)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def _check_server_url(server_url: str) -> None:
+    """Refuse, before connecting, a URL the token must not travel to: anything but https, except
+    http to a loopback host (localhost, 127.0.0.0/8, ::1)."""
+    parts = urllib.parse.urlsplit(server_url)
+    host = parts.hostname or ""
+    if parts.scheme == "https" and host:
+        return
+    if parts.scheme == "http" and _is_loopback(host):
+        return
+    raise ClientError(f"server URL {server_url!r} must be https:// (plain http:// only to a loopback host)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -67,6 +106,7 @@ def fetch_patch(
 ) -> tuple[bytes, int]:
     """POST the upload to `server_url`/v1/patches; returns (patch bytes, attempts). Unverified:
     the caller must verify before use (`refresh` does)."""
+    _check_server_url(server_url)
     body = json.dumps({"device_id": device_id, "fingerprint": fingerprint,
                        "samples": {"items": [int(i) for i in items]}}).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/octet-stream"}
@@ -76,12 +116,15 @@ def fetch_patch(
     wait = config.backoff_s
     for attempt in range(1, config.retries + 2):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=config.timeout_s) as answer:
+            with _OPENER.open(urllib.request.Request(url, body, headers), timeout=config.timeout_s) as answer:
                 data = answer.read(config.max_patch_bytes + 1)
             if len(data) > config.max_patch_bytes:
                 raise ClientError(f"{url} sent more than {config.max_patch_bytes} bytes; refusing it as a patch")
             return data, attempt
         except urllib.error.HTTPError as err:
+            if 300 <= err.code < 400:
+                raise ClientError(f"{url} redirects ({err.code}) to {err.headers.get('Location')!r}; redirects are not followed "
+                                  "(point the client at the final URL)", err.code) from None
             message = _error_message(err)
             if err.code < 500:
                 raise ClientError(f"{url} refused the request ({err.code}): {message}", err.code) from None
@@ -117,7 +160,8 @@ def refresh(
     artifact: Path | str,
     items: Sequence[int],
     *,
-    verify_key: bytes | Path | str,
+    verify_key: bytes | Path | str | None = None,
+    root_key: bytes | Path | str | None = None,
     token: str | None = None,
     device_id: str = "device",
     config: ClientConfig = ClientConfig(),
@@ -125,17 +169,28 @@ def refresh(
     on_reload: Callable[[Runner], None] | None = None,
 ) -> Refresh:
     """Fetch a patch for `artifact` from the device's recent `items` (most recent last), verify
-    it with `verify_key` (the server's Ed25519 public key: raw 32 bytes, or a .pub/raw key file),
-    write it into `artifact` in place and return a runner on the patched model (also passed to
-    `on_reload`). Unsigned, forged or altered patches raise and leave `artifact` untouched."""
+    it (`root_key`: the root public key whose key list certifies the server's online key; or
+    `verify_key`: the server's own public key; each raw 32 bytes or a .pub/raw key file), check
+    it is fresh, for `device_id` and newer than the last one applied, write it into `artifact`
+    in place (A/B slots) and return a runner on the patched model (also passed to `on_reload`).
+    Unsigned, forged, altered, expired, replayed or misdirected patches raise and leave
+    `artifact` untouched."""
+    if (verify_key is None) == (root_key is None):
+        raise ClientError("give exactly one of verify_key and root_key: a patch is applied only if signed")
     artifact = Path(artifact)
-    key = verify_key if isinstance(verify_key, bytes) else load_public_key(Path(verify_key))
+    policy = TrustPolicy(verify_key=_raw_key(verify_key), root_key=_raw_key(root_key), device_id=device_id)
     weight_map = wmap.load(artifact, check_fingerprint=False)
     started = time.perf_counter()
     data, attempts = fetch_patch(server_url, weight_map.fingerprint, items, device_id=device_id, token=token, config=config)
     fetched = time.perf_counter()
-    patch = apply_patch_file(artifact, data, verify_key=key, require_signature=True)
+    patch = apply_patch_file(artifact, data, policy=policy)
     runner = open_runner(artifact, weight_map=weight_map, config=runner_config)
     if on_reload is not None:
         on_reload(runner)
     return Refresh(runner, patch, attempts, fetched - started, time.perf_counter() - fetched)
+
+
+def _raw_key(key: bytes | Path | str | None) -> bytes | None:
+    if key is None or isinstance(key, bytes):
+        return key
+    return load_public_key(Path(key))

@@ -1,52 +1,64 @@
-"""The patch format v1 (contract half 2): pack, parse, verify and apply patches, torch-free.
+"""The patch format (contract half 2): pack v2, parse v1 and v2, verify, apply in memory; torch-free.
 
 A patch carries the adaptive tensors of one artifact, already in the artifact's dtype and layout,
-plus the fingerprint of the base artifact it applies to and hashes (optionally an Ed25519
-signature) over everything. Applying is verify-then-memcpy: into bytes held in memory (hot swap)
-or into the artifact's files (crash-safe: copy, patch, fsync, atomic rename). Byte layout and
-the crash story: docs/patch-format.md.
+plus the fingerprint of the base artifact it applies to and hashes over everything. Version 2
+adds what makes an update trustworthy on a device that an attacker can reach: an expiry, a
+sequence number (the device refuses one not newer than the last it applied), the device it is
+for, and the online key that signed it with the root-signed key list that certifies that key.
+Applying is verify-then-memcpy; writing to files (A/B slots, lock, state) is `device_runtime.install`.
+Byte layout: docs/patch-format.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
-import os
-import shutil
-import stat
 import struct
-import dataclasses
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping
 
+import blake3
 import numpy as np
 
 from device_runtime import weight_map as wmap
 from device_runtime.errors import MntoolError
+from device_runtime.keys import KeyList, KeyListError, parse_keylist
+from device_runtime.layout import NUMPY_DTYPES
 from device_runtime.weight_map import TensorEntry, WeightMap
 
 MAGIC = b"MNPATCH\0"
-VERSION = 1
+VERSION = 2  # what pack_patch writes; parse_patch also reads 1
 SUFFIX = ".mnpatch"
-HEADER = struct.Struct("<8sHHIIIIIQQQ32s32s8s")  # see docs/patch-format.md, "Header"
-ENTRY = struct.Struct("<IIIIIIII QQQ 8Q Q")  # see docs/patch-format.md, "Tensor table"
+HEADER_V1 = struct.Struct("<8sHHIIIIIQQQ32s32s8s")  # docs/patch-format.md, "Version 1"
+HEADER = struct.Struct("<8sHHIIIIIQQQ32s32sQQQ32s32sII40s")  # docs/patch-format.md, "Header"
+ENTRY = struct.Struct("<IIIIIIII QQQ 8Q Q")  # docs/patch-format.md, "Tensor table"
 SIGNATURE_SIZE = 64
-SEAL_SIZE = SIGNATURE_SIZE + 32  # signature, then SHA-256 of everything before it + itself
+HASH_SIZE = 32
+SEAL_SIZE = SIGNATURE_SIZE + HASH_SIZE  # signature, then the hash of everything before it + itself
 PAYLOAD_ALIGN = 64
 MAX_DIMS = 8
 MAX_TENSORS = 4096
 MAX_STRINGS = 1 << 20
+MAX_KEYLIST = 8192
 FLAG_SIGNED = 1
+ANY_DEVICE = bytes(HASH_SIZE)
+DEVICE_DOMAIN = b"mntool-device-id\0"
 
 TARGET_CODES = {"tflite": 1, "onnx": 2, "coreml": 3}
 DTYPE_CODES = {"float32": 1, "float16": 2}
 LAYOUT_CODES = {"identity": 0, "transpose": 1}
-NUMPY_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
-assert HEADER.size == 128 and ENTRY.size == 128
+# v1 hashes with SHA-256; v2 with BLAKE3 (one pass near memory bandwidth: the floor of a verified apply)
+HASHES: dict[int, Callable[[bytes | memoryview], bytes]] = {
+    1: lambda data: hashlib.sha256(data).digest(),
+    2: lambda data: blake3.blake3(data).digest(),
+}
+assert HEADER_V1.size == 128 and HEADER.size == 256 and ENTRY.size == 128
 
 
 class PatchError(MntoolError):
-    """A patch is malformed, corrupt, unsigned/badly signed, or does not fit the artifact."""
+    """A patch is malformed, corrupt, stale, for another device, unsigned/badly signed, or does
+    not fit the artifact."""
 
 
 def _align(n: int, a: int) -> int:
@@ -58,6 +70,11 @@ def _decode(codes: dict[str, int], code: int, what: str) -> str:
         if c == code:
             return name
     raise PatchError(f"patch has unknown {what} code {code}")
+
+
+def device_hash(device_id: str) -> bytes:
+    """How a patch names the device it is for: BLAKE3 of a domain tag and the id (never the id)."""
+    return blake3.blake3(DEVICE_DOMAIN + device_id.encode()).digest()
 
 
 @dataclass(frozen=True)
@@ -88,19 +105,32 @@ def destination_name(file: str, artifact: str) -> str:
 
 
 @dataclass(frozen=True)
+class Freshness:
+    """The v2 fields that make a patch fresh and ordered (all covered by the signature)."""
+
+    sequence: int  # per (artifact fingerprint, device); a device applies only increasing ones
+    issued_at: int  # unix seconds
+    expires_at: int  # unix seconds; refused at or after it
+    device: bytes = ANY_DEVICE  # `device_hash(id)`, or zeros: any device
+
+
+@dataclass(frozen=True)
 class Patch:
     """A parsed patch whose header and table passed their checksum; `payload` is a zero-copy view."""
 
+    version: int
     target: str
     fingerprint: str  # hex, the base artifact's `weight_map.compute_fingerprint`
     signed: bool
     tensors: tuple[PatchTensor, ...]
-    payload_sha256: str  # hex
+    payload_hash: str  # hex; SHA-256 (v1) or BLAKE3 (v2)
     total_size: int
+    freshness: Freshness | None  # None for v1
+    signing_key: bytes | None  # v2: the raw public key that signed it
+    keylist: KeyList | None  # v2: the root-signed list certifying `signing_key`, if carried
     signature: bytes = field(repr=False)
     signed_message: memoryview = field(repr=False, compare=False)
     payload: memoryview = field(repr=False, compare=False)
-    version: int = VERSION
 
     def tensor_bytes(self, t: PatchTensor) -> memoryview:
         return self.payload[t.payload_offset : t.payload_offset + t.nbytes]
@@ -110,37 +140,56 @@ class Patch:
         return np.frombuffer(self.tensor_bytes(t), NUMPY_DTYPES[t.dtype]).reshape(t.stored_shape)
 
     def to_dict(self) -> dict:
-        return {
+        info = {
             "format": "mntool-patch",
             "version": self.version,
             "target": self.target,
             "fingerprint": self.fingerprint,
             "signed": self.signed,
-            "payload_sha256": self.payload_sha256,
+            "payload_hash": {1: "sha256", 2: "blake3"}[self.version] + ":" + self.payload_hash,
             "payload_bytes": len(self.payload),
             "total_bytes": self.total_size,
-            "tensors": [
-                {
-                    "name": t.name, "file": t.file, "dtype": t.dtype, "layout": t.layout,
-                    "stored_shape": list(t.stored_shape), "offset": t.offset, "nbytes": t.nbytes,
-                    "payload_offset": t.payload_offset,
-                }
-                for t in self.tensors
-            ],
         }
+        if self.freshness is not None:
+            f = self.freshness
+            info.update(sequence=f.sequence, issued_at=f.issued_at, expires_at=f.expires_at,
+                        device=None if f.device == ANY_DEVICE else f.device.hex())
+            info["signing_key"] = self.signing_key.hex() if self.signing_key else None
+            info["keylist"] = self.keylist.to_dict() if self.keylist else None
+        info["tensors"] = [
+            {
+                "name": t.name, "file": t.file, "dtype": t.dtype, "layout": t.layout,
+                "stored_shape": list(t.stored_shape), "offset": t.offset, "nbytes": t.nbytes,
+                "payload_offset": t.payload_offset,
+            }
+            for t in self.tensors
+        ]
+        return info
 
 
 # ---- writing (used by the cloud; lives here so the byte layout is defined once) -------------
+@dataclass(frozen=True)
+class Signer:
+    """How the cloud signs: `sign(message) -> 64-byte Ed25519 signature` by the key whose raw
+    public half is `public`, and the key list (bytes) certifying it, if devices trust a root."""
+
+    sign: Callable[[bytes], bytes]
+    public: bytes
+    keylist: bytes | None = None
+
+
 def pack_patch(
     weight_map: WeightMap,
     stored: Mapping[str, np.ndarray],
-    signer: Callable[[bytes], bytes] | None = None,
+    freshness: Freshness,
+    signer: Signer | None = None,
 ) -> bytes:
     """Serialise `stored` (name -> array already in the artifact's dtype and stored shape) as a
-    v1 patch for the artifact described by `weight_map`; `signer(message) -> 64-byte Ed25519
-    signature` signs it. Tensors appear in weight-map order."""
+    v2 patch for the artifact described by `weight_map`. Tensors appear in weight-map order."""
     if set(stored) != set(weight_map.adaptive_names):
         raise PatchError(f"patch tensors {sorted(stored)} differ from the weight map's {weight_map.adaptive_names}")
+    if not 0 <= freshness.issued_at < freshness.expires_at or freshness.sequence < 0:
+        raise PatchError("a patch must expire after it is issued and have a non-negative sequence")
     strings = bytearray()
     string_refs: dict[str, tuple[int, int]] = {}
 
@@ -157,77 +206,102 @@ def pack_patch(
         if arr.dtype != NUMPY_DTYPES[t.dtype] or arr.shape != tuple(t.stored_shape):
             raise PatchError(f"{t.name}: got {arr.dtype} {arr.shape}, the artifact stores {t.dtype} {tuple(t.stored_shape)}")
         start = _align(payload_size, PAYLOAD_ALIGN)
-        chunks.append((start, np.ascontiguousarray(arr).tobytes()))
+        chunks.append((start, np.ascontiguousarray(arr)))
         payload_size = start + t.nbytes
         shape = list(t.stored_shape) + [0] * (MAX_DIMS - len(t.stored_shape))
         entries.append(ENTRY.pack(
-            *ref(t.name), *ref(destination_name(t.file, weight_map.artifact)), DTYPE_CODES[t.dtype], LAYOUT_CODES[t.layout], len(t.stored_shape), 0,
-            t.offset, t.nbytes, start, *shape, 0,
+            *ref(t.name), *ref(destination_name(t.file, weight_map.artifact)), DTYPE_CODES[t.dtype],
+            LAYOUT_CODES[t.layout], len(t.stored_shape), 0, t.offset, t.nbytes, start, *shape, 0,
         ))
-    payload = bytearray(payload_size)
-    for start, raw in chunks:
-        payload[start : start + len(raw)] = raw
-
-    table_end = HEADER.size + ENTRY.size * len(entries) + len(strings)
+    keylist = signer.keylist if signer is not None and signer.keylist is not None else b""
+    if keylist:
+        parse_keylist(keylist)  # a malformed list would make every device refuse the patch
+    table_end = HEADER.size + ENTRY.size * len(entries) + len(strings) + len(keylist)
     seal = _align(table_end, 8)
     payload_offset = _align(seal + SEAL_SIZE, PAYLOAD_ALIGN)
+    out = bytearray(payload_offset + payload_size)
+    payload = memoryview(out)[payload_offset:]
+    for start, arr in chunks:
+        payload[start : start + arr.nbytes] = arr.reshape(-1).view(np.uint8)
     header = HEADER.pack(
         MAGIC, VERSION, HEADER.size, FLAG_SIGNED if signer else 0, TARGET_CODES[weight_map.target],
         len(entries), ENTRY.size, len(strings), payload_offset, payload_size, payload_offset + payload_size,
-        bytes.fromhex(weight_map.fingerprint), hashlib.sha256(payload).digest(), bytes(8),
+        bytes.fromhex(weight_map.fingerprint), HASHES[VERSION](payload), freshness.sequence, freshness.issued_at,
+        freshness.expires_at, freshness.device, signer.public if signer else bytes(32), len(keylist), 0, bytes(40),
     )
-    out = bytearray(payload_offset + payload_size)
-    meta = header + b"".join(entries) + bytes(strings)
+    meta = header + b"".join(entries) + bytes(strings) + keylist
     out[: len(meta)] = meta
     if signer is not None:
-        signature = signer(bytes(out[:seal]))
+        signature = signer.sign(bytes(out[:seal]))
         if len(signature) != SIGNATURE_SIZE:
             raise PatchError(f"signer returned {len(signature)} bytes, an Ed25519 signature has {SIGNATURE_SIZE}")
         out[seal : seal + SIGNATURE_SIZE] = signature
-    out[seal + SIGNATURE_SIZE : seal + SEAL_SIZE] = hashlib.sha256(out[: seal + SIGNATURE_SIZE]).digest()
-    out[payload_offset:] = payload
+    out[seal + SIGNATURE_SIZE : seal + SEAL_SIZE] = HASHES[VERSION](memoryview(out)[: seal + SIGNATURE_SIZE])
     return bytes(out)
 
 
 # ---- reading --------------------------------------------------------------------------------
 def parse_patch(data: bytes | bytearray | memoryview) -> Patch:
-    """Decode a patch, checking magic, version, bounds and the header/table checksum (cheap: no
-    pass over the payload). `verify_patch` does the rest."""
+    """Decode a v1 or v2 patch, checking magic, version, bounds and the header/table checksum
+    (cheap: no pass over the payload). `verify_patch` does the rest."""
     view = memoryview(data).cast("B")
-    if len(view) < HEADER.size:
+    if len(view) < 10 or bytes(view[:8]) != MAGIC:
         if bytes(view[: len(MAGIC)]) != MAGIC[: len(view)]:
             raise PatchError("not an mntool patch (bad magic)")
-        raise PatchError(f"patch is truncated: {len(view)} bytes, the header alone is {HEADER.size}")
-    (magic, version, header_size, flags, target_code, count, entry_size, strings_size,
-     payload_offset, payload_size, total_size, fingerprint, payload_sha, reserved) = HEADER.unpack_from(view)
-    if magic != MAGIC:
-        raise PatchError("not an mntool patch (bad magic)")
-    if version != VERSION:
-        raise PatchError(f"patch format version {version} is not supported (this reader reads {VERSION})")
-    if header_size != HEADER.size or entry_size != ENTRY.size or reserved != bytes(8) or flags & ~FLAG_SIGNED:
+        raise PatchError(f"patch is truncated: {len(view)} bytes")
+    version = int.from_bytes(view[8:10], "little")
+    if version not in HASHES:
+        raise PatchError(f"patch format version {version} is not supported (this reader reads 1 and 2)")
+    header_struct = HEADER if version == 2 else HEADER_V1
+    if len(view) < header_struct.size:
+        raise PatchError(f"patch is truncated: {len(view)} bytes, the v{version} header alone is {header_struct.size}")
+    fields = header_struct.unpack_from(view)
+    (_, _, header_size, flags, target_code, count, entry_size, strings_size,
+     payload_offset, payload_size, total_size, fingerprint, payload_hash) = fields[:13]
+    if version == 2:
+        sequence, issued_at, expires_at, device, signing_key, keylist_size, reserved_u32, reserved = fields[13:]
+        reserved_ok = reserved == bytes(40) and reserved_u32 == 0
+    else:
+        keylist_size, reserved_ok = 0, fields[13] == bytes(8)
+    if header_size != header_struct.size or entry_size != ENTRY.size or not reserved_ok or flags & ~FLAG_SIGNED:
         raise PatchError("patch header is corrupt (sizes, flags or reserved bytes)")
-    if not 1 <= count <= MAX_TENSORS or strings_size > MAX_STRINGS:
-        raise PatchError(f"patch header is corrupt ({count} tensors, {strings_size} string bytes)")
-    seal = _align(HEADER.size + ENTRY.size * count + strings_size, 8)
+    if not 1 <= count <= MAX_TENSORS or strings_size > MAX_STRINGS or keylist_size > MAX_KEYLIST:
+        raise PatchError(f"patch header is corrupt ({count} tensors, {strings_size} string bytes, {keylist_size} key-list bytes)")
+    strings_start = header_size + ENTRY.size * count
+    keylist_start = strings_start + strings_size
+    seal = _align(keylist_start + keylist_size, 8)
     if payload_offset != _align(seal + SEAL_SIZE, PAYLOAD_ALIGN) or total_size != payload_offset + payload_size:
         raise PatchError("patch header is corrupt (section offsets)")
     if len(view) != total_size:
         raise PatchError(f"patch is {len(view)} bytes but its header says {total_size} (truncated or extended)")
-    if hashlib.sha256(view[: seal + SIGNATURE_SIZE]).digest() != bytes(view[seal + SIGNATURE_SIZE : seal + SEAL_SIZE]):
+    if HASHES[version](view[: seal + SIGNATURE_SIZE]) != bytes(view[seal + SIGNATURE_SIZE : seal + SEAL_SIZE]):
         raise PatchError("patch header or tensor table is corrupt (checksum mismatch)")
-    strings_end = HEADER.size + ENTRY.size * count + strings_size
-    if not _is_zero(view[seal + SEAL_SIZE : payload_offset]) or not _is_zero(view[strings_end:seal]):
+    if not _is_zero(view[seal + SEAL_SIZE : payload_offset]) or not _is_zero(view[keylist_start + keylist_size : seal]):
         raise PatchError("patch padding is not zero")
     signature = bytes(view[seal : seal + SIGNATURE_SIZE])
     signed = bool(flags & FLAG_SIGNED)
     if not signed and not _is_zero(signature):
         raise PatchError("patch is marked unsigned but carries a signature")
 
-    strings = view[HEADER.size + ENTRY.size * count : strings_end]
+    freshness = key = keylist = None
+    if version == 2:
+        if not issued_at < expires_at:
+            raise PatchError("patch header is corrupt (it expires before it is issued)")
+        freshness = Freshness(sequence, issued_at, expires_at, device)
+        if signed != (signing_key != bytes(32)) or (keylist_size and not signed):
+            raise PatchError("patch header is corrupt (signing key and signed flag disagree)")
+        key = signing_key if signed else None
+        if keylist_size:
+            try:
+                keylist = parse_keylist(view[keylist_start : keylist_start + keylist_size])
+            except KeyListError as err:
+                raise PatchError(f"patch key list is corrupt: {err}") from None
+
+    strings = view[strings_start:keylist_start]
     tensors, expect_payload = [], 0
     for i in range(count):
         (name_off, name_len, file_off, file_len, dtype_code, layout_code, ndim, reserved_u32,
-         dest, nbytes, p_off, *rest) = ENTRY.unpack_from(view, HEADER.size + ENTRY.size * i)
+         dest, nbytes, p_off, *rest) = ENTRY.unpack_from(view, header_size + ENTRY.size * i)
         shape, reserved_u64 = rest[:MAX_DIMS], rest[MAX_DIMS]
         dtype = _decode(DTYPE_CODES, dtype_code, "dtype")
         if reserved_u32 or reserved_u64 or not 1 <= ndim <= MAX_DIMS or any(shape[ndim:]):
@@ -236,7 +310,7 @@ def parse_patch(data: bytes | bytearray | memoryview) -> Patch:
         if nbytes != math.prod(stored_shape) * NUMPY_DTYPES[dtype].itemsize:
             raise PatchError(f"tensor table entry {i}: {nbytes} bytes does not hold {dtype} {stored_shape}")
         if p_off != _align(expect_payload, PAYLOAD_ALIGN):
-            raise PatchError(f"tensor table entry {i}: payload offset {p_off} is not where v1 puts it")
+            raise PatchError(f"tensor table entry {i}: payload offset {p_off} is not where the format puts it")
         expect_payload = p_off + nbytes
         tensors.append(PatchTensor(
             name=_string(strings, name_off, name_len, i), file=_string(strings, file_off, file_len, i),
@@ -246,8 +320,9 @@ def parse_patch(data: bytes | bytearray | memoryview) -> Patch:
     if expect_payload != payload_size:
         raise PatchError(f"patch payload is {payload_size} bytes, its tensors span {expect_payload}")
     return Patch(
-        target=_decode(TARGET_CODES, target_code, "target"), fingerprint=fingerprint.hex(), signed=signed,
-        tensors=tuple(tensors), payload_sha256=payload_sha.hex(), total_size=total_size, signature=signature,
+        version=version, target=_decode(TARGET_CODES, target_code, "target"), fingerprint=fingerprint.hex(),
+        signed=signed, tensors=tuple(tensors), payload_hash=payload_hash.hex(), total_size=total_size,
+        freshness=freshness, signing_key=key, keylist=keylist, signature=signature,
         signed_message=view[:seal], payload=view[payload_offset:],
     )
 
@@ -268,30 +343,58 @@ def _string(strings: memoryview, offset: int, length: int, entry: int) -> str:
         raise PatchError(f"tensor table entry {entry}: string is not UTF-8") from None
 
 
+# ---- what a device accepts --------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrustPolicy:
+    """What a device accepts. A key (`verify_key`: trust that key directly; `root_key`: trust
+    online keys that the root's key list certifies) means a signature is required, unless
+    `allow_unsigned`. v1 patches (no expiry, sequence or device binding) only with `allow_v1`."""
+
+    verify_key: bytes | None = None
+    root_key: bytes | None = None
+    device_id: str | None = None  # required to accept a patch bound to a device
+    allow_unsigned: bool = False
+    allow_v1: bool = False
+    now: float | None = None  # unix seconds; None: the clock when verifying
+
+    @property
+    def keyed(self) -> bool:
+        return self.verify_key is not None or self.root_key is not None
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What a device remembers per artifact: the last applied sequence and the newest key-list
+    serial seen (so neither a patch nor a revocation can be rolled back)."""
+
+    sequence: int = 0
+    keys_serial: int = 0
+
+    def after(self, patch: Patch) -> "DeviceState":
+        if patch.freshness is None:  # a v1 patch (accepted by explicit policy) moves nothing
+            return self
+        serial = patch.keylist.serial if patch.keylist is not None else 0
+        return DeviceState(max(self.sequence, patch.freshness.sequence), max(self.keys_serial, serial))
+
+
 def verify_patch(
-    data: bytes | bytearray | memoryview,
+    data: bytes | memoryview,
     weight_map: WeightMap,
     file_sizes: Mapping[str, int],
-    *,
-    verify_key: bytes | None = None,
-    require_signature: bool = False,
+    policy: TrustPolicy = TrustPolicy(),
+    state: DeviceState | None = None,
 ) -> Patch:
     """Every check that needs no artifact bytes, in order: magic/version, header bounds and
-    checksum (`parse_patch`), payload hash, signature, target + fingerprint, destinations (equal to
-    the weight map's, inside `file_sizes`), finite values. Raises PatchError; returns the patch."""
-    if require_signature and verify_key is None:
-        raise PatchError("a signature is required but no verify key was given")
+    checksum (`parse_patch`), payload hash, authenticity, freshness (expiry, device, sequence
+    against `state`), target + fingerprint, destinations (equal to the weight map's, inside
+    `file_sizes`), finite values. Raises PatchError; returns the patch. `data` must not change
+    while this runs and until it has been written (pass bytes, not a buffer someone else owns)."""
     patch = parse_patch(data)
-    if hashlib.sha256(patch.payload).hexdigest() != patch.payload_sha256:
-        raise PatchError("patch payload is corrupt (SHA-256 mismatch)")
-    if verify_key is not None:
-        if not patch.signed:
-            if require_signature:
-                raise PatchError("patch is not signed and a signature is required")
-        else:
-            from device_runtime.signing import verify_signature  # cryptography is needed only here
-
-            verify_signature(verify_key, patch.signed_message, patch.signature)
+    if HASHES[patch.version](patch.payload).hex() != patch.payload_hash:
+        raise PatchError(f"patch payload is corrupt ({'SHA-256' if patch.version == 1 else 'BLAKE3'} mismatch)")
+    now = time.time() if policy.now is None else policy.now
+    _check_authenticity(patch, policy, state or DeviceState(), now)
+    _check_freshness(patch, policy, state, now)
     if patch.target != weight_map.target:
         raise PatchError(f"patch is for a {patch.target} artifact, this one is {weight_map.target}")
     if patch.fingerprint != weight_map.fingerprint:
@@ -320,8 +423,61 @@ def verify_patch(
     return patch
 
 
-# ---- applying -------------------------------------------------------------------------------
+def _check_authenticity(patch: Patch, policy: TrustPolicy, state: DeviceState, now: float) -> None:
+    from device_runtime.signing import verify_signature  # cryptography is needed only for signed patches
+
+    if patch.version == 1 and not policy.allow_v1:
+        raise PatchError("patch format v1 has no expiry, sequence or device binding: refused (--allow-v1 accepts it)")
+    if not patch.signed:
+        if policy.keyed and not policy.allow_unsigned:
+            raise PatchError("patch is not signed, and a key was given (--allow-unsigned accepts unsigned patches)")
+        return
+    if not policy.keyed:
+        return  # signed, not verified: the caller gave no key
+    if patch.version == 1 or (policy.verify_key is not None and patch.signing_key == policy.verify_key):
+        if policy.verify_key is None:
+            raise PatchError("a v1 patch carries no key list: verify it with --verify-key")
+        verify_signature(policy.verify_key, patch.signed_message, patch.signature)
+        return
+    if policy.root_key is None:
+        raise PatchError(f"patch is signed by key {patch.signing_key.hex()[:16]}, not by the given verify key")
+    if patch.keylist is None:
+        raise PatchError("patch carries no key list to certify its signing key against the root key")
+    try:
+        patch.keylist.certify(patch.signing_key, root=policy.root_key, now=now, seen_serial=state.keys_serial)
+    except KeyListError as err:
+        raise PatchError(str(err)) from None
+    verify_signature(patch.signing_key, patch.signed_message, patch.signature)
+
+
+def _check_freshness(patch: Patch, policy: TrustPolicy, state: DeviceState | None, now: float) -> None:
+    f = patch.freshness
+    if f is None:
+        return
+    if now >= f.expires_at:
+        raise PatchError(f"patch expired at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(f.expires_at))}")
+    if f.device != ANY_DEVICE:
+        if policy.device_id is None:
+            raise PatchError("patch is bound to one device: give this device's id (--device-id)")
+        if device_hash(policy.device_id) != f.device:
+            raise PatchError("patch is for another device")
+    if state is not None and f.sequence <= state.sequence:
+        raise PatchError(
+            f"patch sequence {f.sequence} is not newer than the last applied ({state.sequence}): replay or rollback refused"
+        )
+
+
+# ---- applying in memory ---------------------------------------------------------------------
 ArtifactBytes = bytes | bytearray | dict[str, bytes | bytearray]
+
+
+def frozen_bytes(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """`data` as a buffer nobody else can change: read-only buffers as they are, others copied,
+    so the bytes that were verified are the bytes that get written."""
+    if isinstance(data, bytes):
+        return data
+    view = memoryview(data)
+    return view if view.readonly else bytes(view)
 
 
 def apply_patch_bytes(
@@ -329,8 +485,8 @@ def apply_patch_bytes(
     patch: bytes | bytearray | memoryview,
     weight_map: WeightMap,
     *,
-    verify_key: bytes | None = None,
-    require_signature: bool = False,
+    policy: TrustPolicy = TrustPolicy(),
+    state: DeviceState | None = None,
     check_artifact: bool = True,
 ) -> ArtifactBytes:
     """Verify `patch` and write it into an artifact held in memory; no disk access.
@@ -340,7 +496,8 @@ def apply_patch_bytes(
     needed). A bytearray is patched in place; immutable bytes are copied first. Returns the same
     shape it was given. check_artifact also re-computes the artifact's fingerprint (a pass over
     all its bytes) to prove it matches its weight map; a hot-swapping app that checked it at load
-    can skip that. On any error nothing has been written.
+    can skip that. `state` is this device's record for the artifact (the sequence check); the
+    caller keeps `state.after(patch)` once it has swapped. On any error nothing has been written.
     """
     single = not isinstance(artifact, dict)
     if single:
@@ -352,12 +509,9 @@ def apply_patch_bytes(
     unknown = set(files) - set(weight_map.files)
     if unknown:
         raise PatchError(f"files {sorted(unknown)} are not part of {weight_map.artifact}")
-    p = verify_patch(
-        patch, weight_map, {name: len(b) for name, b in files.items()},
-        verify_key=verify_key, require_signature=require_signature,
-    )
+    p = verify_patch(frozen_bytes(patch), weight_map, {name: len(b) for name, b in files.items()}, policy, state)
     if check_artifact:
-        _check_artifact_fingerprint(files, weight_map)
+        check_artifact_fingerprint(files, weight_map)
     for name in {t.file for t in p.tensors}:
         if not isinstance(files[name], bytearray):
             files[name] = bytearray(files[name])
@@ -366,154 +520,10 @@ def apply_patch_bytes(
     return files[weight_map.files[0]] if single else files
 
 
-def _check_artifact_fingerprint(files: Mapping[str, bytes | bytearray], weight_map: WeightMap) -> None:
+def check_artifact_fingerprint(files: Mapping[str, bytes | bytearray | memoryview], weight_map: WeightMap) -> None:
+    """Raise PatchError unless `files` (all of the artifact's) match the weight map's fingerprint."""
     missing = set(weight_map.files) - set(files)
     if missing:
         raise PatchError(f"checking the artifact needs all its files; missing {sorted(missing)}")
     if wmap.compute_fingerprint(files, weight_map.tensors, weight_map.artifact) != weight_map.fingerprint:
         raise PatchError(f"{weight_map.artifact} does not match its weight map: it was changed outside its adaptive tensors")
-
-
-def apply_patch_file(
-    artifact: Path,
-    patch: Path | bytes,
-    *,
-    out: Path | None = None,
-    verify_key: bytes | None = None,
-    require_signature: bool = False,
-    check_artifact: bool = True,
-) -> Patch:
-    """Verify `patch` and write it into the artifact on disk; returns the verified patch.
-
-    out=None patches in place: each file holding adaptive bytes is copied to a temporary file
-    beside it, patched, fsync'ed and atomically renamed over the original, so a reader or a crash
-    sees the old or the new file, never a mix (docs/patch-format.md, "crash safety"). `out` writes a
-    complete patched artifact of the same kind there (plus its weight-map sidecar) and leaves the
-    original untouched. On any error no artifact byte has changed.
-    """
-    artifact = Path(artifact)
-    wm = wmap.load(artifact, check_fingerprint=False)
-    data = _read_patch(patch)
-    root = wmap.artifact_root(artifact)
-    sizes = {name: (root / name).stat().st_size for name in wm.files}
-    p = verify_patch(data, wm, sizes, verify_key=verify_key, require_signature=require_signature)
-    if check_artifact:
-        _check_artifact_fingerprint(wmap.read_artifact_files(artifact, wm.files), wm)
-    if out is None:
-        _apply_in_place(artifact, p)
-    else:
-        _apply_to_copy(artifact, wm, p, Path(out))
-    return p
-
-
-def _read_patch(patch: Path | bytes) -> bytes:
-    if isinstance(patch, (bytes, bytearray, memoryview)):
-        return patch
-    try:
-        return Path(patch).read_bytes()
-    except FileNotFoundError:
-        raise PatchError(f"patch file {patch} does not exist") from None
-    except OSError as err:
-        raise PatchError(f"cannot read patch {patch}: {err.strerror}") from None
-
-
-def _destinations(p: Patch) -> dict[str, list[PatchTensor]]:
-    by_file: dict[str, list[PatchTensor]] = {}
-    for t in p.tensors:
-        by_file.setdefault(t.file, []).append(t)
-    return by_file
-
-
-def _apply_in_place(artifact: Path, p: Patch) -> None:
-    by_file = _destinations(p)
-    if len(by_file) > 1:
-        # Several renames cannot be made atomic together; a crash between them would silently mix
-        # two parameter sets (the fingerprint ignores adaptive bytes). The exporters never do this.
-        raise PatchError(f"adaptive tensors span {len(by_file)} files; in-place apply needs one (write a copy with -o)")
-    root = wmap.artifact_root(artifact)
-    for name, tensors in by_file.items():
-        path = root / name
-        mode = path.stat().st_mode
-        if not mode & 0o222 or not os.access(path, os.W_OK):
-            raise PatchError(f"artifact file {path} is read-only")
-        _write_patched(path, path, p, tensors, stat.S_IMODE(mode))
-
-
-def _apply_to_copy(artifact: Path, wm: WeightMap, p: Patch, out: Path) -> None:
-    """Write the patched artifact at `out`. Every file but the main one keeps its name (an .onnx
-    file refers to its weight files by name). The main file (or the whole .mlpackage, built in a
-    temporary directory) is renamed into place last, after the sidecar, so an `out` that exists
-    is complete."""
-    if out.resolve() == artifact.resolve():
-        raise PatchError(f"-o {out} is the artifact itself; use --in-place")
-    by_file = _destinations(p)
-    src_root = wmap.artifact_root(artifact)
-    if artifact.is_dir():
-        if out.exists():
-            raise PatchError(f"{out} already exists; remove it or choose another -o")
-        out_root, rename = out.parent / f".{out.name}.mnpatch-tmp", {}
-    else:
-        out_root, rename = out.parent, {artifact.name: out.name}
-        clash = [f for f in wm.files if f != artifact.name and (out_root / f).resolve() == (src_root / f).resolve()]
-        if clash:
-            raise PatchError(f"{out} would share {clash} with {artifact}; write it to another directory")
-    try:
-        if artifact.is_dir():
-            shutil.rmtree(out_root, ignore_errors=True)  # left over by an interrupted -o
-        out_root.mkdir(parents=True, exist_ok=True)
-        main = None if artifact.is_dir() else artifact.name
-        for name in wm.files:
-            if name != main:
-                dst = out_root / name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                _write_patched(src_root / name, dst, p, by_file.get(name, []), 0o644)
-        wmap.save(_renamed(wm, rename, out.name), out)
-        if main is not None:
-            _write_patched(artifact, out, p, by_file.get(main, []), 0o644)
-        else:
-            out_root.rename(out)
-    except OSError as err:
-        raise PatchError(f"cannot write {out}: {err.strerror or err}") from None
-
-
-def _renamed(wm: WeightMap, rename: dict[str, str], artifact_name: str) -> WeightMap:
-    """The weight map of a copy whose main file was renamed per `rename`. The fingerprint stays:
-    the main file enters it under a fixed label, and adaptive bytes not at all."""
-    files = tuple(rename.get(f, f) for f in wm.files)
-    tensors = tuple(TensorEntry(**{**t.__dict__, "file": rename.get(t.file, t.file)}) for t in wm.tensors)
-    return WeightMap(**{**wm.__dict__, "artifact": artifact_name, "files": files, "tensors": tensors})
-
-
-def _write_patched(src: Path, dst: Path, p: Patch, tensors: list[PatchTensor], mode: int) -> None:
-    """Copy src to a temporary file beside dst, write `tensors` into it, fsync, rename onto dst."""
-    tmp = dst.with_name(f".{dst.name}.mnpatch-tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        fd = os.open(tmp, os.O_WRONLY)
-        try:
-            for t in tensors:
-                os.pwrite(fd, p.tensor_bytes(t), t.offset)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dst)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise PatchError(f"cannot write {dst}: {err.strerror or err}") from None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves the old file or the new one (a patch the
-    cloud built, or one the device received)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.mnpatch-tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise PatchError(f"cannot write {path}: {err.strerror or err}") from None

@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 from device_runtime import weight_map as weight_maps
 from device_runtime.errors import MntoolError
 from device_runtime.weight_map import WeightMap
+from exporters.options import PROOF_ATOL
 from mntool.data import RankingSet, SampleSet
 
 DEMO_FORMAT = 1
 MARKER = ".mntool-demo"  # marks a directory `mntool demo` made, so it may clean it up
 STAMP = "demo-key.json"  # what a cached stage was built from
 RUN_TARGETS = ("tflite", "onnx")  # targets whose runtime runs on this OS: scored and benchmarked
-PARITY_ATOL = 1e-5  # compiled vs PyTorch logits, float32 artifacts (the exporters' proof tolerance)
+PARITY_ATOL = PROOF_ATOL  # compiled vs PyTorch logits, float32 artifacts
 
 
 class DemoError(MntoolError):
@@ -241,9 +242,9 @@ class DeviceModel:
         return cls(artifact, wm, weight_maps.read_artifact_files(artifact, wm.files))
 
     def apply(self, patch: bytes, verify_key: bytes) -> dict[str, bytes | bytearray]:
-        from device_runtime.patch import apply_patch_bytes
+        from device_runtime.patch import TrustPolicy, apply_patch_bytes
 
-        return apply_patch_bytes(self.files, patch, self.weight_map, verify_key=verify_key, require_signature=True,
+        return apply_patch_bytes(self.files, patch, self.weight_map, policy=TrustPolicy(verify_key=verify_key),
                                  check_artifact=False)
 
     def open(self, files: dict[str, bytes | bytearray] | None = None):

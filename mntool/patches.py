@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -18,58 +19,95 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_runtime import weight_map as wmap
 from device_runtime.errors import MntoolError
-from device_runtime.patch import NUMPY_DTYPES, pack_patch
+from device_runtime.keys import KeyListError, OnlineKey, pack_keylist_message, parse_keylist
+from device_runtime.layout import LayoutError, stored_tensors
+from device_runtime.patch import ANY_DEVICE, Freshness, Signer, device_hash, pack_patch
 from device_runtime.weight_map import WeightMap
 
 if TYPE_CHECKING:
     from mntool.generate import Generator
 
 
-class ParamsError(MntoolError):
-    """Parameters or recent samples given to build a patch are missing, extra, mis-shaped or not finite."""
+ParamsError = LayoutError  # parameters that cannot become a patch: one error class, defined beside the layout rules
 
 
 class SigningKeyError(MntoolError):
     """A signing key cannot be made, read or written."""
 
 
-def stored_tensors(weight_map: WeightMap, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`params` (name -> float array in PyTorch shape) as the artifact stores them: transposed
-    per the weight map's layout and cast to its dtype. Missing, extra, mis-shaped, non-float or
-    non-finite parameters, and values that overflow float16, are errors."""
-    names = weight_map.adaptive_names
-    missing, extra = [n for n in names if n not in params], sorted(set(params) - set(names))
-    if missing or extra:
-        raise ParamsError(f"parameters do not match the artifact's adaptive tensors: missing {missing}, extra {extra}")
-    stored = {}
-    for t in weight_map.tensors:
-        value = np.asarray(params[t.name])
-        if value.dtype.kind != "f":
-            raise ParamsError(f"{t.name}: dtype {value.dtype} is not a float type")
-        if value.shape != tuple(t.shape):
-            raise ParamsError(f"{t.name}: shape {value.shape}, the artifact expects {tuple(t.shape)}")
-        if not np.isfinite(value).all():
-            raise ParamsError(f"{t.name}: holds NaN or Inf")
-        if t.layout == "transpose":
-            value = value.T
-        with np.errstate(over="ignore"):
-            cast = np.ascontiguousarray(value, dtype=NUMPY_DTYPES[t.dtype])
-        if not np.isfinite(cast).all():
-            raise ParamsError(f"{t.name}: values overflow the artifact's {t.dtype}")
-        stored[t.name] = cast
-    return stored
+DEFAULT_TTL_S = 7 * 24 * 3600  # a patch nobody applied within a week is stale: the device asks again
+
+
+def next_sequence() -> int:
+    """A patch sequence number: microseconds since the epoch. Increasing across server workers
+    and restarts without shared state (docs/patch-format.md, "Sequence numbers")."""
+    return time.time_ns() // 1000
 
 
 def build_patch(
     artifact: Path | WeightMap,
     params: Mapping[str, np.ndarray],
-    signing_key: Ed25519PrivateKey | None = None,
+    signer: Signer | Ed25519PrivateKey | None = None,
+    *,
+    device_id: str | None = None,
+    sequence: int | None = None,
+    ttl_s: float = DEFAULT_TTL_S,
+    now: float | None = None,
 ) -> bytes:
-    """A v1 patch carrying `params` for `artifact` (its path, or its already-loaded weight map,
-    which is what a server building many patches passes), signed when a key is given."""
+    """A v2 patch carrying `params` for `artifact` (its path, or its already-loaded weight map,
+    which is what a server building many patches passes), for one device (`device_id`, or any
+    device), numbered `sequence` (default `next_sequence()`), expiring `ttl_s` after `now`.
+    `signer` is a `Signer` (online key + the key list certifying it) or a bare private key
+    (devices must then trust that key directly)."""
     weight_map = artifact if isinstance(artifact, WeightMap) else wmap.load(Path(artifact))
-    signer = signing_key.sign if signing_key is not None else None
-    return pack_patch(weight_map, stored_tensors(weight_map, params), signer)
+    issued = int(time.time() if now is None else now)
+    if ttl_s < 1:
+        raise ParamsError(f"a patch must live at least a second (ttl {ttl_s} s)")
+    freshness = Freshness(
+        sequence=next_sequence() if sequence is None else sequence, issued_at=issued, expires_at=issued + int(ttl_s),
+        device=ANY_DEVICE if device_id is None else device_hash(device_id),
+    )
+    if isinstance(signer, Ed25519PrivateKey):
+        signer = signer_for(signer)
+    return pack_patch(weight_map, stored_tensors(weight_map, params), freshness, signer)
+
+
+def signer_for(key: Ed25519PrivateKey, keylist: bytes | None = None) -> Signer:
+    """A `Signer` for `key`, carrying `keylist` (a root-signed key list that must list it)."""
+    public = raw_public_key(key)
+    if keylist is not None:
+        listed = parse_keylist(keylist)
+        if not any(k.public == public and not k.revoked for k in listed.keys):
+            raise SigningKeyError("the key list does not certify this signing key (absent or revoked)")
+    return Signer(sign=key.sign, public=public, keylist=keylist)
+
+
+def raw_public_key(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def certify_keys(
+    root: Ed25519PrivateKey,
+    online: list[bytes],
+    *,
+    serial: int,
+    revoked: list[bytes] = (),
+    ttl_s: float = 365 * 24 * 3600,
+    key_ttl_s: float | None = None,
+    now: float | None = None,
+) -> bytes:
+    """A key list signed by `root`: `online` raw public keys may sign patches (each until
+    `key_ttl_s`, default the list's own life), `revoked` ones are listed as revoked. `serial` must
+    exceed every earlier list's: devices refuse a list older than one they have seen."""
+    issued = int(time.time() if now is None else now)
+    expires = issued + int(ttl_s)
+    key_expires = issued + int(key_ttl_s if key_ttl_s is not None else ttl_s)
+    keys = [OnlineKey(k, key_expires) for k in online] + [OnlineKey(k, expires, revoked=True) for k in revoked]
+    try:
+        message = pack_keylist_message(serial, issued, expires, raw_public_key(root), keys)
+    except KeyListError as err:
+        raise SigningKeyError(str(err)) from None
+    return message + root.sign(message)
 
 
 def load_params(path: Path) -> dict[str, np.ndarray]:
@@ -108,14 +146,15 @@ def generate_patch(
     checkpoint: Path | Generator,
     artifact: Path | WeightMap,
     recent: np.ndarray,
-    signing_key: Ed25519PrivateKey | None = None,
+    signer: Signer | Ed25519PrivateKey | None = None,
+    **freshness,
 ) -> bytes:
     """A patch carrying the parameters the generator of `checkpoint` (its directory, or a loaded
     `mntool.generate.Generator`) produces for a device whose recent items are `recent` (ids in
     the checkpoint's item space, most recent last)."""
     from mntool.generate import generate  # torch loads only when a patch is generated
 
-    return build_patch(artifact, generate(checkpoint, recent), signing_key)
+    return build_patch(artifact, generate(checkpoint, recent), signer, **freshness)
 
 
 # ---- keys -----------------------------------------------------------------------------------
@@ -164,3 +203,21 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
     return key
+
+
+def load_keylist(path: Path) -> bytes:
+    """A key list file (`mntool certify` writes it), checked to parse."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise SigningKeyError(f"cannot read key list {path}: {err.strerror}") from None
+    try:
+        parse_keylist(data)
+    except KeyListError as err:
+        raise SigningKeyError(f"{path}: {err}") from None
+    return data
+
+
+def load_signer(key_path: Path, keylist_path: Path | None = None) -> Signer:
+    """The online signing key in `key_path` with the key list in `keylist_path` that certifies it."""
+    return signer_for(load_signing_key(key_path), load_keylist(keylist_path) if keylist_path else None)

@@ -47,7 +47,8 @@ def _check_report(report: BenchReport, n_patches: int) -> None:
     assert len(report.patches) == n_patches
     for p in report.patches:
         _check_stats(p.latency, QUICK.runs)
-        assert 0 < p.apply_ms < p.swap_ms
+        assert 0 < p.apply_ms and 0 < p.verify_ms < p.swap_ms
+        assert p.swap_vs_reference == pytest.approx(p.swap_ms / (report.cold_start_memory_ms + p.verify_ms))
         assert p.p50_ratio == pytest.approx(p.latency.p50_ms / report.latency.p50_ms)
         assert p.swap_vs_cold_start == pytest.approx(p.swap_ms / report.cold_start_memory_ms)
         assert p.outputs_changed, "the patch did not reach the runtime"

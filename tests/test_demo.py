@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from device_runtime import weight_map as wmap
-from device_runtime.patch import apply_patch_bytes
+from device_runtime.patch import TrustPolicy, apply_patch_bytes
 from device_runtime.runners import open_runner
 from device_runtime.signing import load_public_key
 from mntool.cli.main import main
@@ -79,7 +79,7 @@ def test_example_patches_are_signed_and_smaller_than_artifacts(demo_run):
         wm = wmap.load(artifact)
         patch = open(path, "rb").read()
         assert len(patch) == result["patch_bytes"][target] < result["artifacts"]["metanetwork"][target]["total_bytes"] / 10
-        apply_patch_bytes(wmap.read_artifact_files(artifact, wm.files), patch, wm, verify_key=public, require_signature=True)
+        apply_patch_bytes(wmap.read_artifact_files(artifact, wm.files), patch, wm, policy=TrustPolicy(verify_key=public))
     for target in ("tflite", "onnx"):
         bench = result["bench"][target]
         assert bench["latency"]["runs"] == CONFIG.bench_runs and bench["patches"][0]["patch_bytes"] == result["patch_bytes"][target]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_keygen_make_patch_apply_inspect(setup):
 
     out = tmp / "copy" / "patched.onnx"
     applied = mntool("patch-weights", artifact, tmp / "p.mnpatch", "-o", out,
-                     "--verify-key", tmp / "cloud.pub", "--require-signature")
+                     "--verify-key", tmp / "cloud.pub")
     assert applied.returncode == 0, applied.stderr
     assert "signature verified" in applied.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["adaptive.bin", "patched.onnx", "patched.onnx.weightmap.json"]
@@ -63,7 +64,7 @@ def test_keygen_make_patch_apply_inspect(setup):
 
 
 def test_every_verb_has_help_with_an_example():
-    for verb in ("keygen", "make-patch", "generate", "patch-weights", "inspect"):
+    for verb in ("keygen", "certify", "make-patch", "generate", "patch-weights", "inspect"):
         result = mntool(verb, "--help")
         assert result.returncode == 0 and "Example" in result.stdout and "mntool " + verb in result.stdout
 
@@ -75,6 +76,10 @@ def test_bad_inputs_give_one_line_and_leave_the_artifact_alone(setup):
     assert mntool("make-patch", other, "--params", tmp / "params.npz", "-o", tmp / "other.mnpatch").returncode == 0
     assert mntool("make-patch", artifact, "--params", tmp / "params.npz", "-o", tmp / "p.mnpatch").returncode == 0
     good = (tmp / "p.mnpatch").read_bytes()
+    assert mntool("make-patch", artifact, "--params", tmp / "params.npz", "--device-id", "phone-1",
+                  "-o", tmp / "bound.mnpatch").returncode == 0
+    assert mntool("make-patch", artifact, "--params", tmp / "params.npz", "--ttl", "1s", "-o", tmp / "expired.mnpatch").returncode == 0
+    time.sleep(1.1)
     (tmp / "flipped.mnpatch").write_bytes(good[:50] + bytes([good[50] ^ 4]) + good[51:])
     (tmp / "truncated.mnpatch").write_bytes(good[:100])
     (tmp / "payload.mnpatch").write_bytes(good[:-3] + bytes([good[-3] ^ 1]) + good[-2:])
@@ -83,8 +88,10 @@ def test_bad_inputs_give_one_line_and_leave_the_artifact_alone(setup):
         (("truncated.mnpatch", "--in-place"), "truncated"),
         (("payload.mnpatch", "--in-place"), "payload is corrupt"),
         (("other.mnpatch", "--in-place"), "built for another model"),
-        (("p.mnpatch", "--in-place", "--verify-key", tmp / "cloud.pub", "--require-signature"), "not signed"),
-        (("p.mnpatch", "--in-place", "--require-signature"), "no verify key"),
+        (("p.mnpatch", "--in-place", "--verify-key", tmp / "cloud.pub"), "not signed"),
+        (("bound.mnpatch", "--in-place"), "bound to one device"),
+        (("bound.mnpatch", "--in-place", "--device-id", "phone-2"), "for another device"),
+        (("expired.mnpatch", "--in-place"), "expired"),
         (("missing.mnpatch", "--in-place"), "does not exist"),
         (("params.npz", "--in-place"), "bad magic"),
     ]
@@ -107,3 +114,32 @@ def test_bad_cloud_inputs_give_one_line(setup):
     one_line_error(mntool("keygen", "-o", tmp / "cloud"), "refusing to overwrite")
     one_line_error(mntool("inspect", tmp / "nope.tflite"), "does not exist")
     assert not (tmp / "x.mnpatch").exists()
+
+
+def test_root_key_rotation_from_the_command_line(setup):
+    """keygen a root and two online keys, certify, sign with the list, apply with only the root
+    public key; rotate (revoke the first key), and the first key's patches are refused."""
+    tmp, artifact, _ = setup
+    for name in ("root", "online1", "online2"):
+        assert mntool("keygen", "-o", tmp / name).returncode == 0
+    assert mntool("certify", "--root", tmp / "root.key", "--key", tmp / "online1.pub", "--serial", "1",
+                  "-o", tmp / "l1.mnkeys").returncode == 0
+    rotated = mntool("certify", "--root", tmp / "root.key", "--key", tmp / "online2.pub", "--revoke", tmp / "online1.pub",
+                     "--serial", "2", "-o", tmp / "l2.mnkeys", "--json")
+    assert rotated.returncode == 0 and [k["revoked"] for k in json.loads(rotated.stdout)["keys"]] == [False, True]
+    for n, (key, keys) in enumerate([("online1", "l1"), ("online2", "l2"), ("online1", "l1")]):
+        made = mntool("make-patch", artifact, "--params", tmp / "params.npz", "--sign", tmp / f"{key}.key",
+                      "--key-list", tmp / f"{keys}.mnkeys", "--device-id", "phone-1", "-o", tmp / f"p{n}.mnpatch")
+        assert made.returncode == 0, made.stderr
+    device = ("--in-place", "--root-key", tmp / "root.pub", "--device-id", "phone-1")
+    for n in (0, 1):
+        applied = mntool("patch-weights", artifact, tmp / f"p{n}.mnpatch", *device)
+        assert applied.returncode == 0 and "signature verified" in applied.stdout, applied.stderr
+    before = tree_hashes(artifact.parent)
+    one_line_error(mntool("patch-weights", artifact, tmp / "p1.mnpatch", *device), "replay or rollback refused")
+    one_line_error(mntool("patch-weights", artifact, tmp / "p2.mnpatch", *device), "older than serial 2")
+    assert tree_hashes(artifact.parent) == before
+    one_line_error(mntool("make-patch", artifact, "--params", tmp / "params.npz", "--sign", tmp / "online1.key",
+                          "--key-list", tmp / "l2.mnkeys", "-o", tmp / "x.mnpatch"), "does not certify")
+    shown = mntool("inspect", tmp / "p1.mnpatch")
+    assert "key list serial 2" in shown.stdout and "sequence" in shown.stdout

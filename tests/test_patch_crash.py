@@ -1,13 +1,16 @@
-"""kill -9 during in-place applies never leaves a half-written model.
+"""kill -9 during in-place applies never leaves a half-written model or a state out of step.
 
-A child process applies two patches alternately, in a loop, to a large artifact; the parent
-kills it at random moments and checks the artifact is exactly one of the three whole states
-(original, A applied, B applied). Kills that landed mid-write are recognisable by the temporary
-file they leave behind; the test insists that some did, so it cannot pass vacuously.
+A child process applies three patches in turn, in a loop, to a large artifact (A/B slots:
+`device_runtime.install`); the parent kills it at random moments and checks that the artifact's
+name always resolves to one whole state (original or one patch applied) and that the recorded
+sequence is that patch's. Kills that landed inside an apply (after it began writing the inactive
+slot, before the switch) are recognisable by an inactive slot that no longer holds the state two
+applies back; the test insists that some did, so it cannot pass vacuously.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import subprocess
@@ -18,22 +21,31 @@ from pathlib import Path
 from test_patch_format import random_params, synthetic_artifact
 
 from device_runtime import weight_map as wmap
-from device_runtime.patch import apply_patch_bytes, apply_patch_file
+from device_runtime.install import SLOT, apply_patch_file, read_state
+from device_runtime.patch import apply_patch_bytes, parse_patch
 from mntool.patches import build_patch
 
-SHAPES = {"head.weight": (512, 512), "head.bias": (512,)}  # 1 MB of adaptive bytes
+SHAPES = {"head.weight": (1024, 1024), "head.bias": (1024,)}  # 4 MB of adaptive bytes
 CHILD = """
 import sys
 from pathlib import Path
-from device_runtime.patch import apply_patch_file
-artifact, patches = Path(sys.argv[1]), [Path(p).read_bytes() for p in sys.argv[2:]]
-apply_patch_file(artifact, patches[0])
+from device_runtime.install import apply_patch_file
+from mntool.patches import build_patch
+from test_patch_format import random_params
+artifact, n = Path(sys.argv[1]), int(sys.argv[2])
+params = [random_params({"head.weight": (1024, 1024), "head.bias": (1024,)}, seed=s) for s in (1, 2, 3)]
+patches = [build_patch(artifact, params[i % 3], sequence=n + i) for i in range(3)]
 print("ready", flush=True)
-i = 1
+i = 0
 while True:
-    apply_patch_file(artifact, patches[i % 2])
+    apply_patch_file(artifact, patches[i % 3])
     i += 1
+    patches[(i - 1) % 3] = build_patch(artifact, params[(i + 2) % 3], sequence=n + i + 2)
 """
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def test_kill_9_during_in_place_apply_leaves_old_or_new(tmp_path):
@@ -42,35 +54,40 @@ def test_kill_9_during_in_place_apply_leaves_old_or_new(tmp_path):
     artifact = synthetic_artifact(root, SHAPES, static_bytes=8 << 20)  # large, so a write takes a while
     wm = wmap.load(artifact)
     original = artifact.read_bytes()
-    patch_paths = []
-    for seed in (1, 2):
-        path = tmp_path / f"p{seed}.mnpatch"
-        path.write_bytes(build_patch(artifact, random_params(SHAPES, seed=seed)))
-        patch_paths.append(path)
-    states = {hashlib.sha256(original).hexdigest(): "original"}
-    for path in patch_paths:
-        patched = apply_patch_bytes(original, path.read_bytes(), wm)
-        states[hashlib.sha256(patched).hexdigest()] = path.name
     sidecar = wmap.sidecar_path(artifact).read_bytes()
-    tmp_file = root / f".{artifact.name}.mnpatch-tmp"
+    wholes = {digest(original): -1}
+    for seed in (1, 2, 3):
+        patched = apply_patch_bytes(original, build_patch(artifact, random_params(SHAPES, seed=seed)), wm)
+        wholes[digest(patched)] = seed - 1  # index of the params in the child's cycle
 
-    rng, mid_write, seen = random.Random(0), 0, set()
+    rng, inside, seen, n = random.Random(0), 0, set(), 1
+    tests_dir = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": f"{tests_dir}{os.pathsep}{tests_dir.parent}"}
     for _ in range(20):
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(artifact), *map(str, patch_paths)],
-            stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent,
-        )
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(artifact), str(n)], stdout=subprocess.PIPE,
+                                 cwd=tests_dir.parent, env=env)
         assert child.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0, 0.05))
+        time.sleep(rng.uniform(0.01, 0.2))
         child.send_signal(signal.SIGKILL)
         child.wait()
-        mid_write += tmp_file.exists()
-        state = states.get(hashlib.sha256(artifact.read_bytes()).hexdigest())
-        assert state is not None, "a kill -9 left a half-written artifact"
-        seen.add(state)
+        which = wholes.get(digest(artifact.read_bytes()))
+        assert which is not None, "a kill -9 left a half-written artifact"
+        state = read_state(artifact)
+        if which >= 0:  # the recorded sequence is the one of the patch whose bytes are active
+            assert state.sequence >= n and (state.sequence - n) % 3 == which
+            seen.add(which)
+            n = state.sequence + 1
+        # the inactive slot holds the state two applies back unless the kill landed inside an apply
+        slots = [e for e in os.listdir(root) if SLOT.fullmatch(e) and e != os.readlink(artifact)]
+        if which >= 0 and slots:
+            inactive = wholes.get(digest((root / slots[0]).read_bytes()))
+            inside += inactive != (which - 1) % 3 and not (inactive == -1 and state.sequence == n - 1)
         assert wmap.sidecar_path(artifact).read_bytes() == sidecar
-    assert mid_write > 0, "no kill landed during a write; the test proved nothing"
-    assert seen >= {"p1.mnpatch", "p2.mnpatch"}
-    apply_patch_file(artifact, patch_paths[0])  # a stale temporary file does not get in the way
-    assert not tmp_file.exists()
+    assert inside > 0, "no kill landed inside an apply; the test proved nothing"
+    assert len(seen) >= 2
+    last = build_patch(artifact, random_params(SHAPES, seed=1), sequence=n + 10)
+    apply_patch_file(artifact, last)  # leftovers of killed applies do not get in the way
+    assert read_state(artifact).sequence == parse_patch(last).freshness.sequence
+    assert not [e for e in os.listdir(root) if ".mntmp-" in e]
+    assert len([e for e in os.listdir(root) if SLOT.fullmatch(e)]) == 2
     wmap.load(artifact)

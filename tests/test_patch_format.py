@@ -1,4 +1,4 @@
-"""Patch format v1 on synthetic artifacts: round trips for every artifact shape, and every kind
+"""Patch format v2 on synthetic artifacts: round trips for every artifact shape, and every kind
 of bad input rejected with the artifact byte-identical. Also home of the synthetic-artifact
 helpers the other test_patch*.py files import."""
 from __future__ import annotations
@@ -14,13 +14,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_runtime import weight_map as wmap
+import blake3
+
+from device_runtime.install import apply_patch_file
 from device_runtime.patch import (
-    ENTRY, HEADER, NUMPY_DTYPES, PatchError, apply_patch_bytes, apply_patch_file, pack_patch, parse_patch,
+    ENTRY, HEADER, NUMPY_DTYPES, Freshness, PatchError, TrustPolicy, apply_patch_bytes, pack_patch, parse_patch,
     verify_patch,
 )
 from device_runtime.signing import SignatureError
 from device_runtime.weight_map import TensorEntry, WeightMap, WeightMapError
-from mntool.patches import build_patch
+from mntool.patches import build_patch, certify_keys, signer_for
 
 HEAD = {"head.weight": (8, 16), "head.bias": (8,)}
 # (artifact path relative to root, {file: static bytes before the adaptive region}, adaptive file)
@@ -237,7 +240,7 @@ def test_flipped_payload_bits_rejected_as_payload_hash_mismatch(case):
 def test_wrong_magic_and_version(case):
     artifact, data, before = case
     rejected(artifact, before, b"PK\3\4" + data[4:], "bad magic")
-    rejected(artifact, before, data[:8] + (2).to_bytes(2, "little") + data[10:], "version 2 is not supported")
+    rejected(artifact, before, data[:8] + (3).to_bytes(2, "little") + data[10:], "version 3 is not supported")
 
 
 def test_patch_for_another_model_rejected(case, tmp_path):
@@ -260,8 +263,11 @@ def altered_map(artifact: Path, **changes) -> WeightMap:
     return WeightMap(**{**wm.__dict__, "tensors": (first, *wm.tensors[1:])})
 
 
+FRESH = Freshness(sequence=1, issued_at=1, expires_at=2**40)
+
+
 def packed(wm: WeightMap, fill: float = 0.5) -> bytes:
-    return pack_patch(wm, {t.name: np.full(t.stored_shape, fill, NUMPY_DTYPES[t.dtype]) for t in wm.tensors})
+    return pack_patch(wm, {t.name: np.full(t.stored_shape, fill, NUMPY_DTYPES[t.dtype]) for t in wm.tensors}, FRESH)
 
 
 @pytest.mark.parametrize("changes, what", [
@@ -295,10 +301,9 @@ def test_signature_checks(case):
     params = random_params()
     signed = build_patch(artifact, params, key)
     unsigned = build_patch(artifact, params)
-    rejected(artifact, before, signed, "does not verify", SignatureError, verify_key=raw_public(other))
-    rejected(artifact, before, unsigned, "not signed", verify_key=raw_public(key), require_signature=True)
-    rejected(artifact, before, signed, "no verify key", require_signature=True)
-    apply_patch_file(artifact, signed, verify_key=raw_public(key), require_signature=True)
+    rejected(artifact, before, signed, "not by the given verify key", policy=TrustPolicy(verify_key=raw_public(other)))
+    rejected(artifact, before, unsigned, "not signed", policy=TrustPolicy(verify_key=raw_public(key)))
+    apply_patch_file(artifact, signed, policy=TrustPolicy(verify_key=raw_public(key)))
     np.testing.assert_array_equal(stored_bytes(artifact, "head.bias"), params["head.bias"])
 
 
@@ -309,8 +314,8 @@ def test_resigned_tampered_header_is_caught_by_the_signature(case):
     data = bytearray(build_patch(artifact, random_params(), key))
     seal = len(parse_patch(bytes(data)).signed_message)
     data[HEADER.size + ENTRY.size + 32] ^= 0x40  # second tensor's destination offset
-    data[seal + 64 : seal + 96] = hashlib.sha256(data[: seal + 64]).digest()
-    rejected(artifact, before, bytes(data), "does not verify", SignatureError, verify_key=raw_public(key))
+    data[seal + 64 : seal + 96] = blake3.blake3(data[: seal + 64]).digest()
+    rejected(artifact, before, bytes(data), "does not verify", SignatureError, policy=TrustPolicy(verify_key=raw_public(key)))
 
 
 def test_missing_artifact_patch_or_sidecar(case, tmp_path):
@@ -350,11 +355,28 @@ def test_copy_refuses_to_overwrite_the_artifact_or_share_its_weight_files(tmp_pa
     assert tree_hashes(tmp_path) == before
 
 
-def test_in_place_keeps_file_mode_and_leaves_no_temporary_files(tmp_path):
+def test_in_place_keeps_file_mode_and_leaves_two_slots_and_no_temporary_files(tmp_path):
     artifact = synthetic_artifact(tmp_path, target="coreml")
     weight_bin = artifact / LAYOUTS["coreml"][2]
     weight_bin.chmod(0o640)
-    apply_patch_file(artifact, build_patch(artifact, random_params()))
+    for seed in (1, 2, 3):
+        apply_patch_file(artifact, build_patch(artifact, random_params(seed=seed)))
     assert stat.S_IMODE(weight_bin.stat().st_mode) == 0o640
-    assert not [p for p in tmp_path.rglob("*") if "mnpatch-tmp" in p.name]
+    assert not [p for p in tmp_path.rglob("*") if "mntmp" in p.name]
     assert sorted(os.listdir(tmp_path)) == ["model.mlpackage", "model.mlpackage.weightmap.json"]
+    slots = sorted(p.name[: len(".weight.bin.mnslot-a")] for p in weight_bin.parent.iterdir() if ".mnslot-" in p.name)
+    assert slots == [".weight.bin.mnslot-a", ".weight.bin.mnslot-b"] and weight_bin.is_symlink()
+
+
+def test_worked_example_sizes(tmp_path):
+    """docs/patch-format.md, "Worked sizes": the numbers there are the writer's."""
+    artifact = synthetic_artifact(tmp_path, {"head.weight": (64, 64), "head.bias": (64,)}, transpose=("head.weight",))
+    params = {"head.weight": np.zeros((64, 64), np.float32), "head.bias": np.zeros(64, np.float32)}
+    unsigned = parse_patch(build_patch(artifact, params))
+    assert (len(unsigned.signed_message), unsigned.total_size - len(unsigned.payload), unsigned.total_size) == (552, 704, 17344)
+    assert [(t.payload_offset, t.nbytes) for t in unsigned.tensors] == [(0, 16384), (16384, 256)]
+    assert bytes(unsigned.signed_message[HEADER.size + 2 * ENTRY.size :][:33]) == b"head.weight\0<artifact>\0head.bias\0"
+    root, online = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    signer = signer_for(online, certify_keys(root, [raw_public(online)], serial=1))
+    signed = parse_patch(build_patch(artifact, params, signer))
+    assert (len(signed.signed_message), signed.total_size - len(signed.payload), signed.total_size) == (736, 832, 17472)

@@ -14,7 +14,7 @@ from test_patch_format import LAYOUTS, raw_public, synthetic_artifact
 
 from device_runtime import weight_map as wmap
 from device_runtime.errors import MntoolError
-from device_runtime.patch import NUMPY_DTYPES, apply_patch_bytes
+from device_runtime.patch import NUMPY_DTYPES, TrustPolicy, apply_patch_bytes
 from mntool.patches import build_patch
 
 KEY = Ed25519PrivateKey.generate()
@@ -46,8 +46,7 @@ def case(spec: dict, root: Path):
 def test_valid_patches_round_trip(spec):
     with tempfile.TemporaryDirectory() as tmp:
         wm, files, params, data = case(spec, Path(tmp))
-    patched = apply_patch_bytes(files, data, wm, verify_key=raw_public(KEY) if spec["signed"] else None,
-                                require_signature=spec["signed"])
+    patched = apply_patch_bytes(files, data, wm, policy=TrustPolicy(verify_key=raw_public(KEY) if spec["signed"] else None))
     for t in wm.tensors:
         stored = np.frombuffer(bytes(patched[t.file][t.offset : t.offset + t.nbytes]), NUMPY_DTYPES[t.dtype])
         stored = stored.reshape(t.stored_shape)

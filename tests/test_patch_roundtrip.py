@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_patch_format import raw_public
 
 from device_runtime import weight_map as wmap
-from device_runtime.patch import apply_patch_bytes, apply_patch_file
+from device_runtime.install import apply_patch_file
+from device_runtime.patch import TrustPolicy, apply_patch_bytes
 from device_runtime.runners import open_runner
 from mntool.patches import build_patch
 
@@ -116,7 +117,7 @@ def test_patched_artifact_computes_what_pytorch_computes(variant, exported, sasr
         params = random_params(sasrec, seed)
         expected = torch_outputs(sasrec, params, histories)
         patch = build_patch(artifact, params, KEY)
-        apply_patch_file(artifact, patch, verify_key=raw_public(KEY), require_signature=True)
+        apply_patch_file(artifact, patch, policy=TrustPolicy(verify_key=raw_public(KEY)))
         np.testing.assert_allclose(runtime_outputs(artifact, histories), expected, rtol=0, atol=ATOL)
 
         out = tmp_path / f"copy{seed}" / f"patched{artifact.suffix}"

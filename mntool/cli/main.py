@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("mntool.cli.train:evaluate", "Re-compute a checkpoint's metrics on the device period."),
     "export": ("mntool.cli.export:export", "Compile a checkpoint to TFLite/ONNX/Core ML with swappable weights."),
     "keygen": ("mntool.cli.patch:keygen", "Make an Ed25519 key pair for signing patches."),
+    "certify": ("mntool.cli.patch:certify", "Sign a key list: the online keys a root key lets sign patches."),
     "make-patch": ("mntool.cli.patch:make_patch", "Build a patch from explicit parameters (.npz)."),
     "generate": ("mntool.cli.patch:generate", "Build a patch from a device's recent samples (MetaNetwork)."),
     "patch-weights": ("mntool.cli.patch:patch_weights", "Verify a patch and write it into a compiled model."),
