@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mntool.serve_process import ServerProcess
+from mntool.serve import ServerProcess, metrics, routes
 
 ROOT = Path(__file__).resolve().parents[1]
 MNTOOL = [sys.executable, "-m", "mntool.cli.main"]
@@ -72,22 +72,15 @@ def address(server: ServerProcess) -> tuple[str, int]:
     return host, int(port)
 
 
-async def batch_stats(server: ServerProcess) -> dict[int, tuple[float, float]]:
-    """{pid: (batches, requests batched)} from every worker's /metrics (new connection per
-    scrape, so each worker gets asked)."""
-    seen: dict[int, tuple[float, float]] = {}
-    for _ in range(20 * server.workers):
-        conn = Connection(*address(server))
-        _, text = await conn.request("GET", "/metrics", headers={"Connection": "close"})
-        await conn.close()
-        text = text.decode()
-        pid = int(re.search(r'pid="(\d+)"', text).group(1))
-        count = float(re.search(r"^mntool_batch_size_count\{[^}]*\} (\S+)$", text, re.M).group(1))
-        total = float(re.search(r"^mntool_batch_size_sum\{[^}]*\} (\S+)$", text, re.M).group(1))
-        seen[pid] = (count, total)
-        if len(seen) == server.workers:
-            break
-    return seen
+async def batch_stats(server: ServerProcess) -> tuple[float, float]:
+    """(batches, requests batched) so far, from one /metrics scrape (it covers every worker)."""
+    conn = Connection(*address(server))
+    _, text = await conn.request("GET", routes.METRICS, headers={"Connection": "close"})
+    await conn.close()
+    text = text.decode()
+    count = float(re.search(rf"^{metrics.BATCH_SIZE}_count (\S+)$", text, re.M).group(1))
+    total = float(re.search(rf"^{metrics.BATCH_SIZE}_sum (\S+)$", text, re.M).group(1))
+    return count, total
 
 
 # ---- scenarios ------------------------------------------------------------------------------
@@ -141,13 +134,11 @@ async def measure(args, server: ServerProcess, requests: list[Request], clients:
     before = await batch_stats(server)
     latencies, statuses, seconds = await closed_loop(server, requests, clients, args.requests, args.seconds)
     after = await batch_stats(server)
-    batches = sum(after[p][0] - before.get(p, (0, 0))[0] for p in after)
-    batched = sum(after[p][1] - before.get(p, (0, 0))[1] for p in after)
-    per_worker = sorted(after[p][1] - before.get(p, (0, 0))[1] for p in after)
+    batches, batched = after[0] - before[0], after[1] - before[1]
     lat = np.asarray(latencies) * 1e3
     return Result(scenario, args.workers, max_batch, clients, len(lat), seconds, len(lat) / seconds,
                   float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), sum(s != 200 for s in statuses),
-                  batched / batches if batches else float("nan"), extra={"requests_per_worker": per_worker})
+                  batched / batches if batches else float("nan"))
 
 
 def median_result(runs: list[Result]) -> Result:
@@ -163,8 +154,8 @@ async def throughput(args, fingerprint: str, n_items: int, recent_len: int, key:
     that load from other processes falls on every scenario alike."""
     rng = np.random.default_rng(0)
     headers = {"Content-Type": "application/json"}
-    patches = [("POST", "/v1/patches", patch_body(rng, fingerprint, n_items, recent_len, i), headers) for i in range(512)]
-    health = [("GET", "/healthz", b"", {})]
+    patches = [("POST", routes.PATCHES, patch_body(rng, fingerprint, n_items, recent_len, i), headers) for i in range(512)]
+    health = [("GET", routes.HEALTHZ, b"", {})]
     most = max(args.clients)
     batched, unbatched = start_server(args, key, 64), start_server(args, key, 1)
     runs: dict[tuple[str, int], list[Result]] = {}
@@ -223,7 +214,7 @@ async def malformed_mix(args, fingerprint: str, n_items: int, recent_len: int, k
             kind, body, headers = plan[next_index[0]]
             next_index[0] += 1
             t0 = time.perf_counter()
-            status, _ = await conn.request("POST", "/v1/patches", body, headers)
+            status, _ = await conn.request("POST", routes.PATCHES, body, headers)
             latencies.append(time.perf_counter() - t0)
             outcomes.setdefault(kind, []).append(status)
         await conn.close()

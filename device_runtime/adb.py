@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from device_runtime.errors import MntoolError
-from device_runtime.patch import apply_patch_bytes
+from device_runtime.patch import TrustPolicy, apply_patch_bytes
 from device_runtime.runners import find_weight_map
 
 DEVICE_DIR = "/data/local/tmp/mntool-bench"
@@ -135,6 +135,7 @@ class DeviceBenchConfig:
     warmup: int = 1  # --warmup_runs
     threads: int = 1  # --num_threads
     xnnpack: bool = True  # --use_xnnpack
+    device_id: str | None = None  # verifies patches bound to one device before they are written
 
 
 @dataclass
@@ -196,7 +197,7 @@ def benchmark_on_device(
         raise AdbError(f"no phone {serial!r} attached and authorised (`adb devices` lists {attached})")
     adb = _Adb(serial)
     with tempfile.TemporaryDirectory(prefix="mntool-adb-") as scratch:
-        variants = [("unpatched", artifact)] + [(str(p), _write_patched(artifact, Path(p), Path(scratch))) for p in patches]
+        variants = [("unpatched", artifact)] + [(str(p), _write_patched(artifact, Path(p), Path(scratch), config.device_id)) for p in patches]
         adb.shell("mkdir", "-p", DEVICE_DIR)
         try:
             adb("push", str(benchmark_binary), f"{DEVICE_DIR}/benchmark_model")
@@ -209,14 +210,15 @@ def benchmark_on_device(
     return DeviceBenchReport(serial, model, abi, str(artifact), asdict(config), results)
 
 
-def _write_patched(artifact: Path, patch: Path, scratch: Path) -> Path:
+def _write_patched(artifact: Path, patch: Path, scratch: Path, device_id: str | None) -> Path:
     """The patched artifact as a local file, to push (the phone gets exactly what an app would)."""
     weight_map = find_weight_map(artifact)
     if weight_map is None:
         raise AdbError(f"patches need the artifact's weight map; none beside {artifact}")
     if not patch.is_file():
         raise AdbError(f"patch {patch} does not exist")
-    files = apply_patch_bytes({artifact.name: artifact.read_bytes()}, patch.read_bytes(), weight_map)
+    files = apply_patch_bytes({artifact.name: artifact.read_bytes()}, patch.read_bytes(), weight_map,
+                              policy=TrustPolicy(device_id=device_id))
     out = scratch / f"{patch.stem}-{artifact.name}"
     out.write_bytes(files[artifact.name])
     return out

@@ -28,7 +28,7 @@ import numpy as np
 from device_runtime import weight_map as weight_maps
 from device_runtime.errors import MntoolError
 from device_runtime.hotswap import HotSwap
-from device_runtime.patch import DeviceState, apply_patch_bytes, verify_patch
+from device_runtime.patch import DeviceState, TrustPolicy, apply_patch_bytes, verify_patch
 from device_runtime.profiles import DeviceProfile, ProfileSandbox
 from device_runtime.runners import RunnerConfig, find_weight_map, load_inputs, open_runner, runtime_for
 from device_runtime.weight_map import IOSpec, WeightMap
@@ -52,6 +52,7 @@ class BenchConfig:
     runtime: str | None = None  # default: the artifact's own (weight-map target or suffix)
     runner: RunnerConfig = RunnerConfig()
     seed: int = 0  # for generated inputs
+    device_id: str | None = None  # this device's id, for patches bound to one device (verified as a device would)
 
     def __post_init__(self) -> None:
         for name in ("runs", "loads", "rounds"):
@@ -261,11 +262,11 @@ def _read_patch(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _apply_patch(files: dict[str, bytes], patch: bytes, weight_map: WeightMap) -> dict[str, bytes | bytearray]:
+def _apply_patch(files: dict[str, bytes], patch: bytes, weight_map: WeightMap, device_id: str | None) -> dict[str, bytes | bytearray]:
     """The artifact's files with the patch verified and written in, all in memory. The artifact
     itself was checked against its weight map when the benchmark loaded it, as an app does at
     start-up, so a swap re-verifies the patch but does not re-hash the whole artifact."""
-    return apply_patch_bytes(files, patch, weight_map, check_artifact=False)
+    return apply_patch_bytes(files, patch, weight_map, policy=TrustPolicy(device_id=device_id), check_artifact=False)
 
 
 # ---- the benchmark --------------------------------------------------------------------------
@@ -307,10 +308,11 @@ def benchmark(
     apply_times: dict[Path, list[float]] = {p: [] for p in patch_bytes}
     verify_times: dict[Path, list[float]] = {p: [] for p in patch_bytes}
     swap_times: dict[Path, list[float]] = {p: [] for p in patch_bytes}
-    patched_files = {p: _apply_patch(files, data, weight_map) for p, data in patch_bytes.items()}
+    patched_files = {p: _apply_patch(files, data, weight_map, config.device_id) for p, data in patch_bytes.items()}
     sizes = {name: len(data) for name, data in files.items()}
-    swappers = {p: HotSwap(artifact, weight_map=weight_map, files=files, runtime=runtime, config=config.runner)
-                for p in patch_bytes}
+    policy = TrustPolicy(device_id=config.device_id)
+    swappers = {p: HotSwap(artifact, weight_map=weight_map, files=files, runtime=runtime, config=config.runner,
+                           policy=policy) for p in patch_bytes}
 
     def from_file() -> None:
         t0 = clock()
@@ -331,7 +333,7 @@ def benchmark(
 
     def verify(path: Path) -> None:
         t0 = clock()
-        verify_patch(patch_bytes[path], weight_map, sizes)
+        verify_patch(patch_bytes[path], weight_map, sizes, policy)
         verify_times[path].append((clock() - t0) / 1e6)
 
     def swap(path: Path) -> None:
@@ -346,7 +348,7 @@ def benchmark(
 
     def apply(path: Path) -> None:
         t0 = clock()
-        _apply_patch(files, patch_bytes[path], weight_map)
+        _apply_patch(files, patch_bytes[path], weight_map, config.device_id)
         apply_times[path].append((clock() - t0) / 1e6)
 
     steps = [from_file, from_memory, *(partial(step, p) for p in patch_bytes for step in (verify, swap, apply))]

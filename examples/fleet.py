@@ -4,7 +4,9 @@
 Each device holds its own copy of the compiled artifact (ONNX Runtime or LiteRT). Over its test
 period it uploads its latest R items (at the test request time, then again after every K of its
 test interactions, so an upload never holds an interaction it is about to be scored on), receives
-a signed patch, verifies and applies it (`device_runtime.client.refresh`) and scores the next K
+a patch signed by the server's online key, verifies it with the root key alone (the patch carries
+the root-signed key list), checks it is fresh, for this device and newer than the last, applies it
+(`device_runtime.client.refresh`: A/B slots) and scores the next K
 interactions (pointwise rows and 100-candidate ranking tasks) with the patched model. The same
 rows are scored by the compiled static model, and by the metanetwork artifact as shipped
 (unpatched); PyTorch's offline evaluation of the same devices is the cross-check. Prints online
@@ -36,8 +38,8 @@ from exporters import export
 from mntool.data import DeviceDataset
 from mntool.data.datasets import load_dataset
 from mntool.metrics import evaluate
-from mntool.patches import keygen
-from mntool.serve_process import ServerProcess
+from mntool.patches import certify_keys, keygen, load_signing_key, raw_public_key
+from mntool.serve import ServerProcess
 from mntool.train import Checkpoint, device_params_for, evaluate_split, load_checkpoint
 
 BATCH = 100  # rows per compiled call: one ranking task (1 positive + 99 negatives)
@@ -147,7 +149,7 @@ def run_static(artifact: Path, devices: list[Device], group: int, desc: str) -> 
 
 
 def run_refreshing(cfg: FleetConfig, artifact: Path, devices: list[Device], every: int | None, server: ServerProcess,
-                   pub: Path, recent_len: int, group: int, work: Path, desc: str) -> tuple[Scores, float]:
+                   root_pub: Path, recent_len: int, group: int, work: Path, desc: str) -> tuple[Scores, float]:
     """Every device refreshes its own artifact copy from the server (once, or every `every`
     positives) and scores the positives that follow each refresh with the patched model."""
 
@@ -159,7 +161,7 @@ def run_refreshing(cfg: FleetConfig, artifact: Path, devices: list[Device], ever
         step = every or device.positives
         try:
             for start in range(0, device.positives, step):
-                done = refresh(server.url, local, device.upload(start, recent_len), verify_key=pub, token=TOKEN,
+                done = refresh(server.url, local, device.upload(start, recent_len), root_key=root_pub, token=TOKEN,
                                device_id=f"ml100k-user-{device.user}", runner_config=RunnerConfig(threads=1))
                 with done.runner as runner:
                     p, r = score_device(runner, device, start, min(start + step, device.positives), group)
@@ -215,24 +217,28 @@ def percentiles(values: list[float]) -> dict:
 
 
 def server_batches(server: ServerProcess) -> dict:
-    """Requests and batches summed over the workers' /metrics."""
+    """Requests and batches over every worker: one /metrics scrape sees them all."""
     import re
     import urllib.request
 
-    seen: dict[str, str] = {}
-    for _ in range(20 * server.workers):
-        with urllib.request.urlopen(urllib.request.Request(f"{server.url}/metrics", headers={"Connection": "close"})) as r:
-            text = r.read().decode()
-        seen[re.search(r'pid="(\d+)"', text).group(1)] = text
-        if len(seen) == server.workers:
-            break
+    with urllib.request.urlopen(f"{server.url}/metrics") as r:
+        text = r.read().decode()
 
     def total(pattern: str) -> float:
-        return sum(float(v) for text in seen.values() for v in re.findall(pattern, text, re.M))
+        return sum(float(v) for v in re.findall(pattern, text, re.M))
 
-    batches = total(r"^mntool_batch_size_count\{[^}]*\} (\S+)$")
+    batches = total(r"^mntool_batch_size_count(?:\{[^}]*\})? (\S+)$")
     return {"patches": total(r'^mntool_requests_total\{[^}]*endpoint="/v1/patches",status="200"\} (\S+)$'),
-            "batches": batches, "mean_batch": total(r"^mntool_batch_size_sum\{[^}]*\} (\S+)$") / max(batches, 1)}
+            "batches": batches, "mean_batch": total(r"^mntool_batch_size_sum(?:\{[^}]*\})? (\S+)$") / max(batches, 1)}
+
+
+def cloud_keys(work: Path) -> Path:
+    """The keys a deployment has: a root pair (its .pub ships in the app), an online pair that signs
+    patches on the server, and the root-signed key list certifying the online key. Returns the root .pub."""
+    root, online = keygen(work / "root"), keygen(work / "online")
+    key_list = certify_keys(load_signing_key(root.private), [raw_public_key(load_signing_key(online.private))], serial=1)
+    (work / "online.mnkeys").write_bytes(key_list)
+    return root.public
 
 
 def run(cfg: FleetConfig) -> dict:
@@ -252,15 +258,16 @@ def run(cfg: FleetConfig) -> dict:
         print(f"exporting {cfg.target} artifacts (batch {BATCH})", file=sys.stderr)
         artifact = compiled(meta, cfg.target, work / "metanetwork")
         static_artifact = compiled(load_checkpoint(static_dir), cfg.target, work / "static") if static_dir else None
-        pub = keygen(work / "cloud").public
+        root_pub = cloud_keys(work)
         results, timings = {}, {}
         if static_artifact is not None:
             results["static"] = run_static(static_artifact, devices, group, "static").metrics(devices, group)
         results["unpatched"] = run_static(artifact, devices, group, "unpatched").metrics(devices, group)
-        with ServerProcess.start(ckpt_dir, [artifact], "--signing-key", work / "cloud.key", "--token", TOKEN,
+        with ServerProcess.start(ckpt_dir, [artifact], "--signing-key", work / "online.key",
+                                 "--key-list", work / "online.mnkeys", "--token", TOKEN,
                                  workers=cfg.workers) as server:
             for name, every in (("refreshed_once", None), (f"refreshed_every_{cfg.refresh_every}", cfg.refresh_every)):
-                scores, seconds = run_refreshing(cfg, artifact, devices, every, server, pub, recent_len, group, work, name)
+                scores, seconds = run_refreshing(cfg, artifact, devices, every, server, root_pub, recent_len, group, work, name)
                 results[name] = scores.metrics(devices, group)
                 timings[name] = {"refreshes": len(scores.fetch_s), "seconds": seconds,
                                  "refreshes_per_s": len(scores.fetch_s) / seconds, "retries": int(sum(scores.attempts)) - len(scores.attempts),

@@ -1,20 +1,20 @@
-"""Shared fixtures: the real MovieLens-100k copy beside the checkout, and its built dataset."""
+"""Shared fixtures: the real MovieLens-100k (found or fetched as data_sources.py says) and its
+built dataset, small trained checkpoints, a served artifact, small exported artifacts."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from data_sources import ml100k_copy
 from small_artifacts import exported, patch_for
-
-ML100K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
 
 @pytest.fixture(scope="session")
 def ml100k_dir() -> Path:
-    """The RecBole copy of MovieLens-100k at ../shared/data/ml-100k (see its SOURCE.md)."""
-    if not (ML100K_DIR / "ml-100k.inter").is_file():
-        pytest.skip(f"MovieLens-100k not found at {ML100K_DIR} (get it: mntool data fetch movielens-100k --dest {ML100K_DIR})")
-    return ML100K_DIR
+    """A verified MovieLens-100k: the RecBole copy at ../shared/data/ml-100k (see its SOURCE.md),
+    else mntool's cached one; under `make test` or CI fetched when missing, never skipped."""
+    return ml100k_copy(os.environ)
 
 
 @pytest.fixture(scope="session")
@@ -65,20 +65,23 @@ def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
 @pytest.fixture(scope="session")
 def served(tiny_checkpoints, tmp_path_factory):
     """What `mntool serve` serves in test_serve.py / test_client.py: the tiny MetaNetwork
-    checkpoint, its ONNX export and a signing key pair."""
+    checkpoint, its ONNX export, an online signing key pair (`key`, `pub`) and the root pair
+    (`root_pub`) whose key list (`key_list`) certifies it."""
     from types import SimpleNamespace
 
     from device_runtime import weight_map
     from exporters import export
-    from mntool.patches import keygen
+    from mntool.patches import certify_keys, keygen, load_signing_key, raw_public_key
     from mntool.train import load_checkpoint
 
     root = tmp_path_factory.mktemp("serve")
     ckpt = load_checkpoint(tiny_checkpoints["metanetwork"])
     artifact = export(ckpt.model, ckpt.example_inputs(), ckpt.adaptive, "onnx", root / "artifact")
-    pair = keygen(root / "cloud")
-    return SimpleNamespace(checkpoint=tiny_checkpoints["metanetwork"], artifact=artifact, key=pair.private,
-                           pub=pair.public, fingerprint=weight_map.load(artifact).fingerprint)
+    pair, root_pair = keygen(root / "cloud"), keygen(root / "root")
+    key_list = root / "cloud.mnkeys"
+    key_list.write_bytes(certify_keys(load_signing_key(root_pair.private), [raw_public_key(load_signing_key(pair.private))], serial=1))
+    return SimpleNamespace(checkpoint=tiny_checkpoints["metanetwork"], artifact=artifact, key=pair.private, pub=pair.public,
+                           root_pub=root_pair.public, key_list=key_list, fingerprint=weight_map.load(artifact).fingerprint)
 
 
 @pytest.fixture(scope="session")
@@ -87,12 +90,13 @@ def patch_server(served, tmp_path_factory):
     a 4 KiB body limit, one worker. `.log` is its stderr."""
     from types import SimpleNamespace
 
-    from mntool.serve_process import ServerProcess
+    from mntool.serve import ServerProcess
 
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     token, max_body = "test-device-token", 4096
     with log.open("w") as stderr:
-        process = ServerProcess.start(served.checkpoint, [served.artifact], "--signing-key", served.key, "--token", token,
+        process = ServerProcess.start(served.checkpoint, [served.artifact], "--signing-key", served.key,
+                                      "--key-list", served.key_list, "--token", token,
                                       "--max-body-bytes", max_body, "--max-wait-ms", 20, stderr=stderr)
     yield SimpleNamespace(url=process.url, process=process, log=log, token=token, max_body=max_body)
     process.stop()

@@ -171,3 +171,19 @@ def test_cli_patch_without_weight_map(tflite_artifact, tflite_patch, tmp_path):
     bare.write_bytes(Path(tflite_artifact).read_bytes())
     done = _mntool("bench", str(bare), "--patch", str(tflite_patch), *SMALL)
     assert done.returncode != 0 and "patches need the artifact's weight map" in done.stderr
+
+
+def test_a_patch_bound_to_a_device_needs_that_device_id(tflite_artifact, tmp_path):
+    from dataclasses import replace
+
+    from small_artifacts import fresh_params
+
+    from device_runtime.errors import MntoolError
+    from mntool.patches import build_patch
+
+    bound = tmp_path / "bound.mnpatch"
+    bound.write_bytes(build_patch(tflite_artifact, fresh_params(tflite_artifact), device_id="phone-1"))
+    with pytest.raises(MntoolError, match="bound to one device"):
+        benchmark(tflite_artifact, [bound], config=QUICK)
+    report = benchmark(tflite_artifact, [bound], config=replace(QUICK, device_id="phone-1"))
+    assert report.patches[0].outputs_changed

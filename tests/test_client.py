@@ -77,8 +77,9 @@ def error(status: int, message: str) -> tuple[int, bytes, float]:
     return status, json.dumps({"error": "x", "message": message}).encode(), 0.0
 
 
-def real_patch(server, served, items=(3, 1, 4)) -> bytes:
-    data, _ = fetch_patch(server.url, served.fingerprint, items, device_id="t", token=server.token, config=FAST)
+def real_patch(server, served, items=(3, 1, 4), device_id: str = "device") -> bytes:
+    """A genuine patch from the real server, for `device_id` (refresh's default id)."""
+    data, _ = fetch_patch(server.url, served.fingerprint, items, device_id=device_id, token=server.token, config=FAST)
     return data
 
 
@@ -115,7 +116,7 @@ def test_patch_signed_by_another_key_is_refused(patch_server, served, tmp_path):
     other = keygen(tmp_path / "other")
     artifact = device_copy(served, tmp_path)
     before = tree_hash(artifact)
-    with pytest.raises(MntoolError, match="signature does not verify"):
+    with pytest.raises(MntoolError, match="not by the given verify key"):
         refresh(patch_server.url, artifact, [1, 2, 3], verify_key=other.public, token=patch_server.token, config=FAST)
     assert tree_hash(artifact) == before
 
@@ -133,11 +134,13 @@ def _forgeries(server, served, tmp_path) -> dict[str, bytes]:
         "forged": build_patch(served.artifact, params, attacker),
         "unsigned": build_patch(served.artifact, params),
         "truncated": genuine[:-100],
+        "another device's": real_patch(server, served, device_id="someone-else"),
     }
 
 
-@pytest.mark.parametrize("kind, match", [("altered", "payload is corrupt"), ("forged", "signature does not verify"),
-                                         ("unsigned", "not signed"), ("truncated", "truncated")])
+@pytest.mark.parametrize("kind, match", [("altered", "payload is corrupt"), ("forged", "not by the given verify key"),
+                                         ("unsigned", "not signed"), ("truncated", "truncated"),
+                                         ("another device's", "for another device")])
 def test_tampered_patch_is_refused_and_the_model_stays_byte_identical(patch_server, served, tmp_path, kind, match):
     data = _forgeries(patch_server, served, tmp_path)[kind]
     artifact = device_copy(served, tmp_path)
@@ -145,6 +148,22 @@ def test_tampered_patch_is_refused_and_the_model_stays_byte_identical(patch_serv
     with Rogue([(200, data, 0.0)]) as rogue:
         with pytest.raises(MntoolError, match=match):
             refresh(rogue.url, artifact, [1, 2], verify_key=served.pub, config=FAST)
+    assert tree_hash(artifact) == before
+
+
+def test_with_the_root_key_a_replayed_patch_is_refused(patch_server, served, tmp_path):
+    """The device trusts only the root key (the server's key list certifies its online key); a
+    man in the middle who replays an earlier genuine patch after a newer one gets nothing in."""
+    artifact = device_copy(served, tmp_path)
+    old, new = real_patch(patch_server, served, (1, 2)), real_patch(patch_server, served, (5, 6))
+    with Rogue([(200, new, 0.0)]) as rogue:
+        done = refresh(rogue.url, artifact, [5, 6], root_key=served.root_pub, config=FAST)
+    done.runner.close()
+    before = tree_hash(artifact)
+    for replayed in (old, new):
+        with Rogue([(200, replayed, 0.0)]) as rogue:
+            with pytest.raises(MntoolError, match="replay or rollback refused"):
+                refresh(rogue.url, artifact, [1, 2], root_key=served.root_pub, config=FAST)
     assert tree_hash(artifact) == before
 
 

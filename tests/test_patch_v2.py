@@ -156,7 +156,7 @@ def test_every_flipped_bit_of_a_signed_patch_with_key_list_rejected(art, keys):
         for bit in range(8):
             bad = bytearray(data)
             bad[i] ^= 1 << bit
-            with pytest.raises(Exception):
+            with pytest.raises(MntoolError):
                 verify_patch(bytes(bad), wm, {"model.tflite": 10**9}, policy)
 
 
@@ -284,3 +284,19 @@ def test_a_copy_is_made_from_the_bytes_that_were_checked(art, tmp_path, monkeypa
     out = tmp_path / "copy" / "model.tflite"
     apply_patch_file(artifact, build_patch(artifact, random_params()), out=out)
     wmap.load(out)  # the copy matches its weight map: it holds the checked bytes, not the tampered ones
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_finite_check_is_exact(tmp_path, dtype):
+    """The fast finiteness test: huge finite values (whose squares overflow) pass, one NaN or Inf
+    anywhere is refused, in both stored dtypes."""
+    artifact = synthetic_artifact(tmp_path, {"w": (64, 64)}, dtype=dtype)
+    wm = wmap.load(artifact)
+    huge = np.full((64, 64), 6e4 if dtype == "float16" else 3e38, np.float32)
+    apply_patch_bytes(artifact.read_bytes(), build_patch(artifact, {"w": huge}), wm)
+    for bad in (np.nan, np.inf, -np.inf):
+        stored = np.full((64, 64), 1.0, dtype)
+        stored[17, 33] = bad
+        data = patch_mod.pack_patch(wm, {"w": stored}, patch_mod.Freshness(1, 1, 2**40))
+        with pytest.raises(PatchError, match="NaN or Inf"):
+            apply_patch_bytes(artifact.read_bytes(), data, wm)

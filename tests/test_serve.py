@@ -1,7 +1,9 @@
 """`mntool serve` as a real process on a free loopback port: the endpoints, patches that verify
 and equal the generator's parameters (also when requests are batched together), every kind of
-bad input answered 4xx with a JSON error (never 5xx, never a crash), and replicas/workers that
-serve byte-identical patches. Fixtures `served` and `patch_server` live in conftest.py."""
+bad input answered 4xx with a JSON error (never 5xx, never a crash), a failing generator failing
+only its own request (in-process app), /healthz telling nothing but liveness, one /metrics scrape
+counting every worker, and replicas/workers that serve the same parameters. Fixtures `served`
+and `patch_server` live in conftest.py."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -18,9 +21,11 @@ import numpy as np
 import pytest
 
 from device_runtime import weight_map as wmap
-from device_runtime.patch import verify_patch
+from device_runtime.client import PATCHES_PATH
+from device_runtime.patch import PatchError, TrustPolicy, device_hash, parse_patch, verify_patch
 from device_runtime.signing import load_public_key
-from mntool.serve_process import ServerProcess
+from mntool.serve import ServerProcess, routes
+from mntool.serve import metrics as names
 
 pytestmark = pytest.mark.slow
 MNTOOL = str(Path(sys.executable).with_name("mntool"))
@@ -44,8 +49,8 @@ def metric(text: str, name: str, **labels) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
     total = 0.0
     for line in text.splitlines():
-        m = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
-        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+        m = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
             total += float(m.group(2))
     return total
 
@@ -56,9 +61,21 @@ def test_help_has_an_example():
     assert shown.returncode == 0 and "Example:" in shown.stdout and "--workers" in shown.stdout
 
 
+def test_the_device_client_asks_the_servers_route():
+    assert PATCHES_PATH == routes.PATCHES  # the device side keeps its own copy (it never imports mntool)
+
+
+def test_healthz_is_liveness_only_and_the_details_need_the_token(patch_server, served):
+    health = httpx.get(f"{patch_server.url}/healthz", headers={"Authorization": "Bearer wrong"})
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    refused = httpx.get(f"{patch_server.url}/v1/status")
+    assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+    status = httpx.get(f"{patch_server.url}/v1/status", headers=auth(patch_server)).json()
+    assert status["method"] == "metanetwork" and status["signed"] and status["auth"] and status["artifacts"] == 1
+    assert status["checkpoint"] == str(served.checkpoint) and status["pid"] in patch_server.process.wait_ready(10)
+
+
 def test_healthz_artifacts_openapi(patch_server, served):
-    health = httpx.get(f"{patch_server.url}/healthz").json()
-    assert health["status"] == "ok" and health["method"] == "metanetwork" and health["signed"] and health["auth"]
 
     assert httpx.get(f"{patch_server.url}/v1/artifacts").status_code == 401
     listed = httpx.get(f"{patch_server.url}/v1/artifacts", headers=auth(patch_server)).json()
@@ -67,14 +84,14 @@ def test_healthz_artifacts_openapi(patch_server, served):
     assert listed[0]["weight_map"] == json.loads(wmap.sidecar_path(served.artifact).read_text())
 
     schema = httpx.get(f"{patch_server.url}/openapi.json").json()
-    assert schema["openapi"].startswith("3.")
+    assert schema["openapi"].startswith("3.") and set(schema["paths"]) == set(routes.ALL)
     post = schema["paths"]["/v1/patches"]["post"]
     ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     request = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert request["required"] == ["device_id", "fingerprint", "samples"]
     assert request["properties"]["samples"]["properties"]["items"]["maxItems"] == 30  # the checkpoint's recent_len
     assert "application/octet-stream" in post["responses"]["200"]["content"]
-    assert {"400", "401", "404", "413", "415", "422", "503"} <= set(post["responses"])
+    assert {"400", "401", "404", "413", "415", "422", "500", "503"} <= set(post["responses"])
     assert post["security"] == [{"bearer": []}]
     assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
@@ -86,7 +103,11 @@ def test_patch_verifies_and_carries_the_generated_parameters(patch_server, serve
     assert answer.headers["content-type"] == "application/octet-stream"
     wm = wmap.load(served.artifact)
     sizes = {f: (served.artifact.parent / f).stat().st_size for f in wm.files}
-    patch = verify_patch(answer.content, wm, sizes, verify_key=load_public_key(served.pub), require_signature=True)
+    root = TrustPolicy(root_key=load_public_key(served.root_pub), device_id="dev-1")
+    patch = verify_patch(answer.content, wm, sizes, root)  # the root key alone: the patch carries its key list
+    assert patch.freshness.device == device_hash("dev-1") and patch.keylist.serial == 1
+    with pytest.raises(PatchError, match="another device"):
+        verify_patch(answer.content, wm, sizes, TrustPolicy(root_key=root.root_key, device_id="dev-2"))
     expected = generated(served, items)
     for t in patch.tensors:  # ONNX stores every adaptive tensor as is (identity layout, float32)
         np.testing.assert_allclose(patch.array(t), expected[t.name], rtol=0, atol=1e-6)
@@ -109,7 +130,6 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_parameters(patc
     batched = metric(after, "mntool_batch_size_sum") - metric(before, "mntool_batch_size_sum")
     assert batched == len(uploads) and batches < len(uploads), "no two requests shared a generator call"
 
-    from device_runtime.patch import parse_patch
     from mntool.generate import Generator
 
     generator = Generator.load(served.checkpoint)
@@ -229,6 +249,69 @@ def test_server_logged_no_traceback(patch_server):
     assert "Traceback" not in patch_server.log.read_text()
 
 
+# ---- failures inside the service (in-process app) -------------------------------------------
+@pytest.fixture
+def in_process(served):
+    """f(**ServeConfig options) -> (PatchService, starlette TestClient) with the batcher running."""
+    from starlette.testclient import TestClient
+
+    from mntool.serve import PatchService, ServeConfig, create_app
+
+    clients = []
+
+    def start(**options):
+        service = PatchService.load(ServeConfig(str(served.checkpoint), [str(served.artifact)], signing_key=str(served.key), **options))
+        test_client = TestClient(create_app(service), raise_server_exceptions=False)
+        clients.append(test_client.__enter__())  # runs the lifespan: the batcher
+        return service, test_client
+
+    yield start
+    for test_client in clients:
+        test_client.__exit__(None, None, None)
+
+
+def test_a_failing_generator_fails_only_its_own_request(in_process, served):
+    service, test_client = in_process(max_batch=8, max_wait_ms=300)
+    real, calls = service.generator.generate_batch, []
+
+    def generate_batch(recent):
+        calls.append(len(recent))
+        if (np.asarray(recent) == 13).any():
+            raise RuntimeError("the generator broke on item 13")
+        return real(recent)
+
+    service.generator.generate_batch = generate_batch
+    uploads = [[1, 2, 3], [4, 13, 5], [6, 7], [8]]
+    with ThreadPoolExecutor(len(uploads)) as pool:  # they arrive within max_wait_ms: one batch
+        answers = list(pool.map(lambda items: test_client.post(routes.PATCHES, json=body(served, items)), uploads))
+    assert calls[0] == len(uploads), f"the uploads were not batched together: {calls}"
+    assert [a.status_code for a in answers] == [200, 500, 200, 200]
+    failed = answers[1]
+    assert failed.headers["content-type"] == "application/json"
+    assert failed.json()["error"] == "generation_failed" and set(failed.json()) == {"error", "message"}
+    for items, answer in zip(uploads, answers):
+        if answer.status_code == 200:
+            patch, expected = parse_patch(answer.content), real([items])
+            for t in patch.tensors:
+                np.testing.assert_allclose(patch.array(t), expected[t.name][0], rtol=0, atol=1e-6)
+    assert test_client.post(routes.PATCHES, json=body(served, [9, 10])).status_code == 200  # and the service goes on
+
+
+def test_an_unexpected_exception_is_a_json_500(in_process, served):
+    service, test_client = in_process()
+
+    def bug(*args):
+        raise KeyError("a bug")
+
+    service.describe = service.parse = bug  # one route of the Starlette app, and the plain-ASGI patch route
+    for answer in (test_client.get(routes.ARTIFACTS), test_client.post(routes.PATCHES, json=body(served, [1]))):
+        assert answer.status_code == 500 and answer.headers["content-type"] == "application/json"
+        assert answer.json()["error"] == "internal_error" and "\n" not in answer.json()["message"]
+    scrape = test_client.get(routes.METRICS).text
+    assert metric(scrape, names.REQUESTS, endpoint=routes.ARTIFACTS, status=500) == 1
+    assert metric(scrape, names.REQUESTS, endpoint=routes.PATCHES, status=500) == 1
+
+
 # ---- startup errors, replicas and workers ---------------------------------------------------
 def test_bad_artifact_or_busy_port_is_one_line_error(served, tmp_path):
     stray = tmp_path / "stray.onnx"
@@ -247,15 +330,47 @@ def test_bad_artifact_or_busy_port_is_one_line_error(served, tmp_path):
     assert done.returncode == 1 and done.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}")
 
 
-def test_replicas_and_workers_serve_identical_patches(patch_server, served, tmp_path):
-    """The service is stateless: a second replica (here with two worker processes) answers the
-    same upload with byte-identical signed patches, from every worker."""
+@pytest.fixture(scope="module")
+def replica(patch_server, served):
+    """A second server like `patch_server`, with two worker processes."""
     replica = ServerProcess.start(served.checkpoint, [served.artifact], "--signing-key", served.key,
-                                  "--token", patch_server.token, workers=2)
+                                  "--key-list", served.key_list, "--token", patch_server.token, workers=2)
+    yield replica
+    replica.stop()
+
+
+def test_replicas_and_workers_serve_identical_parameters_in_increasing_sequence(patch_server, replica, served):
+    """The service keeps no state: a second replica (here with two worker processes) answers the
+    same upload with the same parameters, from every worker, and the sequence numbers it stamps
+    (time-based, docs/patch-format.md) still increase across replicas and workers."""
+    assert len(replica.wait_ready(60)) == 2  # two worker processes, each answering
+    request = dict(json=body(served, [9, 8, 7, 6]), headers=auth(patch_server))
+    patches = [parse_patch(httpx.post(f"{url}/v1/patches", **request).content) for url in [patch_server.url] + [replica.url] * 6]
+    assert len({bytes(p.payload) for p in patches}) == 1 and len(patches[0].payload) > 0
+    sequences = [p.freshness.sequence for p in patches]
+    assert sequences == sorted(set(sequences))
+
+
+def test_one_metrics_scrape_counts_every_worker(patch_server, replica, served):
+    before = httpx.get(f"{replica.url}{routes.METRICS}").text
+    pids, asked = [], 0
+    while len(set(pids)) < 2 and asked < 200:  # a new connection each: either worker may answer
+        pids.append(httpx.get(f"{replica.url}{routes.STATUS}", headers=auth(patch_server)).json()["pid"])
+        asked += 1
+    assert set(pids) == replica.wait_ready(10), "both workers answered"
+    after = httpx.get(f"{replica.url}{routes.METRICS}").text
+    counted = metric(after, names.REQUESTS, endpoint=routes.STATUS, status=200) - metric(before, names.REQUESTS, endpoint=routes.STATUS, status=200)
+    assert counted == asked
+    assert metric(after, f"{names.REQUEST_SECONDS}_count", endpoint=routes.STATUS) >= asked
+
+
+def test_the_metrics_directory_lives_as_long_as_the_server(served):
+    server = ServerProcess.start(served.checkpoint, [served.artifact], workers=2)
     try:
-        assert len(replica.wait_ready(60)) == 2  # two worker processes, each answering
-        request = dict(json=body(served, [9, 8, 7, 6]), headers=auth(patch_server))
-        patches = {httpx.post(f"{url}/v1/patches", **request).content for url in [patch_server.url] + [replica.url] * 6}
-        assert len(patches) == 1 and len(next(iter(patches))) > 0
+        worker = min(server.wait_ready(60))
+        environ = dict(v.split("=", 1) for v in Path(f"/proc/{worker}/environ").read_text().split("\0") if "=" in v)
+        shared = Path(environ[names.MULTIPROC_ENV])
+        assert shared.is_dir() and any(shared.glob("*.db"))
     finally:
-        replica.stop()
+        server.stop()
+    assert not shared.exists()

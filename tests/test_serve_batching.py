@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from mntool.serve_batching import BatchConfig, BatchTimeout, MicroBatcher, Overloaded
+from mntool.serve.batching import BatchConfig, BatchTimeout, MicroBatcher, Overloaded
 
 
 def run(coro):

@@ -13,11 +13,13 @@ import numpy as np
 
 from device_runtime.bench import BenchConfig, BenchReport
 from device_runtime.profiles import PROFILES
+from device_runtime.runners import ORT_OPTIMIZATION_LEVELS, RUNTIMES, RunnerConfig
 from mntool.plots import plot_latency, report_series, report_title
 
 PATH = click.Path(path_type=Path)
-RUNTIME = click.Choice(["litert", "onnxruntime", "coreml"])
-GRAPH_OPT = click.Choice(["disable", "basic", "extended", "all"])
+RUNTIME = click.Choice(list(RUNTIMES))
+GRAPH_OPT = click.Choice(list(ORT_OPTIMIZATION_LEVELS))
+BENCH, RUNNER = BenchConfig(), RunnerConfig()  # the defaults the options show
 
 
 def _echo_json(obj) -> None:
@@ -31,8 +33,8 @@ def _echo_json(obj) -> None:
               help="An .npz or .json of input arrays keyed by the PyTorch forward() argument names.")
 @click.option("-o", "--output", type=PATH, help="Write the outputs to this .npz (keys = output names).")
 @click.option("--runtime", type=RUNTIME, help="Default: the artifact's own (from its weight map or suffix).")
-@click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads.")
-@click.option("--xnnpack/--no-xnnpack", default=True, show_default=True, help="LiteRT: use the XNNPACK delegate.")
+@click.option("--threads", type=int, default=RUNNER.threads, show_default=True, help="Intra-op threads.")
+@click.option("--xnnpack/--no-xnnpack", default=RUNNER.xnnpack, show_default=True, help="LiteRT: use the XNNPACK delegate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
 def run(artifact: Path, inputs_path: Path, output: Path | None, runtime: str | None, threads: int,
         xnnpack: bool, as_json: bool) -> None:
@@ -67,22 +69,23 @@ def run(artifact: Path, inputs_path: Path, output: Path | None, runtime: str | N
 @click.argument("artifacts", nargs=-1, required=True, type=PATH)
 @click.option("--patch", "patches", multiple=True, type=PATH,
               help="Also measure the swap to this patch (repeatable); needs exactly one ARTIFACT.")
+@click.option("--device-id", help="This device's id, to verify patches bound to one device (as mntool generate --device-id makes).")
 @click.option("--runtime", type=RUNTIME, help="Default: each artifact's own.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads (a profile sets its own).")
-@click.option("--xnnpack/--no-xnnpack", default=True, show_default=True, help="LiteRT: use the XNNPACK delegate.")
-@click.option("--graph-optimization", type=GRAPH_OPT, default="all", show_default=True, help="ONNX Runtime graph optimisation level.")
+@click.option("--threads", type=int, default=RUNNER.threads, show_default=True, help="Intra-op threads (a profile sets its own).")
+@click.option("--xnnpack/--no-xnnpack", default=RUNNER.xnnpack, show_default=True, help="LiteRT: use the XNNPACK delegate.")
+@click.option("--graph-optimization", type=GRAPH_OPT, default=RUNNER.graph_optimization, show_default=True, help="ONNX Runtime graph optimisation level.")
 @click.option("--profile", "profile_name", type=click.Choice(list(PROFILES)),
               help="Emulate a phone's CPU budget on this host (threads, cores, CPU bandwidth); docs/benchmarking.md.")
-@click.option("--runs", type=int, default=500, show_default=True, help="Timed steady-state runs per variant.")
-@click.option("--warmup", type=int, default=50, show_default=True, help="Untimed runs before timing.")
-@click.option("--loads", type=int, default=20, show_default=True, help="Fresh loads timed for load, first-inference and swap figures.")
+@click.option("--runs", type=int, default=BENCH.runs, show_default=True, help="Timed steady-state runs per variant.")
+@click.option("--warmup", type=int, default=BENCH.warmup, show_default=True, help="Untimed runs before timing.")
+@click.option("--loads", type=int, default=BENCH.loads, show_default=True, help="Fresh loads timed for load, first-inference and swap figures.")
 @click.option("--inputs", "inputs_path", type=PATH, help="Inputs (.npz/.json); default: generated from the artifact's signature.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full results (with per-run samples) as JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print one CSV row per artifact and variant.")
 @click.option("--plot", type=PATH, help="Write the latency distributions to this PNG.")
 @click.option("--device", help="Run on an Android phone instead: adb:SERIAL (see `adb devices`).")
 @click.option("--benchmark-binary", type=PATH, help="With --device: LiteRT's benchmark_model built for the phone.")
-def bench(artifacts: tuple[Path, ...], patches: tuple[Path, ...], runtime: str | None, threads: int, xnnpack: bool,
+def bench(artifacts: tuple[Path, ...], patches: tuple[Path, ...], device_id: str | None, runtime: str | None, threads: int, xnnpack: bool,
           graph_optimization: str, profile_name: str | None, runs: int, warmup: int, loads: int,
           inputs_path: Path | None, as_json: bool, as_csv: bool, plot: Path | None, device: str | None,
           benchmark_binary: Path | None) -> None:
@@ -108,9 +111,10 @@ def bench(artifacts: tuple[Path, ...], patches: tuple[Path, ...], runtime: str |
     if patches and len(artifacts) != 1:
         raise BenchError("--patch needs exactly one ARTIFACT (a patch is built for one artifact)")
     if device:
-        _bench_on_device(artifacts, patches, benchmark_binary, device, threads, xnnpack, runs, warmup, as_json, plot)
+        _bench_on_device(artifacts, patches, benchmark_binary, device, threads, xnnpack, runs, warmup, as_json, plot,
+                         device_id)
         return
-    config = BenchConfig(runs=runs, warmup=warmup, loads=loads, runtime=runtime,
+    config = BenchConfig(runs=runs, warmup=warmup, loads=loads, runtime=runtime, device_id=device_id,
                          runner=RunnerConfig(threads=threads, xnnpack=xnnpack, graph_optimization=graph_optimization))
     reports = measure(list(artifacts), list(patches), inputs_path, config, profile_name)
     if plot:
@@ -180,14 +184,15 @@ def describe(r: BenchReport) -> str:
     return "\n".join(lines)
 
 
-def _bench_on_device(artifacts, patches, benchmark_binary, device, threads, xnnpack, runs, warmup, as_json, plot) -> None:
+def _bench_on_device(artifacts, patches, benchmark_binary, device, threads, xnnpack, runs, warmup, as_json, plot,
+                     device_id) -> None:
     from device_runtime.adb import AdbError, DeviceBenchConfig, benchmark_on_device
 
     if benchmark_binary is None:
         raise AdbError("--device needs --benchmark-binary (LiteRT's benchmark_model built for the phone)")
     if plot:
         raise AdbError("--plot needs per-run samples, which benchmark_model does not report")
-    config = DeviceBenchConfig(runs=runs, warmup=warmup, threads=threads, xnnpack=xnnpack)
+    config = DeviceBenchConfig(runs=runs, warmup=warmup, threads=threads, xnnpack=xnnpack, device_id=device_id)
     reports = [benchmark_on_device(a, list(patches), device, benchmark_binary, config) for a in artifacts]
     if as_json:
         _echo_json([r.to_dict() for r in reports])

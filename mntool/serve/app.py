@@ -1,46 +1,50 @@
 """The patch service: devices upload recent samples, get back signed patches for their artifact.
 
 `PatchService` holds what every request reads (generator, artifacts' weight maps, signing key)
-and turns a batch of parsed requests into patches with one generator call. `create_app` wraps it
-in a Starlette ASGI app (endpoints, limits, auth, metrics); `serve` binds the socket and runs uvicorn with one
-or more worker processes. The service is stateless, so replicas scale out behind any load
-balancer (docs/serving.md).
+and turns a batch of parsed requests into patches with one generator call, each request failing
+alone. `create_app` wraps it in a Starlette ASGI app (endpoints, limits, auth, JSON errors,
+metrics); `serve` binds the socket and runs uvicorn with one or more worker processes. The
+service is stateless, so replicas scale out behind any load balancer (docs/serving.md).
 """
 from __future__ import annotations
 
 import gc
 import hmac
 import json
+import logging
 import os
 import socket
+import tempfile
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from device_runtime import weight_map as wmap
 from device_runtime.errors import MntoolError
+from device_runtime.patch import Signer
 from device_runtime.weight_map import WeightMap
-from mntool.generate import Generator, SamplesError
-from mntool.patches import build_patch, load_signing_key
-from mntool.serve_batching import BatchConfig, BatchTimeout, MicroBatcher, Overloaded
-from mntool.serve_metrics import ServiceMetrics
-from mntool.serve_openapi import openapi_document
+from mntool.generate import Generator
+from mntool.patches import build_patch, load_signer
+from mntool.serve import routes
+from mntool.serve.batching import BatchTimeout, MicroBatcher, Overloaded
+from mntool.serve.config import ServeConfig
+from mntool.serve.metrics import CONTENT_TYPE, MULTIPROC_ENV, ServiceMetrics
+from mntool.serve.openapi import openapi_document
 
 CONFIG_ENV = "MNTOOL_SERVE_CONFIG"  # how `serve` hands its config to worker processes
 MAX_DEVICE_ID = 128
 HEX = frozenset("0123456789abcdef")
+log = logging.getLogger(__name__)
 
 
 class ServeError(MntoolError):
@@ -56,32 +60,6 @@ class RequestError(MntoolError):
         self.code = code
 
 
-@dataclass
-class ServeConfig:
-    checkpoint: str
-    artifacts: list[str]
-    signing_key: str | None = None  # Ed25519 private key; None serves unsigned patches
-    token: str | None = None  # bearer token devices must send; None turns auth off
-    max_batch: int = 64  # requests per generator call (1 = no batching)
-    max_wait_ms: float = 2.0  # how long a request may wait for others to share its batch
-    max_queue: int = 1024  # waiting requests beyond this get 503 at once
-    max_body_bytes: int = 16384  # a full upload (30 ids) is ~250 B
-    max_samples: int | None = None  # item ids per upload; None = the checkpoint's recent_len
-    request_timeout_s: float = 5.0  # a patch not ready by then is answered 503
-    torch_threads: int = 1  # per worker process: on few cores, processes beat threads
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "ServeConfig":
-        return cls(**json.loads(text))
-
-    @property
-    def batching(self) -> BatchConfig:
-        return BatchConfig(self.max_batch, self.max_wait_ms, self.max_queue)
-
-
 @dataclass(frozen=True)
 class ServedArtifact:
     path: Path
@@ -94,10 +72,11 @@ class ServedArtifact:
 
 @dataclass(frozen=True)
 class PatchJob:
-    """One parsed, validated request: which artifact, and the upload padded to (recent_len,)."""
+    """One parsed, validated request: which artifact, and the upload left-padded with 0 to recent_len ids."""
 
     artifact: ServedArtifact
-    recent: np.ndarray
+    recent: list[int]
+    device_id: str  # the patch is bound to it
 
 
 @dataclass
@@ -107,7 +86,7 @@ class PatchService:
     config: ServeConfig
     generator: Generator
     artifacts: dict[str, ServedArtifact]  # by fingerprint
-    signing_key: Ed25519PrivateKey | None
+    signer: Signer | None
     max_samples: int
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
@@ -122,7 +101,9 @@ class PatchService:
             if wm.fingerprint in artifacts:
                 raise ServeError(f"{path} and {artifacts[wm.fingerprint].path} are the same artifact (fingerprint {wm.fingerprint[:12]})")
             artifacts[wm.fingerprint] = ServedArtifact(path, wm)
-        key = load_signing_key(Path(config.signing_key)) if config.signing_key else None
+        if config.key_list and not config.signing_key:
+            raise ServeError("--key-list certifies a signing key: give --signing-key too")
+        key = load_signer(Path(config.signing_key), Path(config.key_list) if config.key_list else None) if config.signing_key else None
         torch.set_num_threads(config.torch_threads)
         generator = Generator.load(config.checkpoint)
         for served in artifacts.values():
@@ -139,56 +120,74 @@ class PatchService:
 
     # ---- requests -------------------------------------------------------------------------------
     def parse(self, body: bytes) -> PatchJob:
-        """Validate a POST /v1/patches body; RequestError (400/404/422) names the first problem."""
+        """Validate a POST /v1/patches body; RequestError (400/404/422) names the first problem.
+        Plain Python on the (at most recent_len) ids: per request, numpy calls cost more than they save."""
         try:
             request = json.loads(body)
         except (UnicodeDecodeError, ValueError) as err:
             raise RequestError(400, "malformed_json", f"body is not valid JSON: {err}") from None
         except RecursionError:  # e.g. 8,000 nested brackets fit in the body limit
             raise RequestError(400, "malformed_json", "body nests JSON too deeply") from None
-        if not isinstance(request, dict):
+        if type(request) is not dict:
             raise RequestError(400, "malformed_request", "body must be a JSON object")
         device_id, fingerprint, samples = request.get("device_id"), request.get("fingerprint"), request.get("samples")
-        if not isinstance(device_id, str) or not 1 <= len(device_id) <= MAX_DEVICE_ID:
+        if type(device_id) is not str or not 1 <= len(device_id) <= MAX_DEVICE_ID:
             raise RequestError(400, "malformed_request", f"device_id must be a string of 1..{MAX_DEVICE_ID} characters")
-        if not isinstance(fingerprint, str) or len(fingerprint) != 64 or not set(fingerprint) <= HEX:
+        artifact = self.artifacts.get(fingerprint) if type(fingerprint) is str else None  # a served one is well-formed
+        if artifact is None and (type(fingerprint) is not str or len(fingerprint) != 64 or not set(fingerprint) <= HEX):
             raise RequestError(400, "malformed_request", "fingerprint must be 64 lowercase hex digits (the artifact's weight-map fingerprint)")
-        items = samples.get("items") if isinstance(samples, dict) else None
-        if not isinstance(items, list):
+        items = samples.get("items") if type(samples) is dict else None
+        if type(items) is not list:
             raise RequestError(400, "malformed_request", 'samples must be {"items": [item ids, most recent last]}')
         if len(items) > self.max_samples:
             raise RequestError(422, "too_many_samples", f"{len(items)} samples; this service takes at most {self.max_samples}")
         if not all(type(i) is int for i in items):
             raise RequestError(422, "bad_item_id", "samples.items must hold integer item ids only")
-        artifact = self.artifacts.get(fingerprint)
         if artifact is None:
-            raise RequestError(404, "unknown_fingerprint", f"no artifact with fingerprint {fingerprint[:12]}... is served here (GET /v1/artifacts)")
-        try:
-            recent = self.generator.check_recent(np.asarray(items, dtype=np.int64))
-        except OverflowError:
-            raise RequestError(422, "bad_item_id", f"an item id is outside the vocabulary 1..{self.generator.n_items}") from None
-        except SamplesError as err:
-            raise RequestError(422, "bad_item_id", str(err)) from None
-        return PatchJob(artifact, recent[0])
+            raise RequestError(404, "unknown_fingerprint", f"no artifact with fingerprint {fingerprint[:12]}... is served here (GET {routes.ARTIFACTS})")
+        n_items = self.generator.n_items
+        if items and (min(items) < 0 or max(items) > n_items):
+            bad = next(i for i in items if not 0 <= i <= n_items)
+            raise RequestError(422, "bad_item_id", f"item id {bad} is outside the vocabulary 1..{n_items} (0 = padding)")
+        return PatchJob(artifact, [0] * (self.generator.recent_len - len(items)) + items, device_id)
 
     def build_patches(self, jobs: list[PatchJob]) -> list[bytes | Exception]:
-        """One generator call for every job, then one patch per job (its own artifact's layout)."""
-        params = self.generator.generate_batch(np.stack([job.recent for job in jobs]))
+        """One generator call for every job, then one patch per job (its own artifact's layout).
+        Failures stay with their request: if the batched call raises, each job is retried alone,
+        and a job whose generation or patch fails gets a RequestError (500), the others their patches."""
+        try:
+            params = self.generator.generate_batch(np.array([job.recent for job in jobs], dtype=np.int64))
+        except Exception as err:
+            if len(jobs) > 1:
+                return [result for job in jobs for result in self.build_patches([job])]
+            return [_internal("generation_failed", "generating this upload's parameters failed", err)]
         patches: list[bytes | Exception] = []
         for i, job in enumerate(jobs):
             try:
-                patches.append(build_patch(job.artifact.weight_map, {n: p[i] for n, p in params.items()}, self.signing_key))
-            except MntoolError as err:
-                patches.append(err)
+                patches.append(build_patch(job.artifact.weight_map, {n: p[i] for n, p in params.items()}, self.signer,
+                                           device_id=job.device_id, ttl_s=self.config.patch_ttl_s))
+            except Exception as err:
+                patches.append(_internal("patch_failed", "building this upload's patch failed", err))
         return patches
 
     def describe(self) -> list[dict]:
         return [a.describe() for a in self.artifacts.values()]
 
 
+def _internal(code: str, what: str, err: Exception) -> RequestError:
+    """A 500 for one request: the cause goes to the server log, the device gets one line."""
+    log.error("%s: %s", what, err, exc_info=err)
+    detail = f": {err}" if isinstance(err, MntoolError) else f" ({type(err).__name__}; see the server log)"
+    return RequestError(500, code, f"{what}{detail}".splitlines()[0])
+
+
 # ---- HTTP ---------------------------------------------------------------------------------------
 def _error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def _error_headers(err: RequestError) -> dict[str, str]:
+    return {"WWW-Authenticate": "Bearer"} if err.status == 401 else {"Retry-After": "1"} if err.status == 503 else {}
 
 
 class _MetricsMiddleware:
@@ -214,78 +213,129 @@ class _MetricsMiddleware:
             self.metrics.observe_request(scope["path"], status[0], time.perf_counter() - started)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+class _ClientGone(Exception):
+    """The client closed the connection before its request was answered."""
+
+
+class _PatchRoute:
+    """POST /v1/patches as plain ASGI in front of the Starlette app, which answers every other
+    path. The hot path skips Starlette's request, routing, exception-middleware and response
+    objects (benchmarks/serve_profile.py sets its cost beside GET /healthz through Starlette)."""
+
+    def __init__(self, app, answer: Callable) -> None:
+        self.app, self.answer = app, answer  # answer(headers, receive) -> patch bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != routes.PATCHES:
+            await self.app(scope, receive, send)
+            return
+        try:
+            if scope["method"] != "POST":
+                raise RequestError(405, "http_error", "Method Not Allowed")
+            patch = await self.answer(dict(scope["headers"]), receive)
+        except RequestError as err:
+            headers = {**_error_headers(err), **({"Allow": "POST"} if err.status == 405 else {})}
+            await _send(send, err.status, "application/json", _error_json(err.code, str(err)), headers)
+        except _ClientGone:
+            await _send(send, 499, "text/plain", b"")  # nobody reads it; counted in the metrics
+        except Exception as err:
+            log.error("POST %s failed", routes.PATCHES, exc_info=err)
+            await _send(send, 500, "application/json", _error_json("internal_error", f"the server failed on this request ({type(err).__name__}; see its log)"))
+        else:
+            await _send(send, 200, "application/octet-stream", patch)
+
+
+def _error_json(code: str, message: str) -> bytes:
+    return json.dumps({"error": code, "message": message}).encode()
+
+
+async def _send(send, status: int, content_type: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+    raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(declared: bytes | None, receive, limit: int) -> bytes:
     """The body, refused (413) as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise RequestError(413, "body_too_large", f"body of {declared} bytes; the limit is {limit}")
+        raise RequestError(413, "body_too_large", f"body of {declared.decode('latin-1')} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise RequestError(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-def create_app(service: PatchService) -> Starlette:
-    """The ASGI app over a loaded service; its batcher runs while the app is up. Plain Starlette
-    (FastAPI's core): FastAPI's extra layers cost ~0.1 ms per request and we use none of its
-    validation on the hot path; the OpenAPI document is written out in `serve_openapi`."""
+def create_app(service: PatchService):
+    """The ASGI app over a loaded service; its batcher runs while the app is up. POST /v1/patches
+    is plain ASGI (`_PatchRoute`), the other endpoints a Starlette app: we read and check the raw
+    body ourselves, and the OpenAPI document is written out in `openapi`. Every answer that is
+    not a patch is JSON, unexpected exceptions included (500)."""
     cfg = service.config
     batcher: MicroBatcher[PatchJob, bytes] = MicroBatcher(service.build_patches, cfg.batching, service.metrics.observe_batch)
     service.metrics.queue_waiting = lambda: batcher.waiting
     document = openapi_document(service.generator.n_items, service.max_samples, MAX_DEVICE_ID, auth=bool(cfg.token))
     expected = cfg.token.encode() if cfg.token else None
 
-    def authorize(request: Request) -> None:
+    def authorize(header: str) -> None:
+        """`header`: the request's Authorization value."""
         if expected is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise RequestError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
         if not hmac.compare_digest(token.strip().encode(), expected):
             raise RequestError(401, "unauthorized", "invalid bearer token")
 
-    async def patches(request: Request) -> Response:
-        authorize(request)
-        content_type = request.headers.get("content-type", "")
+    async def patch(headers: dict[bytes, bytes], receive) -> bytes:
+        authorize(headers.get(b"authorization", b"").decode("latin-1"))
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise RequestError(415, "unsupported_media_type", f"content type must be application/json, got {content_type or 'none'!r}")
+        job = service.parse(await _read_body(headers.get(b"content-length"), receive, cfg.max_body_bytes))
         try:
-            body = await _read_body(request, cfg.max_body_bytes)
-        except ClientDisconnect:
-            return Response(status_code=499)  # nobody is left to read it; counted in the metrics
-        job = service.parse(body)
-        try:
-            patch = await batcher.submit(job, cfg.request_timeout_s)
+            return await batcher.submit(job, cfg.request_timeout_s)
         except Overloaded as err:
             raise RequestError(503, "overloaded", str(err)) from None
         except BatchTimeout:
             raise RequestError(503, "timeout", f"no patch within {cfg.request_timeout_s} s; retry shortly") from None
-        return Response(patch, media_type="application/octet-stream")
 
     async def artifacts(request: Request) -> JSONResponse:
-        authorize(request)
+        authorize(request.headers.get("authorization", ""))
         return JSONResponse(service.describe())
 
-    async def healthz(request: Request) -> JSONResponse:
+    async def status(request: Request) -> JSONResponse:
+        authorize(request.headers.get("authorization", ""))
         return JSONResponse({"status": "ok", "pid": service.metrics.pid, "checkpoint": str(cfg.checkpoint),
                              "method": service.generator.method, "artifacts": len(service.artifacts),
-                             "signed": service.signing_key is not None, "auth": bool(cfg.token)})
+                             "signed": service.signer is not None, "auth": bool(cfg.token)})
 
-    async def metrics(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})  # liveness only, for anyone: the details are at /v1/status
+
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(document)
 
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {"Retry-After": "1"} if err.status == 503 else None
-        return _error_response(err.status, err.code, str(err), headers)
+        return _error_response(err.status, err.code, str(err), _error_headers(err))
 
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
         return _error_response(err.status_code, "http_error", str(err.detail), err.headers)
+
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answer is sent.
+        return _error_response(500, "internal_error", f"the server failed on this request ({type(err).__name__}; see its log)")
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -297,21 +347,21 @@ def create_app(service: PatchService) -> Starlette:
         yield
         await batcher.stop()
 
-    return Starlette(
+    others = Starlette(
         routes=[
-            Route("/v1/patches", patches, methods=["POST"]),
-            Route("/v1/artifacts", artifacts, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
-            Route("/openapi.json", openapi, methods=["GET"]),
+            Route(routes.ARTIFACTS, artifacts, methods=["GET"]),
+            Route(routes.STATUS, status, methods=["GET"]),
+            Route(routes.HEALTHZ, healthz, methods=["GET"]),
+            Route(routes.METRICS, metrics, methods=["GET"]),
+            Route(routes.OPENAPI, openapi, methods=["GET"]),
         ],
-        middleware=[Middleware(_MetricsMiddleware, metrics=service.metrics)],
-        exception_handlers={RequestError: request_error, HTTPException: http_error},
+        exception_handlers={RequestError: request_error, HTTPException: http_error, Exception: unexpected},
         lifespan=lifespan,
     )
+    return _MetricsMiddleware(_PatchRoute(others, patch), service.metrics)
 
 
-def app_from_env() -> Starlette:
+def app_from_env():
     """uvicorn factory for worker processes: the config comes from $MNTOOL_SERVE_CONFIG."""
     return create_app(PatchService.load(ServeConfig.from_json(os.environ[CONFIG_ENV])))
 
@@ -359,6 +409,9 @@ def serve(
         uvicorn.Server(uvicorn.Config(create_app(service), **options)).run(sockets=[sock])
         return
     del service
-    os.environ[CONFIG_ENV] = config.to_json()
-    uv_config = uvicorn.Config("mntool.serve:app_from_env", factory=True, workers=workers, **options)
-    Multiprocess(uv_config, sockets=[sock]).run()
+    uv_config = uvicorn.Config("mntool.serve.app:app_from_env", factory=True, workers=workers, **options)
+    # The workers' metrics meet in a directory of this server's own (docs/serving.md, Metrics).
+    with tempfile.TemporaryDirectory(prefix="mntool-metrics-") as shared:
+        os.environ[CONFIG_ENV] = config.to_json()
+        os.environ[MULTIPROC_ENV] = shared
+        Multiprocess(uv_config, sockets=[sock]).run()

@@ -1,92 +1,93 @@
-"""What the patch service counts, and its Prometheus text rendering (exposition format 0.0.4).
+"""What the patch service counts, as Prometheus metrics: the one home of the metric names.
 
-Requests by endpoint and status, request latency, batch sizes and batch generation time, and the
-queue depth. Each worker process counts its own; every series carries the worker's `pid` label so
-scrapes of different workers (or replicas) never collide.
+Requests by endpoint and status, request latency, batch sizes and batch time, the queue depth
+and each worker's start time, kept by the Prometheus client library. With several worker
+processes `serve` points $PROMETHEUS_MULTIPROC_DIR at a directory of its own and the library's
+multi-process mode sums the workers' counts, so one scrape of /metrics, whichever worker answers
+it, sees the whole server. Only the start time keeps a `pid` label (one series per worker).
 """
 from __future__ import annotations
 
-import bisect
+import glob
 import os
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, multiprocess
+
+from mntool.serve import routes
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # the library's own switch to multi-process mode
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REQUESTS = "mntool_requests_total"  # {endpoint, status}
+REQUEST_SECONDS = "mntool_request_seconds"  # histogram {endpoint}
+BATCH_SIZE = "mntool_batch_size"  # histogram
+BATCH_SECONDS = "mntool_batch_seconds"  # histogram
+QUEUE_WAITING = "mntool_queue_waiting"  # gauge, summed over live workers
+START_TIME = "mntool_start_time_seconds"  # gauge {pid}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # seconds
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # requests per generator call
-ENDPOINTS = ("/v1/patches", "/v1/artifacts", "/healthz", "/metrics", "/openapi.json")
 
-
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)  # per bucket (not cumulative), +Inf last
-    total: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * (len(self.buckets) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-
-    def render(self, name: str, labels: str) -> list[str]:
-        sep = "," if labels else ""
-        lines, cumulative = [], 0
-        for bound, count in zip((*self.buckets, "+Inf"), self.counts):
-            cumulative += count
-            lines.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {cumulative}')
-        lines.append(f"{name}_sum{{{labels}}} {self.total:.6f}")
-        lines.append(f"{name}_count{{{labels}}} {cumulative}")
-        return lines
+disable_created_metrics()  # no *_created series: start times are mntool_start_time_seconds
 
 
 class ServiceMetrics:
-    """Counters and histograms of one worker process."""
+    """The metrics of one worker process; in multi-process mode its values live in the shared
+    directory and `render` reads every worker's."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.started = time.time()
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.latency: dict[str, Histogram] = {}
-        self.batch_size = Histogram(BATCH_BUCKETS)
-        self.batch_seconds = Histogram(LATENCY_BUCKETS)
+        self.registry = CollectorRegistry()
+        shared = os.environ.get(MULTIPROC_ENV)
+        if shared:
+            _forget_dead_workers(shared)
+            multiprocess.MultiProcessCollector(self.registry, shared)
+        own = None if shared else self.registry  # multi-process values are read back from the files
+        self.requests = Counter(REQUESTS, "HTTP requests answered, by endpoint and status (499: client went away).",
+                                ["endpoint", "status"], registry=own)
+        self.latency = Histogram(REQUEST_SECONDS, "Time from request start to the end of the response.", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=own)
+        self.batch_size = Histogram(BATCH_SIZE, "Patch requests served by one generator call.", buckets=BATCH_BUCKETS, registry=own)
+        self.batch_seconds = Histogram(BATCH_SECONDS, "Time to generate and build the patches of one batch.",
+                                       buckets=LATENCY_BUCKETS, registry=own)
+        self.queue = Gauge(QUEUE_WAITING, "Patch requests waiting for a batch, when the last batch was taken.",
+                           multiprocess_mode="livesum", registry=own)
+        about = "When each worker started (Unix time)."
+        if shared:  # the library adds the pid label itself
+            Gauge(START_TIME, about, multiprocess_mode="all", registry=None).set(time.time())
+        else:
+            Gauge(START_TIME, about, ["pid"], registry=own).labels(str(self.pid)).set(time.time())
         self.queue_waiting = lambda: 0  # replaced by the service with its batcher's queue depth
+        self._children: dict[tuple[str, int], tuple] = {}
 
     @staticmethod
     def endpoint(path: str) -> str:
         """The label for a request path; unknown paths share one label so scans cannot explode it."""
-        return path if path in ENDPOINTS else "other"
+        return path if path in routes.ALL else "other"
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
-        endpoint = self.endpoint(path)
-        self.requests[(endpoint, status)] += 1
-        if endpoint not in self.latency:
-            self.latency[endpoint] = Histogram(LATENCY_BUCKETS)
-        self.latency[endpoint].observe(seconds)
+        key = (self.endpoint(path), status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a key each time: look each pair up once
+            children = self._children[key] = (self.requests.labels(key[0], str(status)), self.latency.labels(key[0]))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
+        self.queue.set(self.queue_waiting())
 
-    def render(self) -> str:
-        pid = f'pid="{self.pid}"'
-        lines = [
-            "# HELP mntool_requests_total HTTP requests answered, by endpoint and status (499: client went away).",
-            "# TYPE mntool_requests_total counter",
-        ]
-        for (endpoint, status), count in sorted(self.requests.items()):
-            lines.append(f'mntool_requests_total{{{pid},endpoint="{endpoint}",status="{status}"}} {count}')
-        lines += ["# HELP mntool_request_seconds Time from request start to the end of the response.",
-                  "# TYPE mntool_request_seconds histogram"]
-        for endpoint, hist in sorted(self.latency.items()):
-            lines += hist.render("mntool_request_seconds", f'{pid},endpoint="{endpoint}"')
-        lines += ["# HELP mntool_batch_size Patch requests served by one generator call.",
-                  "# TYPE mntool_batch_size histogram", *self.batch_size.render("mntool_batch_size", pid),
-                  "# HELP mntool_batch_seconds Time to generate and build the patches of one batch.",
-                  "# TYPE mntool_batch_seconds histogram", *self.batch_seconds.render("mntool_batch_seconds", pid),
-                  "# HELP mntool_queue_waiting Patch requests waiting for a batch.",
-                  "# TYPE mntool_queue_waiting gauge", f"mntool_queue_waiting{{{pid}}} {self.queue_waiting()}",
-                  "# HELP mntool_start_time_seconds When this worker started (Unix time).",
-                  "# TYPE mntool_start_time_seconds gauge", f"mntool_start_time_seconds{{{pid}}} {self.started:.3f}"]
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _forget_dead_workers(shared: str) -> None:
+    """A worker uvicorn replaced (it died) must not keep adding its last queue depth."""
+    for path in glob.glob(os.path.join(shared, "gauge_live*_*.db")):
+        pid = int(os.path.basename(path).rsplit("_", 1)[1].removesuffix(".db"))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, shared)
+        except PermissionError:
+            pass  # alive, someone else's

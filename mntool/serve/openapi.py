@@ -5,6 +5,8 @@ service's own, and the bearer security scheme appears when auth is on.
 """
 from __future__ import annotations
 
+from mntool.serve import routes
+
 ERROR = {
     "type": "object",
     "required": ["error", "message"],
@@ -25,11 +27,24 @@ ARTIFACT = {
     },
 }
 
+HEALTH = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
+
+STATUS = {
+    "type": "object",
+    "required": ["status", "pid", "checkpoint", "method", "artifacts", "signed", "auth"],
+    "properties": {
+        "status": {"const": "ok"}, "pid": {"type": "integer"}, "checkpoint": {"type": "string"},
+        "method": {"type": "string"}, "artifacts": {"type": "integer"}, "signed": {"type": "boolean"}, "auth": {"type": "boolean"},
+    },
+}
+
 
 def _errors(*statuses: int) -> dict:
     why = {400: "malformed request", 401: "missing or invalid bearer token", 404: "unknown fingerprint",
            413: "body too large", 415: "content type is not application/json",
-           422: "too many samples or an item id outside the vocabulary", 503: "overloaded or timed out; retry"}
+           422: "too many samples or an item id outside the vocabulary",
+           500: "this request's patch could not be made (the server logs why); other requests are not affected",
+           503: "overloaded or timed out; retry"}
     return {str(s): {"description": why[s], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
             for s in statuses}
 
@@ -60,7 +75,7 @@ def openapi_document(n_items: int, max_samples: int, max_device_id: int, auth: b
                  "description": "Devices upload their recent samples and receive a signed patch for their compiled "
                                 "model (docs/serving.md, docs/patch-format.md)."},
         "paths": {
-            "/v1/patches": {"post": {
+            routes.PATCHES: {"post": {
                 "summary": "A patch for the device's artifact, generated from its recent samples",
                 "operationId": "create_patch",
                 "security": security,
@@ -68,22 +83,27 @@ def openapi_document(n_items: int, max_samples: int, max_device_id: int, auth: b
                 "responses": {
                     "200": {"description": "the patch (docs/patch-format.md)",
                             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                    **_errors(400, 401, 404, 413, 415, 422, 503),
+                    **_errors(400, 401, 404, 413, 415, 422, 500, 503),
                 },
             }},
-            "/v1/artifacts": {"get": {
+            routes.ARTIFACTS: {"get": {
                 "summary": "The artifacts served: fingerprint, target, weight map", "operationId": "list_artifacts",
                 "security": security,
                 "responses": {**json_ok("served artifacts", {"type": "array", "items": {"$ref": "#/components/schemas/Artifact"}}),
                               **_errors(401)},
             }},
-            "/healthz": {"get": {"summary": "200 once this worker has loaded its checkpoint", "operationId": "health",
-                                 "responses": json_ok("worker status", {"type": "object"})}},
-            "/metrics": {"get": {"summary": "Prometheus metrics of this worker", "operationId": "metrics",
-                                 "responses": {"200": {"description": "exposition format 0.0.4",
-                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
-                                      "responses": json_ok("OpenAPI 3.1", {"type": "object"})}},
+            routes.STATUS: {"get": {
+                "summary": "What the answering worker serves: pid, checkpoint, method, artifacts, signed, auth",
+                "operationId": "status", "security": security,
+                "responses": {**json_ok("worker status", STATUS), **_errors(401)},
+            }},
+            routes.HEALTHZ: {"get": {"summary": "Liveness: 200 once the answering worker has loaded its checkpoint",
+                                     "operationId": "health", "responses": json_ok("alive", HEALTH)}},
+            routes.METRICS: {"get": {"summary": "Prometheus metrics of the whole server (every worker)", "operationId": "metrics",
+                                     "responses": {"200": {"description": "exposition format 0.0.4",
+                                                           "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            routes.OPENAPI: {"get": {"summary": "This document", "operationId": "openapi",
+                                     "responses": json_ok("OpenAPI 3.1", {"type": "object"})}},
         },
         "components": {"schemas": {"PatchRequest": patch_request, "Error": ERROR, "Artifact": ARTIFACT}},
     }

@@ -1,11 +1,13 @@
 """`mntool serve` as a child process on a free loopback port, for tests, benchmarks and examples.
 
 `ServerProcess.start(checkpoint, artifacts, *options)` runs the real CLI with `--port 0 --json`,
-reads the address it printed, and returns once every worker process has answered /healthz.
+reads the address it printed, and returns once every worker process has loaded the checkpoint
+(each reports its start time to the server's /metrics).
 """
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import IO, Sequence
 
 from device_runtime.errors import MntoolError
+from mntool.serve import routes
+from mntool.serve.metrics import START_TIME
 
 
 @dataclass
@@ -50,8 +54,8 @@ class ServerProcess:
         return server
 
     def wait_ready(self, timeout_s: float) -> set[int]:
-        """Until each worker (they load the checkpoint in parallel) has answered /healthz; each
-        probe is a new connection, so any worker may take it. Returns the workers' pids."""
+        """Until each worker (they load the checkpoint in parallel) has loaded it: one scrape of
+        /metrics shows every worker's start time. Returns the workers' pids."""
         pids: set[int] = set()
         deadline = time.monotonic() + timeout_s
         while len(pids) < self.workers:
@@ -59,9 +63,11 @@ class ServerProcess:
                 self.stop()
                 raise MntoolError(f"mntool serve at {self.url}: {len(pids)} of {self.workers} workers became ready")
             try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=timeout_s) as answer:
-                    pids.add(json.loads(answer.read())["pid"])
+                with urllib.request.urlopen(f"{self.url}{routes.METRICS}", timeout=timeout_s) as answer:
+                    pids = {int(pid) for pid in re.findall(rf'^{START_TIME}\{{pid="(\d+)"\}}', answer.read().decode(), re.M)}
             except (urllib.error.URLError, ConnectionError):
+                pass
+            if len(pids) < self.workers:
                 time.sleep(0.05)
         return pids
 
