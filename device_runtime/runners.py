@@ -112,7 +112,7 @@ class Runner(ABC):
         """One inference on inputs from `prepare`, outputs in `self.outputs` order: the bare
         runtime call an app makes, which is what the benchmark times."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a hook: runners holding nothing to release need not override it)
         """Release the interpreter/session; the runner is unusable afterwards."""
 
     def __enter__(self) -> "Runner":

@@ -194,7 +194,7 @@ class WeightMap:
             spans.setdefault(t.file, []).append((t.offset, t.offset + t.nbytes, t.name))
         for file, ranges in spans.items():
             ranges.sort()
-            for (a0, a1, an), (b0, b1, bn) in zip(ranges, ranges[1:]):
+            for (_, a1, an), (b0, _, bn) in zip(ranges, ranges[1:]):
                 if b0 < a1:
                     raise WeightMapError(f"{an} and {bn} overlap in {file}")
 

@@ -36,6 +36,7 @@ class SigningKeyError(MntoolError):
 
 
 DEFAULT_TTL_S = 7 * 24 * 3600  # a patch nobody applied within a week is stale: the device asks again
+DEFAULT_KEYLIST_TTL_S = 365 * 24 * 3600  # bounds how long a device that missed a revocation trusts a revoked key
 
 
 def next_sequence() -> int:
@@ -92,7 +93,7 @@ def certify_keys(
     *,
     serial: int,
     revoked: list[bytes] = (),
-    ttl_s: float = 365 * 24 * 3600,
+    ttl_s: float = DEFAULT_KEYLIST_TTL_S,
     key_ttl_s: float | None = None,
     now: float | None = None,
 ) -> bytes:

@@ -11,6 +11,7 @@ import click
 
 from device_runtime import patch as device_patch
 from device_runtime import weight_map as wmap
+from mntool.patches import DEFAULT_KEYLIST_TTL_S, DEFAULT_TTL_S
 
 PATH = click.Path(path_type=Path)
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -24,7 +25,12 @@ def _summary(patch: device_patch.Patch, path: Path) -> dict:
     return {"patch": str(path), **patch.to_dict()}
 
 
-def _duration(value: str) -> float:
+def days(seconds: float) -> str:
+    """A default duration as the options show and take it ('7d')."""
+    return f"{seconds / 86400:g}d"
+
+
+def parse_duration(value: str) -> float:
     """'90' (seconds), '30m', '12h', '7d' -> seconds."""
     unit = value[-1:] if value[-1:] in DURATION_UNITS else "s"
     number = value[:-1] if value[-1:] in DURATION_UNITS else value
@@ -39,7 +45,7 @@ def _duration(value: str) -> float:
 
 def freshness_options(f):
     """The v2 options every patch-building verb takes."""
-    f = click.option("--ttl", default="7d", show_default=True, help="How long the patch stays valid (s/m/h/d).")(f)
+    f = click.option("--ttl", default=days(DEFAULT_TTL_S), show_default=True, help="How long the patch stays valid (s/m/h/d).")(f)
     f = click.option("--sequence", type=click.IntRange(0), help="Sequence number (default: microseconds since the epoch, always increasing).")(f)
     f = click.option("--device-id", help="Bind the patch to this device (default: any device).")(f)
     f = click.option("--key-list", type=PATH, help="Key list (from mntool certify) that certifies the --sign key; ships inside the patch.")(f)
@@ -101,7 +107,7 @@ def keygen(keybase: Path, as_json: bool) -> None:
 @click.option("--key", "keys", type=PATH, multiple=True, required=True, help="An online public key (.pub) allowed to sign patches; repeatable.")
 @click.option("--revoke", type=PATH, multiple=True, help="A public key (.pub) to list as revoked; repeatable.")
 @click.option("--serial", type=click.IntRange(1), required=True, help="This list's serial: larger than every earlier list's.")
-@click.option("--ttl", default="365d", show_default=True, help="How long the list is valid (s/m/h/d).")
+@click.option("--ttl", default=days(DEFAULT_KEYLIST_TTL_S), show_default=True, help="How long the list is valid (s/m/h/d).")
 @click.option("--key-ttl", help="How long the listed keys may sign (default: the list's ttl).")
 @click.option("-o", "--out", type=PATH, required=True, help="Where to write the key list (.mnkeys).")
 @click.option("--json", "as_json", is_flag=True, help="Print the key list as JSON.")
@@ -125,8 +131,8 @@ def certify(root_key: Path, keys: tuple[Path, ...], revoke: tuple[Path, ...], se
 
     data = certify_keys(
         load_signing_key(root_key), [load_public_key(k) for k in keys], serial=serial,
-        revoked=[load_public_key(k) for k in revoke], ttl_s=_duration(ttl),
-        key_ttl_s=_duration(key_ttl) if key_ttl else None,
+        revoked=[load_public_key(k) for k in revoke], ttl_s=parse_duration(ttl),
+        key_ttl_s=parse_duration(key_ttl) if key_ttl else None,
     )
     write_atomic(out, data)
     if as_json:
@@ -157,7 +163,7 @@ def make_patch(artifact: Path, params_path: Path, sign_key: Path | None, key_lis
     from mntool.patches import build_patch, load_params
 
     signer = _signer(sign_key, key_list)
-    data = build_patch(artifact, load_params(params_path), signer, device_id=device_id, sequence=sequence, ttl_s=_duration(ttl))
+    data = build_patch(artifact, load_params(params_path), signer, device_id=device_id, sequence=sequence, ttl_s=parse_duration(ttl))
     _write_patch(data, out, as_json, str(params_path))
 
 
@@ -184,7 +190,7 @@ def generate(checkpoint: Path, artifact: Path, samples_path: Path, sign_key: Pat
 
     signer = _signer(sign_key, key_list)
     recent = load_recent(samples_path)
-    data = generate_patch(checkpoint, artifact, recent, signer, device_id=device_id, sequence=sequence, ttl_s=_duration(ttl))
+    data = generate_patch(checkpoint, artifact, recent, signer, device_id=device_id, sequence=sequence, ttl_s=parse_duration(ttl))
     _write_patch(data, out, as_json, f"{len(recent)} recent items")
 
 
