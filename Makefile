@@ -25,7 +25,10 @@ demo: $(STAMP)
 
 # MNTOOL_REQUIRE_DATA=1: a missing MovieLens-100k is fetched, else the tests needing it fail
 # instead of skipping (tests/data_sources.py), so a green `make test` includes them.
+# ruff first: lint and format check (pinned in pyproject, since formatter output changes between versions).
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	MNTOOL_REQUIRE_DATA=1 $(BIN)/python -m pytest -q
 
 clean:

@@ -7,6 +7,7 @@ shared the host's conditions. Writes a markdown table and a PNG.
 
 ExecuTorch is the optional `peers` extra (pip install executorch); without it its rows say why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -73,7 +74,9 @@ def runner_peer(artifact: Path, example, runtime: str) -> Peer:
     arrays = runner.prepare(feeds)
     size = sum(p.stat().st_size for p in artifact.parent.glob(artifact.name + "*") if not p.name.endswith(".json"))
     package = {"litert": "ai-edge-litert", "onnxruntime": "onnxruntime"}[runtime]
-    return Peer(runtime, lambda: runner.invoke(arrays), runner.run(feeds)["output"], size, f"{package} {version(package)}")
+    return Peer(
+        runtime, lambda: runner.invoke(arrays), runner.run(feeds)["output"], size, f"{package} {version(package)}"
+    )
 
 
 def executorch_peer(model, example, out: Path) -> Peer:
@@ -90,8 +93,13 @@ def executorch_peer(model, example, out: Path) -> Peer:
     _unsafe_reset_threadpool(1)  # XNNPACK's pool defaults to every core; the others get one thread
     method = Runtime.get().load_program(pte).load_method("forward")
     inputs = list(example)
-    return Peer("executorch-xnnpack", lambda: method.execute(inputs), method.execute(inputs)[0].numpy(),
-                pte.stat().st_size, f"executorch {version('executorch')}")
+    return Peer(
+        "executorch-xnnpack",
+        lambda: method.execute(inputs),
+        method.execute(inputs)[0].numpy(),
+        pte.stat().st_size,
+        f"executorch {version('executorch')}",
+    )
 
 
 def peers_for(name: str, work: Path) -> tuple[list[Peer], dict]:
@@ -102,8 +110,12 @@ def peers_for(name: str, work: Path) -> tuple[list[Peer], dict]:
     out = work / name
     tflite = export(model, example, model.adaptive_names(), "tflite", out)
     onnx = export(model, example, model.adaptive_names(), "onnx", out)
-    peers = [eager_peer(model, example), runner_peer(tflite, example, "litert"), runner_peer(onnx, example, "onnxruntime"),
-             executorch_peer(model, example, out)]
+    peers = [
+        eager_peer(model, example),
+        runner_peer(tflite, example, "litert"),
+        runner_peer(onnx, example, "onnxruntime"),
+        executorch_peer(model, example, out),
+    ]
     params = sum(p.numel() for p in model.parameters())
     facts = {"n_items": n_items, "dim": config.dim, "history": config.max_history, "params": params}
     return peers, facts
@@ -123,7 +135,8 @@ def table(name: str, facts: dict, peers: list[Peer], samples: dict[str, list[flo
     litert, eager = stats["litert"].p50_ms, stats["pytorch-eager"].p50_ms
     lines = [
         f"### {name}: SASRec, {facts['n_items']:,} items, dim {facts['dim']}, history {facts['history']} "
-        f"({facts['params']:,} parameters)", "",
+        f"({facts['params']:,} parameters)",
+        "",
         "| runtime | p50 (µs) | p90 (µs) | p99 (µs) | min (µs) | p50 / LiteRT | p50 / eager | size | max abs diff vs eager | version |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -139,8 +152,12 @@ def table(name: str, facts: dict, peers: list[Peer], samples: dict[str, list[flo
             f"| {s.p50_ms / litert:.2f} | {s.p50_ms / eager:.3f} | {size} | {diff:.1e} | {p.note} |"
         )
     overhead = stats["timer overhead"].p50_ms * 1e3
-    lines += ["", f"Timer overhead per measured run (empty call, same loop): {overhead:.2f} µs "
-                  f"({overhead / (litert * 1e3):.1%} of the LiteRT p50); not subtracted.", ""]
+    lines += [
+        "",
+        f"Timer overhead per measured run (empty call, same loop): {overhead:.2f} µs "
+        f"({overhead / (litert * 1e3):.1%} of the LiteRT p50); not subtracted.",
+        "",
+    ]
     return lines
 
 
@@ -163,17 +180,23 @@ def main(argv: list[str] | None = None) -> int:
             series += [(f"{p.runtime}\n{name}", np.asarray(samples[p.runtime])) for p in peers if p.call is not None]
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "benchmark-compare.png"
-    plot_latency(series, png, f"SASRec device models, batch 1, 1 thread, {args.runs} interleaved runs each "
-                              f"({platform.machine()}, {cpu_name()})")
+    plot_latency(
+        series,
+        png,
+        f"SASRec device models, batch 1, 1 thread, {args.runs} interleaved runs each "
+        f"({platform.machine()}, {cpu_name()})",
+    )
     header = [
-        "# Side-by-side latency: PyTorch eager, LiteRT, ONNX Runtime, ExecuTorch-XNNPACK", "",
+        "# Side-by-side latency: PyTorch eager, LiteRT, ONNX Runtime, ExecuTorch-XNNPACK",
+        "",
         f"Made by `{' '.join(['.venv/bin/python', 'benchmarks/compare.py', *(argv if argv is not None else sys.argv[1:])])}` "
         f"on {started}: {cpu_name()}, {platform.platform()}, Python {platform.python_version()}. "
         "Batch 1, one thread per runtime, random (untrained) weights, one process; the runtimes are timed in "
         "20 interleaved rounds by the same loop, so a slow spell on the shared host hits all alike. "
         "Artifacts come from `exporters.export` (TFLite with the adaptive head relocated to a swappable tail "
         "region, ONNX with the head in external data), ExecuTorch from `to_edge_transform_and_lower` with the "
-        "XNNPACK partitioner. Figure: [benchmark-compare.png](benchmark-compare.png).", "",
+        "XNNPACK partitioner. Figure: [benchmark-compare.png](benchmark-compare.png).",
+        "",
     ]
     (args.out / "benchmark-compare.md").write_text("\n".join(header + sections))
     print("\n".join(sections))

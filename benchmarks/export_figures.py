@@ -9,6 +9,7 @@
 
     .venv/bin/python benchmarks/export_figures.py [--json] [--repeats 3] [--runs 2000]
 """
+
 from __future__ import annotations
 
 import json
@@ -61,10 +62,16 @@ def export_figures(out: Path, repeats: int) -> list[dict]:
         first = seconds(once)
         warm = statistics.median(seconds(once) for _ in range(repeats))
         summary = summarize(artifact["path"])
-        rows.append({
-            "target": target, "first_export_s": first, "export_s": warm, "torch_export_s": reference,
-            "export_over_torch_export": warm / reference, **summary.to_dict(),
-        })
+        rows.append(
+            {
+                "target": target,
+                "first_export_s": first,
+                "export_s": warm,
+                "torch_export_s": reference,
+                "export_over_torch_export": warm / reference,
+                **summary.to_dict(),
+            }
+        )
     return rows
 
 
@@ -75,8 +82,15 @@ def latency_figures(out: Path, runs: int, rounds: int) -> list[dict]:
         for target in ("tflite", "onnx"):
             calls, artifacts = {}, {}
             for mode in ("buffers", "inputs"):
-                artifact = export(model, example, model.adaptive_names(), target, out / label.split()[0] / mode,
-                                  adaptive_as_inputs=mode == "inputs", verify=False)
+                artifact = export(
+                    model,
+                    example,
+                    model.adaptive_names(),
+                    target,
+                    out / label.split()[0] / mode,
+                    adaptive_as_inputs=mode == "inputs",
+                    verify=False,
+                )
                 runner = open_runner(artifact, weight_map=weight_maps.load(artifact))
                 arrays = runner.prepare(generate_inputs(runner.free_inputs, N_ITEMS_ML100K + 1))
                 calls[mode] = lambda runner=runner, arrays=arrays: runner.invoke(arrays)
@@ -87,17 +101,25 @@ def latency_figures(out: Path, runs: int, rounds: int) -> list[dict]:
                     call()
             samples = time_interleaved(calls, runs, rounds)
             med = {name: statistics.median(s) * 1000 for name, s in samples.items()}  # microseconds
-            rows.append({
-                "head": label, "target": target, "adaptive_bytes": artifacts["buffers"].adaptive_bytes,
-                "buffers_us": med["buffers"], "inputs_us": med["inputs"], "timer_us": med["timer"],
-                "inputs_over_buffers": (med["inputs"] - med["timer"]) / (med["buffers"] - med["timer"]),
-            })
+            rows.append(
+                {
+                    "head": label,
+                    "target": target,
+                    "adaptive_bytes": artifacts["buffers"].adaptive_bytes,
+                    "buffers_us": med["buffers"],
+                    "inputs_us": med["inputs"],
+                    "timer_us": med["timer"],
+                    "inputs_over_buffers": (med["inputs"] - med["timer"]) / (med["buffers"] - med["timer"]),
+                }
+            )
     return rows
 
 
 def print_tables(exports: list[dict], latency: list[dict]) -> None:
-    click.echo("| target | first export (s) | warm export (s) | / torch.export | artifact (KiB) | adaptive (KiB) "
-               "| adaptive share | proof max abs err (fresh / base) | proof |")
+    click.echo(
+        "| target | first export (s) | warm export (s) | / torch.export | artifact (KiB) | adaptive (KiB) "
+        "| adaptive share | proof max abs err (fresh / base) | proof |"
+    )
     click.echo("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for r in exports:
         p = r["proof"]

@@ -12,6 +12,7 @@ ids drawn uniformly from the vocabulary (generation cost does not depend on whic
     .venv/bin/python benchmarks/load_test.py --ckpt runs/sasrec-mn
     .venv/bin/python benchmarks/load_test.py --ckpt runs/sasrec-mn --artifact artifacts/model.onnx --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict | None = None
+    ) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
@@ -63,8 +66,20 @@ class Connection:
 # ---- the server under test ------------------------------------------------------------------
 def start_server(args, key: Path, max_batch: int, token: str | None = None) -> ServerProcess:
     env = {**os.environ, "MNTOOL_SERVE_TOKEN": token} if token else None
-    return ServerProcess.start(args.ckpt, [args.artifact], "--max-batch", str(max_batch), "--signing-key", str(key),
-                               "--torch-threads", str(args.torch_threads), workers=args.workers, env=env)
+    return ServerProcess.start(
+        args.ckpt,
+        [args.artifact],
+        "--max-batch",
+        str(max_batch),
+        "--signing-key",
+        str(key),
+        "--key-list",
+        str(key.with_suffix(".mnkeys")),
+        "--torch-threads",
+        str(args.torch_threads),
+        workers=args.workers,
+        env=env,
+    )
 
 
 def address(server: ServerProcess) -> tuple[str, int]:
@@ -108,8 +123,9 @@ def patch_body(rng: np.random.Generator, fingerprint: str, n_items: int, recent_
 Request = tuple[str, str, bytes, dict]  # method, path, body, headers
 
 
-async def closed_loop(server: ServerProcess, requests: list[Request], clients: int, max_requests: int,
-                      max_seconds: float) -> tuple[list[float], list[int], float]:
+async def closed_loop(
+    server: ServerProcess, requests: list[Request], clients: int, max_requests: int, max_seconds: float
+) -> tuple[list[float], list[int], float]:
     """`clients` connections each sending the next request as soon as its last answer arrives."""
     latencies, statuses, next_index = [], [], [0]
     deadline = time.perf_counter() + max_seconds
@@ -130,15 +146,27 @@ async def closed_loop(server: ServerProcess, requests: list[Request], clients: i
     return latencies, statuses, time.perf_counter() - started
 
 
-async def measure(args, server: ServerProcess, requests: list[Request], clients: int, scenario: str, max_batch: int) -> Result:
+async def measure(
+    args, server: ServerProcess, requests: list[Request], clients: int, scenario: str, max_batch: int
+) -> Result:
     before = await batch_stats(server)
     latencies, statuses, seconds = await closed_loop(server, requests, clients, args.requests, args.seconds)
     after = await batch_stats(server)
     batches, batched = after[0] - before[0], after[1] - before[1]
     lat = np.asarray(latencies) * 1e3
-    return Result(scenario, args.workers, max_batch, clients, len(lat), seconds, len(lat) / seconds,
-                  float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), sum(s != 200 for s in statuses),
-                  batched / batches if batches else float("nan"))
+    return Result(
+        scenario,
+        args.workers,
+        max_batch,
+        clients,
+        len(lat),
+        seconds,
+        len(lat) / seconds,
+        float(np.percentile(lat, 50)),
+        float(np.percentile(lat, 99)),
+        sum(s != 200 for s in statuses),
+        batched / batches if batches else float("nan"),
+    )
 
 
 def median_result(runs: list[Result]) -> Result:
@@ -154,7 +182,9 @@ async def throughput(args, fingerprint: str, n_items: int, recent_len: int, key:
     that load from other processes falls on every scenario alike."""
     rng = np.random.default_rng(0)
     headers = {"Content-Type": "application/json"}
-    patches = [("POST", routes.PATCHES, patch_body(rng, fingerprint, n_items, recent_len, i), headers) for i in range(512)]
+    patches = [
+        ("POST", routes.PATCHES, patch_body(rng, fingerprint, n_items, recent_len, i), headers) for i in range(512)
+    ]
     health = [("GET", routes.HEALTHZ, b"", {})]
     most = max(args.clients)
     batched, unbatched = start_server(args, key, 64), start_server(args, key, 1)
@@ -175,7 +205,9 @@ async def throughput(args, fingerprint: str, n_items: int, recent_len: int, key:
     return [median_result(r) for r in runs.values()]
 
 
-def malformed_bodies(rng: np.random.Generator, fingerprint: str, n_items: int, recent_len: int, token: str) -> list[tuple[str, bytes, dict]]:
+def malformed_bodies(
+    rng: np.random.Generator, fingerprint: str, n_items: int, recent_len: int, token: str
+) -> list[tuple[str, bytes, dict]]:
     """One of each kind of bad request the service must answer with a 4xx."""
     ok = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     good = json.loads(patch_body(rng, fingerprint, n_items, recent_len, 0))
@@ -227,25 +259,58 @@ async def malformed_mix(args, fingerprint: str, n_items: int, recent_len: int, k
     finally:
         server.stop()
     valid = outcomes.pop("valid")
-    by_kind = {k: {"sent": len(v), "4xx": sum(400 <= s < 500 for s in v), "statuses": sorted(set(v))} for k, v in outcomes.items()}
+    by_kind = {
+        k: {"sent": len(v), "4xx": sum(400 <= s < 500 for s in v), "statuses": sorted(set(v))}
+        for k, v in outcomes.items()
+    }
     n_bad = sum(len(v) for v in outcomes.values())
     n_bad_4xx = sum(d["4xx"] for d in by_kind.values())
     lat = np.asarray(latencies) * 1e3
-    return Result("10% malformed", args.workers, 64, 64, len(plan), seconds, len(plan) / seconds,
-                  float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), sum(s != 200 for s in valid), float("nan"),
-                  extra={"valid": len(valid), "valid_errors": sum(s != 200 for s in valid), "malformed": n_bad,
-                         "malformed_4xx": n_bad_4xx, "malformed_4xx_share": n_bad_4xx / n_bad, "by_kind": by_kind,
-                         "server_alive": alive})
+    return Result(
+        "10% malformed",
+        args.workers,
+        64,
+        64,
+        len(plan),
+        seconds,
+        len(plan) / seconds,
+        float(np.percentile(lat, 50)),
+        float(np.percentile(lat, 99)),
+        sum(s != 200 for s in valid),
+        float("nan"),
+        extra={
+            "valid": len(valid),
+            "valid_errors": sum(s != 200 for s in valid),
+            "malformed": n_bad,
+            "malformed_4xx": n_bad_4xx,
+            "malformed_4xx_share": n_bad_4xx / n_bad,
+            "by_kind": by_kind,
+            "server_alive": alive,
+        },
+    )
 
 
 # ---- setup and report -----------------------------------------------------------------------
 def prepare(args, tmp: Path) -> tuple[Path, str, int, int]:
-    """Signing key, artifact (ONNX export of the checkpoint unless given), fingerprint, vocabulary."""
+    """Online signing key with its key list (as deployed: patches carry the list), artifact (ONNX
+    export of the checkpoint unless given), fingerprint, vocabulary."""
     key = tmp / "cloud"
-    subprocess.run([*MNTOOL, "keygen", "-o", str(key)], cwd=ROOT, check=True, capture_output=True)
+    for name in ("root", "cloud"):
+        subprocess.run([*MNTOOL, "keygen", "-o", str(tmp / name)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [*MNTOOL, "certify", "--root", str(tmp / "root.key"), "--key", str(tmp / "cloud.pub"), "--serial", "1"]
+        + ["-o", str(tmp / "cloud.mnkeys")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     if args.artifact is None:
-        subprocess.run([*MNTOOL, "export", str(args.ckpt), "--target", "onnx", "--out", str(tmp / "artifacts"), "--quiet"],
-                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [*MNTOOL, "export", str(args.ckpt), "--target", "onnx", "--out", str(tmp / "artifacts"), "--quiet"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         args.artifact = tmp / "artifacts" / "model.onnx"
     weight_map = json.loads(Path(f"{args.artifact}.weightmap.json").read_text())
     config = json.loads((args.ckpt / "config.json").read_text())
@@ -253,8 +318,10 @@ def prepare(args, tmp: Path) -> tuple[Path, str, int, int]:
 
 
 def table(results: list[Result]) -> str:
-    head = f"{'scenario':16s} {'workers':>7s} {'batch':>5s} {'clients':>7s} {'requests':>8s} {'patches/s':>10s} " \
-           f"{'p50 ms':>7s} {'p99 ms':>7s} {'errors':>6s} {'mean batch':>10s}"
+    head = (
+        f"{'scenario':16s} {'workers':>7s} {'batch':>5s} {'clients':>7s} {'requests':>8s} {'patches/s':>10s} "
+        f"{'p50 ms':>7s} {'p99 ms':>7s} {'errors':>6s} {'mean batch':>10s}"
+    )
     rows = [head] + [
         f"{r.scenario:16s} {r.workers:7d} {r.max_batch:5d} {r.clients:7d} {r.requests:8d} {r.patches_per_s:10.0f} "
         f"{r.p50_ms:7.1f} {r.p99_ms:7.1f} {r.errors:6d} {r.mean_batch:10.1f}"
@@ -302,12 +369,16 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(table([Result(**r) for r in report["results"]]))
-    print(f"batched / unbatched throughput at {max(args.clients)} clients: {report['batched_over_unbatched']:.1f}x; "
-          f"batched patches/s as a share of GET /healthz/s (HTTP stack alone): {report['batched_over_healthz']:.0%}")
+    print(
+        f"batched / unbatched throughput at {max(args.clients)} clients: {report['batched_over_unbatched']:.1f}x; "
+        f"batched patches/s as a share of GET /healthz/s (HTTP stack alone): {report['batched_over_healthz']:.0%}"
+    )
     print(f"load average during the run (other processes included): {report['load_average'][0]:.1f}")
     m = report["malformed"]
-    print(f"10% malformed: {m['valid_errors']} errors on {m['valid']} valid requests; "
-          f"{m['malformed_4xx']}/{m['malformed']} malformed answered 4xx; server alive: {m['server_alive']}")
+    print(
+        f"10% malformed: {m['valid_errors']} errors on {m['valid']} valid requests; "
+        f"{m['malformed_4xx']}/{m['malformed']} malformed answered 4xx; server alive: {m['server_alive']}"
+    )
 
 
 if __name__ == "__main__":

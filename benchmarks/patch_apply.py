@@ -10,6 +10,7 @@
 
     .venv/bin/python benchmarks/patch_apply.py [--json] [--repeats 50] [--skip-export] [--checkpoint runs/sasrec]
 """
+
 from __future__ import annotations
 
 import gc
@@ -22,11 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import blake3
 import click
 import numpy as np
 from tqdm import tqdm
-
-import blake3
 
 from device_runtime import weight_map as wmap
 from device_runtime.install import apply_patch_file
@@ -53,7 +53,9 @@ def median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def synthetic_artifact(root: Path, d: int, static_bytes: int = STATIC_BYTES) -> tuple[Path, WeightMap, dict[str, np.ndarray]]:
+def synthetic_artifact(
+    root: Path, d: int, static_bytes: int = STATIC_BYTES
+) -> tuple[Path, WeightMap, dict[str, np.ndarray]]:
     """A tflite-shaped artifact: `static_bytes` of random bytes, then a (d, d) weight and a (d,)
     bias, 64-aligned; plus random parameters for it."""
     rng = np.random.default_rng(d)
@@ -94,11 +96,21 @@ def bench_memory(d: int, repeats: int, root: Path) -> dict:
         "isfinite_s": median_s(lambda: [np.isfinite(p.array(t)).all() for t in p.tensors], repeats),
     }
     return {
-        "payload_bytes": len(p.payload), "artifact_bytes": len(buf), "memcpy_s": memcpy, "blake3_s": hash_alone,
-        "blake3_ratio": hash_alone / memcpy, "apply_s": hot, "ratio": hot / memcpy, "over_hash": hot / hash_alone,
-        "apply_signed_s": hot_signed, "ratio_signed": hot_signed / memcpy, "signed_over_hash": hot_signed / hash_alone,
-        "apply_checked_artifact_s": full, "ratio_checked_artifact": full / memcpy,
-        **parts, **{k.replace("_s", "_ratio"): v / memcpy for k, v in parts.items()},
+        "payload_bytes": len(p.payload),
+        "artifact_bytes": len(buf),
+        "memcpy_s": memcpy,
+        "blake3_s": hash_alone,
+        "blake3_ratio": hash_alone / memcpy,
+        "apply_s": hot,
+        "ratio": hot / memcpy,
+        "over_hash": hot / hash_alone,
+        "apply_signed_s": hot_signed,
+        "ratio_signed": hot_signed / memcpy,
+        "signed_over_hash": hot_signed / hash_alone,
+        "apply_checked_artifact_s": full,
+        "ratio_checked_artifact": full / memcpy,
+        **parts,
+        **{k.replace("_s", "_ratio"): v / memcpy for k, v in parts.items()},
     }
 
 
@@ -128,8 +140,13 @@ def bench_file(d: int, repeats: int, root: Path, static_bytes: int = STATIC_BYTE
     fast = timed_apply(False)
     full = timed_apply(True)
     return {
-        "payload_bytes": len(p.payload), "artifact_bytes": os.stat(artifact).st_size, "pwrite_fsync_s": reference,
-        "apply_s": fast, "ratio": fast / reference, "apply_checked_artifact_s": full, "ratio_checked_artifact": full / reference,
+        "payload_bytes": len(p.payload),
+        "artifact_bytes": os.stat(artifact).st_size,
+        "pwrite_fsync_s": reference,
+        "apply_s": fast,
+        "ratio": fast / reference,
+        "apply_checked_artifact_s": full,
+        "ratio_checked_artifact": full / reference,
     }
 
 
@@ -153,7 +170,9 @@ def bench_export(repeats: int, root: Path, checkpoint: Path | None) -> dict:
     adaptive = model.adaptive_names()
     rng = np.random.default_rng(0)
     recent = rng.integers(1, model.n_items + 1, generator.recent_len) if generator else None
-    params = {n: rng.standard_normal(tuple(p.shape)).astype(np.float32) for n, p in model.named_parameters() if n in adaptive}
+    params = {
+        n: rng.standard_normal(tuple(p.shape)).astype(np.float32) for n, p in model.named_parameters() if n in adaptive
+    }
     key = Ed25519PrivateKey.generate()
     results = {}
     for target in tqdm(TARGETS, desc="export", leave=False):
@@ -176,10 +195,16 @@ def bench_export(repeats: int, root: Path, checkpoint: Path | None) -> dict:
         files = {f: bytearray(b) for f, b in wmap.read_artifact_files(artifact, wm.files).items()}
         apply_memory = median_s(lambda: apply_patch_bytes(files, patch, wm, check_artifact=False), repeats)
         results[target] = {
-            "artifact_bytes": size, "patch_bytes": len(patch), "patch_over_artifact": len(patch) / size,
-            "export_s": export_s, "build_signed_s": build, "build_includes_generation": bool(generator),
-            "apply_in_place_s": apply, "reexport_over_patch": export_s / (build + apply),
-            "apply_memory_s": apply_memory, "reexport_over_patch_memory": export_s / (build + apply_memory),
+            "artifact_bytes": size,
+            "patch_bytes": len(patch),
+            "patch_over_artifact": len(patch) / size,
+            "export_s": export_s,
+            "build_signed_s": build,
+            "build_includes_generation": bool(generator),
+            "apply_in_place_s": apply,
+            "reexport_over_patch": export_s / (build + apply),
+            "apply_memory_s": apply_memory,
+            "reexport_over_patch_memory": export_s / (build + apply_memory),
         }
     return results
 
@@ -189,37 +214,56 @@ def fmt_s(s: float) -> str:
 
 
 def print_tables(report: dict) -> None:
-    print("in-memory apply (bytes -> bytes, artifact check skipped as in hot swap) vs numpy copy of the payload / BLAKE3 alone")
-    print(f"{'payload':>8} {'memcpy':>10} {'blake3':>8} {'apply':>10} {'/memcpy':>8} {'/hash':>6} {'signed /memcpy':>15} "
-          f"{'/hash':>6} {'parse':>7} {'isfinite':>8} {'+artifact check':>16}")
+    print(
+        "in-memory apply (bytes -> bytes, artifact check skipped as in hot swap) vs numpy copy of the payload / BLAKE3 alone"
+    )
+    print(
+        f"{'payload':>8} {'memcpy':>10} {'blake3':>8} {'apply':>10} {'/memcpy':>8} {'/hash':>6} {'signed /memcpy':>15} "
+        f"{'/hash':>6} {'parse':>7} {'isfinite':>8} {'+artifact check':>16}"
+    )
     for label, r in report["memory"].items():
-        print(f"{label:>8} {fmt_s(r['memcpy_s']):>10} {r['blake3_ratio']:>7.1f}x {fmt_s(r['apply_s']):>10} {r['ratio']:>7.1f}x "
-              f"{r['over_hash']:>5.2f}x {r['ratio_signed']:>14.1f}x {r['signed_over_hash']:>5.2f}x {r['parse_ratio']:>6.1f}x "
-              f"{r['isfinite_ratio']:>7.1f}x {r['ratio_checked_artifact']:>15.1f}x")
-    print("\nin-place file apply (A/B slots: pwrite into the inactive slot + fsync + symlink switch) vs pwrite + fsync of the same bytes")
+        print(
+            f"{label:>8} {fmt_s(r['memcpy_s']):>10} {r['blake3_ratio']:>7.1f}x {fmt_s(r['apply_s']):>10} {r['ratio']:>7.1f}x "
+            f"{r['over_hash']:>5.2f}x {r['ratio_signed']:>14.1f}x {r['signed_over_hash']:>5.2f}x {r['parse_ratio']:>6.1f}x "
+            f"{r['isfinite_ratio']:>7.1f}x {r['ratio_checked_artifact']:>15.1f}x"
+        )
+    print(
+        "\nin-place file apply (A/B slots: pwrite into the inactive slot + fsync + symlink switch) vs pwrite + fsync of the same bytes"
+    )
     print(f"{'payload':>24} {'pwrite+fsync':>13} {'apply':>10} {'ratio':>7} {'+artifact check':>16}")
     for label, r in report["file"].items():
-        print(f"{label:>24} {fmt_s(r['pwrite_fsync_s']):>13} {fmt_s(r['apply_s']):>10} {r['ratio']:>6.1f}x "
-              f"{r['ratio_checked_artifact']:>15.1f}x")
+        print(
+            f"{label:>24} {fmt_s(r['pwrite_fsync_s']):>13} {fmt_s(r['apply_s']):>10} {r['ratio']:>6.1f}x "
+            f"{r['ratio_checked_artifact']:>15.1f}x"
+        )
     if report.get("export"):
-        print("\ndefault SASRec: patch vs artifact, cloud build per device (signed), in-place apply, re-export vs patch")
-        print(f"{'target':>7} {'artifact':>10} {'patch':>8} {'patch/art':>9} {'build':>9} {'apply file':>10} "
-              f"{'apply mem':>9} {'export':>8} {'export/(build+apply file | mem)':>32}")
+        print(
+            "\ndefault SASRec: patch vs artifact, cloud build per device (signed), in-place apply, re-export vs patch"
+        )
+        print(
+            f"{'target':>7} {'artifact':>10} {'patch':>8} {'patch/art':>9} {'build':>9} {'apply file':>10} "
+            f"{'apply mem':>9} {'export':>8} {'export/(build+apply file | mem)':>32}"
+        )
         for target, r in report["export"].items():
             if "error" in r:
                 print(f"{target:>7} export failed: {r['error']}")
                 continue
-            print(f"{target:>7} {r['artifact_bytes']:>10} {r['patch_bytes']:>8} {r['patch_over_artifact']:>9.4f} "
-                  f"{fmt_s(r['build_signed_s']):>9} {fmt_s(r['apply_in_place_s']):>10} {fmt_s(r['apply_memory_s']):>9} "
-                  f"{fmt_s(r['export_s']):>8} {r['reexport_over_patch']:>20.0f}x | {r['reexport_over_patch_memory']:.0f}x")
+            print(
+                f"{target:>7} {r['artifact_bytes']:>10} {r['patch_bytes']:>8} {r['patch_over_artifact']:>9.4f} "
+                f"{fmt_s(r['build_signed_s']):>9} {fmt_s(r['apply_in_place_s']):>10} {fmt_s(r['apply_memory_s']):>9} "
+                f"{fmt_s(r['export_s']):>8} {r['reexport_over_patch']:>20.0f}x | {r['reexport_over_patch_memory']:.0f}x"
+            )
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of tables.")
 @click.option("--repeats", default=50, show_default=True, help="Timed repetitions per figure (median).")
 @click.option("--skip-export", is_flag=True, help="Skip the real SASRec exports (section 3).")
-@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path),
-              help="A SASRec MetaNetwork checkpoint: section 3 exports its model and times generation + build.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, path_type=Path),
+    help="A SASRec MetaNetwork checkpoint: section 3 exports its model and times generation + build.",
+)
 def main(as_json: bool, repeats: int, skip_export: bool, checkpoint: Path | None) -> None:
     """Measure patch apply/build figures. Example: .venv/bin/python benchmarks/patch_apply.py --json"""
     report: dict = {"memory": {}, "file": {}, "python": sys.version.split()[0]}
@@ -231,7 +275,9 @@ def main(as_json: bool, repeats: int, skip_export: bool, checkpoint: Path | None
             report["memory"][label] = bench_memory(d, repeats, root / f"m{d}")
             report["file"][label] = bench_file(d, max(5, repeats // 5), root / f"f{d}")
         (root / "large").mkdir()
-        report["file"]["256 KB, 64 MB artifact"] = bench_file(256, max(5, repeats // 5), root / "large", LARGE_STATIC_BYTES)
+        report["file"]["256 KB, 64 MB artifact"] = bench_file(
+            256, max(5, repeats // 5), root / "large", LARGE_STATIC_BYTES
+        )
         if not skip_export:
             report["export"] = bench_export(max(5, repeats // 5), root / "export", checkpoint)
     if as_json:

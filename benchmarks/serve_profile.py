@@ -14,6 +14,7 @@ docs/serving.md "Where the time goes".
 
     .venv/bin/python benchmarks/serve_profile.py --ckpt runs/sasrec-mn
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,12 +70,21 @@ def in_process(args, artifact: Path, key: Path, served_batch: int) -> dict:
     signed = timed(lambda: build_patch(wm, params, signing_key), 500, args.repeats)
     jobs = [service.parse(b) for b in bodies][:served_batch]
     build_patches = timed(lambda: service.build_patches(jobs), 10, args.repeats) / len(jobs)
-    return {"parse_us": parse * 1e6, "generate_batch1_ms": one * 1e3, f"generate_batch{args.batch}_ms": many * 1e3,
-            "generate_per_device_batch1_us": one * 1e6, f"generate_per_device_batch{args.batch}_us": many / args.batch * 1e6,
-            "served_batch": served_batch, "generate_per_device_served_batch_us": served / served_batch * 1e6,
-            "checks_and_cast_us": checks * 1e6, "packing_us": (unsigned - checks) * 1e6, "signature_us": (signed - unsigned) * 1e6,
-            "build_patch_us": signed * 1e6, "build_patches_per_job_served_batch_us": build_patches * 1e6,
-            "patch_bytes": len(build_patch(wm, params, signing_key))}
+    return {
+        "parse_us": parse * 1e6,
+        "generate_batch1_ms": one * 1e3,
+        f"generate_batch{args.batch}_ms": many * 1e3,
+        "generate_per_device_batch1_us": one * 1e6,
+        f"generate_per_device_batch{args.batch}_us": many / args.batch * 1e6,
+        "served_batch": served_batch,
+        "generate_per_device_served_batch_us": served / served_batch * 1e6,
+        "checks_and_cast_us": checks * 1e6,
+        "packing_us": (unsigned - checks) * 1e6,
+        "signature_us": (signed - unsigned) * 1e6,
+        "build_patch_us": signed * 1e6,
+        "build_patches_per_job_served_batch_us": build_patches * 1e6,
+        "patch_bytes": len(build_patch(wm, params, signing_key)),
+    }
 
 
 def thread_cpu(pid: int) -> tuple[float, float]:
@@ -93,7 +103,9 @@ def thread_cpu(pid: int) -> tuple[float, float]:
 async def server_cpu(args, artifact: Path, key: Path, fingerprint: str, n_items: int, recent_len: int) -> dict:
     rng = np.random.default_rng(1)
     headers = {"Content-Type": "application/json"}
-    patches = [("POST", routes.PATCHES, patch_body(rng, fingerprint, n_items, recent_len, i), headers) for i in range(512)]
+    patches = [
+        ("POST", routes.PATCHES, patch_body(rng, fingerprint, n_items, recent_len, i), headers) for i in range(512)
+    ]
     refused = [("POST", routes.PATCHES, patches[0][2], {"Content-Type": "text/plain"})]
     health = [("GET", routes.HEALTHZ, b"", {})]
     server = ServerProcess.start(args.ckpt, [artifact], "--signing-key", key, workers=1)
@@ -108,9 +120,13 @@ async def server_cpu(args, artifact: Path, key: Path, fingerprint: str, n_items:
             batches = [b - a for a, b in zip(batches, await batch_stats(server))]
             assert set(statuses) == {status}, f"{name}: statuses {set(statuses)}"
             n = len(statuses)
-            out[name] = {"requests": n, "per_s": n / seconds, "event_loop_us": (after[0] - before[0]) / n * 1e6,
-                         "batch_thread_us": (after[1] - before[1]) / n * 1e6,
-                         "mean_batch": batches[1] / batches[0] if batches[0] else None}
+            out[name] = {
+                "requests": n,
+                "per_s": n / seconds,
+                "event_loop_us": (after[0] - before[0]) / n * 1e6,
+                "batch_thread_us": (after[1] - before[1]) / n * 1e6,
+                "mean_batch": batches[1] / batches[0] if batches[0] else None,
+            }
     finally:
         server.stop()
     return out
@@ -124,24 +140,26 @@ def report(r: dict, batch: int, clients: int) -> str:
     gen = p["generate_per_device_served_batch_us"]
     alone = p["build_patches_per_job_served_batch_us"]
     share = lambda us: f"{us:6.0f} us {us / total:4.0%}"  # noqa: E731
-    return "\n".join([
-        f"server CPU per patch at {clients} clients, 1 worker, signed patches: {total:.0f} us ({s['per_s']:.0f} patches/s, "
-        f"mean batch {s['mean_batch']:.1f})",
-        f"  event-loop thread                                  {share(s['event_loop_us'])}",
-        f"    HTTP stack + patch route (POST answered 415)     {share(http)}",
-        f"    JSON parsing + checks (PatchService.parse)       {share(p['parse_us'])}",
-        f"    the rest (batcher, sending the patch, metrics)  {share(rest)}",
-        f"  batch thread                                       {share(s['batch_thread_us'])}",
-        f"    generation per device at batch {p['served_batch']:<3d}               {share(gen)}",
-        f"    build_patch: checks and cast                     {share(p['checks_and_cast_us'])}",
-        f"                 packing                             {share(p['packing_us'])}",
-        f"                 Ed25519 signature                   {share(p['signature_us'])}",
-        f"    PatchService.build_patches alone, per job        {share(alone)}",
-        f"    the rest (in the server, beside the event loop)  {share(s['batch_thread_us'] - alone)}",
-        f"GET /healthz through Starlette: {h['event_loop_us']:.0f} us per request ({h['per_s']:.0f}/s)",
-        f"generator: batch 1 {p['generate_batch1_ms']:.2f} ms per call; batch {batch} {p[f'generate_batch{batch}_ms']:.2f} ms "
-        f"per call = {p[f'generate_per_device_batch{batch}_us']:.0f} us per device; patch {p['patch_bytes']} B",
-    ])
+    return "\n".join(
+        [
+            f"server CPU per patch at {clients} clients, 1 worker, signed patches: {total:.0f} us ({s['per_s']:.0f} patches/s, "
+            f"mean batch {s['mean_batch']:.1f})",
+            f"  event-loop thread                                  {share(s['event_loop_us'])}",
+            f"    HTTP stack + patch route (POST answered 415)     {share(http)}",
+            f"    JSON parsing + checks (PatchService.parse)       {share(p['parse_us'])}",
+            f"    the rest (batcher, sending the patch, metrics)  {share(rest)}",
+            f"  batch thread                                       {share(s['batch_thread_us'])}",
+            f"    generation per device at batch {p['served_batch']:<3d}               {share(gen)}",
+            f"    build_patch: checks and cast                     {share(p['checks_and_cast_us'])}",
+            f"                 packing                             {share(p['packing_us'])}",
+            f"                 Ed25519 signature                   {share(p['signature_us'])}",
+            f"    PatchService.build_patches alone, per job        {share(alone)}",
+            f"    the rest (in the server, beside the event loop)  {share(s['batch_thread_us'] - alone)}",
+            f"GET /healthz through Starlette: {h['event_loop_us']:.0f} us per request ({h['per_s']:.0f}/s)",
+            f"generator: batch 1 {p['generate_batch1_ms']:.2f} ms per call; batch {batch} {p[f'generate_batch{batch}_ms']:.2f} ms "
+            f"per call = {p[f'generate_per_device_batch{batch}_us']:.0f} us per device; patch {p['patch_bytes']} B",
+        ]
+    )
 
 
 def main() -> None:
@@ -160,12 +178,20 @@ def main() -> None:
         key = tmp / "cloud.key"
         artifact = args.artifact
         if artifact is None:
-            subprocess.run([*MNTOOL, "export", str(args.ckpt), "--target", "onnx", "--out", str(tmp / "artifacts"), "--quiet"],
-                           cwd=ROOT, check=True, capture_output=True)
+            subprocess.run(
+                [*MNTOOL, "export", str(args.ckpt), "--target", "onnx", "--out", str(tmp / "artifacts"), "--quiet"],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
             artifact = tmp / "artifacts" / "model.onnx"
         fingerprint = json.loads(Path(f"{artifact}.weightmap.json").read_text())["fingerprint"]
         config = json.loads((args.ckpt / "config.json").read_text())
-        result = {"server": asyncio.run(server_cpu(args, artifact, key, fingerprint, config["n_items"], config["protocol"]["recent_len"]))}
+        result = {
+            "server": asyncio.run(
+                server_cpu(args, artifact, key, fingerprint, config["n_items"], config["protocol"]["recent_len"])
+            )
+        }
         result["in_process"] = in_process(args, artifact, key, round(result["server"]["patch"]["mean_batch"]))
     result["load_average"] = os.getloadavg()
     print(json.dumps(result, indent=2) if args.json else report(result, args.batch, args.clients))

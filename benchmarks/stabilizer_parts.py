@@ -10,6 +10,7 @@ validation only.
 Prints oscillation of validation loss, steps to 95% of the UAUC gain, and test UAUC / NDCG@10,
 mean +- std over seeds. The "both" and "neither" rows are read from the table's own cells.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ import numpy as np
 PARTS = {"gate only": {"gate": True, "ema": False}, "EMA only": {"gate": False, "ema": True}}
 
 
-def run_part(table: Path, model: str, seed: int, part: str, history_len: int, recent_len: int, data: Path | None) -> Path:
+def run_part(
+    table: Path, model: str, seed: int, part: str, history_len: int, recent_len: int, data: Path | None
+) -> Path:
     out = table / model / f"seed{seed}" / f"stabilizer-{part.replace(' ', '-')}"
     if (out / "metrics.json").is_file():
         return out
@@ -38,8 +41,13 @@ def run_part(table: Path, model: str, seed: int, part: str, history_len: int, re
 
     torch.set_num_threads(1)
     dataset = load_dataset(data, ProtocolConfig(history_len=history_len, recent_len=recent_len))
-    cfg = TrainConfig(model=model, method="metanetwork", seed=seed, meta=MetaConfig(**PARTS[part]),
-                      backbone=BackboneConfig(max_history=history_len))  # as `mntool train --history-len` builds it
+    cfg = TrainConfig(
+        model=model,
+        method="metanetwork",
+        seed=seed,
+        meta=MetaConfig(**PARTS[part]),
+        backbone=BackboneConfig(max_history=history_len),
+    )  # as `mntool train --history-len` builds it
     train(dataset, cfg, out, progress=False, log=lambda s: None)
     return out
 
@@ -55,13 +63,17 @@ def summary(dirs: list[Path], static: list[Path]) -> str:
     def f(v, digits=4):
         return f"{np.mean(v):.{digits}f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.{digits}f}" if v else "–"
 
-    return (f"{f(osc)} | {f(steps, 0)} | {f([m['test']['uauc'] for m in ms])} | {f([m['test']['ndcg@10'] for m in ms])} | "
-            f"{f(d_uauc)} | {f(d_ndcg)}")
+    return (
+        f"{f(osc)} | {f(steps, 0)} | {f([m['test']['uauc'] for m in ms])} | {f([m['test']['ndcg@10'] for m in ms])} | "
+        f"{f(d_uauc)} | {f(d_ndcg)}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--table", type=Path, default=Path("runs/table-l10"), help="metanetwork_table.py --out of the same windows")
+    ap.add_argument(
+        "--table", type=Path, default=Path("runs/table-l10"), help="metanetwork_table.py --out of the same windows"
+    )
     ap.add_argument("--model", default="sasrec")
     ap.add_argument("--history-len", type=int, default=10)
     ap.add_argument("--recent-len", type=int, default=30, help="items a device uploads (the table's --recent-len)")
@@ -71,14 +83,26 @@ def main() -> None:
     args = ap.parse_args()
     jobs = [(part, seed) for part in PARTS for seed in args.seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
-        list(pool.map(run_part, *zip(*[(args.table, args.model, s, p, args.history_len, args.recent_len, args.data) for p, s in jobs])))
+        list(
+            pool.map(
+                run_part,
+                *zip(*[(args.table, args.model, s, p, args.history_len, args.recent_len, args.data) for p, s in jobs]),
+            )
+        )
     seed_dirs = [args.table / args.model / f"seed{s}" for s in args.seeds]
     static = [d / "static" for d in seed_dirs]
-    print(f"{args.model}, device model reading {args.history_len} clicks, uploads of {args.recent_len}, seeds {args.seeds}")
-    print("| stabilizer | oscillation (val loss) | steps to 95% of UAUC gain | test UAUC | test NDCG@10 | ΔUAUC vs static | ΔNDCG@10 vs static |")
+    print(
+        f"{args.model}, device model reading {args.history_len} clicks, uploads of {args.recent_len}, seeds {args.seeds}"
+    )
+    print(
+        "| stabilizer | oscillation (val loss) | steps to 95% of UAUC gain | test UAUC | test NDCG@10 | ΔUAUC vs static | ΔNDCG@10 vs static |"
+    )
     print("|---|---|---|---|---|---|---|")
-    rows = {"gate + EMA (default)": "metanetwork", **{p: f"stabilizer-{p.replace(' ', '-')}" for p in PARTS},
-            "none (--no-stabilizer)": "metanetwork-wo-stabilizer"}
+    rows = {
+        "gate + EMA (default)": "metanetwork",
+        **{p: f"stabilizer-{p.replace(' ', '-')}" for p in PARTS},
+        "none (--no-stabilizer)": "metanetwork-wo-stabilizer",
+    }
     for name, cell in rows.items():
         dirs = [d / cell for d in seed_dirs]
         if all((d / "metrics.json").is_file() for d in dirs):

@@ -9,6 +9,7 @@ process per artifact (`device_runtime.bench.benchmark_isolated`, as `mntool benc
 
     .venv/bin/python benchmarks/swap.py [--loads 60] [--runs 500] [--json]
 """
+
 from __future__ import annotations
 
 import json
@@ -59,21 +60,33 @@ def main(loads: int, runs: int, as_json: bool) -> None:
                 artifact = exported(Path(tmp), name, target)
                 report = benchmark_isolated(artifact, [patch_for(artifact)], config=config)
                 p = report.patches[0]
-                rows.append({
-                    "model": name, "runtime": report.runtime, "artifact_bytes": report.artifact_bytes,
-                    "patch_bytes": p.patch_bytes, "cold_start_memory_ms": report.cold_start_memory_ms,
-                    "verify_ms": p.verify_ms, "swap_ms": p.swap_ms, "swap_vs_reference": p.swap_vs_reference,
-                    "swap_vs_cold_start": p.swap_vs_cold_start, "copying_apply_ms": p.apply_ms,
-                })
+                rows.append(
+                    {
+                        "model": name,
+                        "runtime": report.runtime,
+                        "artifact_bytes": report.artifact_bytes,
+                        "patch_bytes": p.patch_bytes,
+                        "cold_start_memory_ms": report.cold_start_memory_ms,
+                        "verify_ms": p.verify_ms,
+                        "swap_ms": p.swap_ms,
+                        "swap_vs_reference": p.swap_vs_reference,
+                        "swap_vs_cold_start": p.swap_vs_cold_start,
+                        "copying_apply_ms": p.apply_ms,
+                    }
+                )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'model':>8} {'runtime':>12} {'artifact':>10} {'patch':>8} {'cold start':>10} {'verify':>8} "
-               f"{'swap':>8} {'swap/(cold+verify)':>19}")
+    click.echo(
+        f"{'model':>8} {'runtime':>12} {'artifact':>10} {'patch':>8} {'cold start':>10} {'verify':>8} "
+        f"{'swap':>8} {'swap/(cold+verify)':>19}"
+    )
     for r in rows:
-        click.echo(f"{r['model']:>8} {r['runtime']:>12} {r['artifact_bytes']:>10} {r['patch_bytes']:>8} "
-                   f"{r['cold_start_memory_ms']:>8.3f}ms {r['verify_ms']:>6.3f}ms {r['swap_ms']:>6.3f}ms "
-                   f"{r['swap_vs_reference']:>18.2f}x")
+        click.echo(
+            f"{r['model']:>8} {r['runtime']:>12} {r['artifact_bytes']:>10} {r['patch_bytes']:>8} "
+            f"{r['cold_start_memory_ms']:>8.3f}ms {r['verify_ms']:>6.3f}ms {r['swap_ms']:>6.3f}ms "
+            f"{r['swap_vs_reference']:>18.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ runs the binary there with its output redirected to a file, pulls that file back
 everything it pushed. The phone's shell parses every `adb shell` command line, so each word of
 one is quoted (`shlex.quote`): a file name with spaces or `;` stays one argument.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,8 +31,12 @@ _SUMMARY = re.compile(
 _SUMMARY_OLD = re.compile(rf"Average inference timings in us: Warmup: {_NUM}, Init: {_NUM}, Inference: {_NUM}")
 _STATS = re.compile(rf"count=(\d+) first={_NUM} curr={_NUM} min={_NUM} max={_NUM} avg={_NUM} std={_NUM}")
 _RUN_HEADER = re.compile(r"^Running benchmark for at least", re.M)
-_PROFILER_STATS = re.compile(rf"Timings \(microseconds\): count=(\d+) first={_NUM} curr={_NUM} min={_NUM} max={_NUM} avg={_NUM} std={_NUM}")
-_MEMORY = re.compile(rf"(Peak memory footprint|Memory footprint delta from the start of the tool) \(MB\): init={_NUM} overall={_NUM}")
+_PROFILER_STATS = re.compile(
+    rf"Timings \(microseconds\): count=(\d+) first={_NUM} curr={_NUM} min={_NUM} max={_NUM} avg={_NUM} std={_NUM}"
+)
+_MEMORY = re.compile(
+    rf"(Peak memory footprint|Memory footprint delta from the start of the tool) \(MB\): init={_NUM} overall={_NUM}"
+)
 
 
 class AdbError(MntoolError):
@@ -80,14 +85,22 @@ def parse_benchmark_model_output(text: str) -> BenchmarkModelResult:
     memory = _MEMORY.search(text)
     memory_fields = {}
     if memory:
-        memory_fields = {"memory_kind": "peak" if memory.group(1).startswith("Peak") else "delta",
-                         "memory_init_mb": float(memory.group(2)), "memory_overall_mb": float(memory.group(3))}
+        memory_fields = {
+            "memory_kind": "peak" if memory.group(1).startswith("Peak") else "delta",
+            "memory_init_mb": float(memory.group(2)),
+            "memory_overall_mb": float(memory.group(3)),
+        }
     summary = _SUMMARY.search(text)
     if summary:
         init, first, warmup_avg, inference_avg = (float(g) for g in summary.groups())
         return BenchmarkModelResult(
-            init_us=init, inference_avg_us=inference_avg, first_inference_us=first, warmup_avg_us=warmup_avg,
-            warmup=runs[0] if runs else None, steady=runs[1] if len(runs) > 1 else None, **memory_fields,
+            init_us=init,
+            inference_avg_us=inference_avg,
+            first_inference_us=first,
+            warmup_avg_us=warmup_avg,
+            warmup=runs[0] if runs else None,
+            steady=runs[1] if len(runs) > 1 else None,
+            **memory_fields,
         )
     old = _SUMMARY_OLD.search(text)
     if old:
@@ -95,8 +108,12 @@ def parse_benchmark_model_output(text: str) -> BenchmarkModelResult:
         profiler = _PROFILER_STATS.search(text)
         steady = runs[1] if len(runs) > 1 else (_run_stats(profiler) if profiler else None)
         return BenchmarkModelResult(
-            init_us=init, inference_avg_us=inference_avg, warmup_avg_us=warmup_avg,
-            warmup=runs[0] if runs else None, steady=steady, **memory_fields,
+            init_us=init,
+            inference_avg_us=inference_avg,
+            warmup_avg_us=warmup_avg,
+            warmup=runs[0] if runs else None,
+            steady=steady,
+            **memory_fields,
         )
     raise AdbError("benchmark_model output has no 'Inference timings in us' line; is this its log?")
 
@@ -183,21 +200,31 @@ class _Adb:
 
 
 def benchmark_on_device(
-    artifact: Path, patches: list[Path], device: str, benchmark_binary: Path, config: DeviceBenchConfig = DeviceBenchConfig()
+    artifact: Path,
+    patches: list[Path],
+    device: str,
+    benchmark_binary: Path,
+    config: DeviceBenchConfig = DeviceBenchConfig(),
 ) -> DeviceBenchReport:
     """Run benchmark_model on the phone for the artifact and for each patch applied to it."""
     artifact, benchmark_binary = Path(artifact), Path(benchmark_binary)
     if artifact.suffix != ".tflite":
-        raise AdbError(f"the Android path runs LiteRT's benchmark_model, which takes .tflite artifacts, not {artifact.name}")
+        raise AdbError(
+            f"the Android path runs LiteRT's benchmark_model, which takes .tflite artifacts, not {artifact.name}"
+        )
     if not benchmark_binary.is_file():
-        raise AdbError(f"benchmark binary {benchmark_binary} does not exist (download LiteRT's android_aarch64 benchmark_model)")
+        raise AdbError(
+            f"benchmark binary {benchmark_binary} does not exist (download LiteRT's android_aarch64 benchmark_model)"
+        )
     serial = parse_device(device)
     attached = attached_devices()
     if serial not in attached:
         raise AdbError(f"no phone {serial!r} attached and authorised (`adb devices` lists {attached})")
     adb = _Adb(serial)
     with tempfile.TemporaryDirectory(prefix="mntool-adb-") as scratch:
-        variants = [("unpatched", artifact)] + [(str(p), _write_patched(artifact, Path(p), Path(scratch), config.device_id)) for p in patches]
+        variants = [("unpatched", artifact)] + [
+            (str(p), _write_patched(artifact, Path(p), Path(scratch), config.device_id)) for p in patches
+        ]
         adb.shell("mkdir", "-p", DEVICE_DIR)
         try:
             adb("push", str(benchmark_binary), f"{DEVICE_DIR}/benchmark_model")
@@ -217,8 +244,9 @@ def _write_patched(artifact: Path, patch: Path, scratch: Path, device_id: str | 
         raise AdbError(f"patches need the artifact's weight map; none beside {artifact}")
     if not patch.is_file():
         raise AdbError(f"patch {patch} does not exist")
-    files = apply_patch_bytes({artifact.name: artifact.read_bytes()}, patch.read_bytes(), weight_map,
-                              policy=TrustPolicy(device_id=device_id))
+    files = apply_patch_bytes(
+        {artifact.name: artifact.read_bytes()}, patch.read_bytes(), weight_map, policy=TrustPolicy(device_id=device_id)
+    )
     out = scratch / f"{patch.stem}-{artifact.name}"
     out.write_bytes(files[artifact.name])
     return out
@@ -228,9 +256,15 @@ def _run_variant(adb: _Adb, name: str, path: Path, scratch: Path, config: Device
     remote = f"{DEVICE_DIR}/{path.name}"
     log_remote = f"{remote}.log"
     adb("push", str(path), remote)
-    adb.shell(f"{DEVICE_DIR}/benchmark_model", f"--graph={remote}", f"--num_threads={config.threads}",
-              f"--num_runs={config.runs}", f"--warmup_runs={config.warmup}",
-              f"--use_xnnpack={'true' if config.xnnpack else 'false'}", log=log_remote)
+    adb.shell(
+        f"{DEVICE_DIR}/benchmark_model",
+        f"--graph={remote}",
+        f"--num_threads={config.threads}",
+        f"--num_runs={config.runs}",
+        f"--warmup_runs={config.warmup}",
+        f"--use_xnnpack={'true' if config.xnnpack else 'false'}",
+        log=log_remote,
+    )
     local_log = scratch / f"{path.name}.log"
     adb("pull", log_remote, str(local_log))
     log = local_log.read_text(errors="replace")

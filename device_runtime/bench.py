@@ -6,6 +6,7 @@ latency and patched/unpatched latency. `benchmark_isolated` runs the same in a f
 process (`python -m device_runtime.bench`), optionally under a device profile, so that first
 loads, memory and CPU limits belong to the benchmark alone. Results serialise to JSON and CSV.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,10 +19,10 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class BenchConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BenchConfig":
+    def from_dict(cls, d: dict) -> BenchConfig:
         return cls(**{**d, "runner": RunnerConfig(**d["runner"])})
 
     def work_units(self, n_patches: int) -> int:
@@ -84,10 +85,17 @@ class LatencyStats:
     std_ms: float
 
     @classmethod
-    def of(cls, samples_ms: np.ndarray) -> "LatencyStats":
+    def of(cls, samples_ms: np.ndarray) -> LatencyStats:
         p50, p90, p99 = np.percentile(samples_ms, [50, 90, 99])
-        return cls(len(samples_ms), float(samples_ms.min()), float(p50), float(p90), float(p99),
-                   float(samples_ms.mean()), float(samples_ms.std()))
+        return cls(
+            len(samples_ms),
+            float(samples_ms.min()),
+            float(p50),
+            float(p90),
+            float(p99),
+            float(samples_ms.mean()),
+            float(samples_ms.std()),
+        )
 
 
 @dataclass
@@ -137,25 +145,49 @@ class BenchReport:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BenchReport":
+    def from_dict(cls, d: dict) -> BenchReport:
         patches = [PatchReport(**{**p, "latency": LatencyStats(**p["latency"])}) for p in d["patches"]]
         return cls(**{**d, "latency": LatencyStats(**d["latency"]), "patches": patches})
 
     def rows(self) -> list[dict]:
         """One flat row per variant (unpatched, then each patch), for CSV."""
         base = {
-            "artifact": self.artifact, "runtime": self.runtime, "threads": self.config["runner"]["threads"],
-            "xnnpack": self.config["runner"]["xnnpack"], "profile": (self.profile or {}).get("profile", ""),
-            "artifact_bytes": self.artifact_bytes, "load_file_ms": self.load_file_ms,
-            "load_memory_ms": self.load_memory_ms, "first_inference_ms": self.first_inference_ms,
-            "cold_start_memory_ms": self.cold_start_memory_ms, "timer_overhead_us": self.timer_overhead_us,
+            "artifact": self.artifact,
+            "runtime": self.runtime,
+            "threads": self.config["runner"]["threads"],
+            "xnnpack": self.config["runner"]["xnnpack"],
+            "profile": (self.profile or {}).get("profile", ""),
+            "artifact_bytes": self.artifact_bytes,
+            "load_file_ms": self.load_file_ms,
+            "load_memory_ms": self.load_memory_ms,
+            "first_inference_ms": self.first_inference_ms,
+            "cold_start_memory_ms": self.cold_start_memory_ms,
+            "timer_overhead_us": self.timer_overhead_us,
             "peak_rss_mb": self.peak_rss_mb,
         }
-        rows = [{**base, "variant": "unpatched", **asdict(self.latency),
-                 "apply_ms": "", "swap_ms": "", "swap_vs_cold_start": "", "p50_ratio": 1.0}]
+        rows = [
+            {
+                **base,
+                "variant": "unpatched",
+                **asdict(self.latency),
+                "apply_ms": "",
+                "swap_ms": "",
+                "swap_vs_cold_start": "",
+                "p50_ratio": 1.0,
+            }
+        ]
         for p in self.patches:
-            rows.append({**base, "variant": p.patch, **asdict(p.latency), "apply_ms": p.apply_ms,
-                         "swap_ms": p.swap_ms, "swap_vs_cold_start": p.swap_vs_cold_start, "p50_ratio": p.p50_ratio})
+            rows.append(
+                {
+                    **base,
+                    "variant": p.patch,
+                    **asdict(p.latency),
+                    "apply_ms": p.apply_ms,
+                    "swap_ms": p.swap_ms,
+                    "swap_vs_cold_start": p.swap_vs_cold_start,
+                    "p50_ratio": p.p50_ratio,
+                }
+            )
         return rows
 
 
@@ -239,11 +271,17 @@ def _host() -> dict:
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")), cpu)
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "python": platform.python_version(),
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")), cpu
+        )
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
 
 
 def _runtime_version(runtime: str) -> str:
@@ -262,7 +300,9 @@ def _read_patch(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _apply_patch(files: dict[str, bytes], patch: bytes, weight_map: WeightMap, device_id: str | None) -> dict[str, bytes | bytearray]:
+def _apply_patch(
+    files: dict[str, bytes], patch: bytes, weight_map: WeightMap, device_id: str | None
+) -> dict[str, bytes | bytearray]:
     """The artifact's files with the patch verified and written in, all in memory. The artifact
     itself was checked against its weight map when the benchmark loaded it, as an app does at
     start-up, so a swap re-verifies the patch but does not re-hash the whole artifact."""
@@ -311,8 +351,10 @@ def benchmark(
     patched_files = {p: _apply_patch(files, data, weight_map, config.device_id) for p, data in patch_bytes.items()}
     sizes = {name: len(data) for name, data in files.items()}
     policy = TrustPolicy(device_id=config.device_id)
-    swappers = {p: HotSwap(artifact, weight_map=weight_map, files=files, runtime=runtime, config=config.runner,
-                           policy=policy) for p in patch_bytes}
+    swappers = {
+        p: HotSwap(artifact, weight_map=weight_map, files=files, runtime=runtime, config=config.runner, policy=policy)
+        for p in patch_bytes
+    }
 
     def from_file() -> None:
         t0 = clock()
@@ -386,25 +428,50 @@ def benchmark(
     for path, patch in patch_bytes.items():
         stats = LatencyStats.of(np.asarray(samples[str(path)]))
         changed = any(not np.array_equal(outputs[str(path)][n], outputs["unpatched"][n]) for n in reference)
-        patch_reports.append(PatchReport(
-            patch=str(path), patch_bytes=len(patch), apply_ms=_median(apply_times[path]),
-            verify_ms=_median(verify_times[path]), swap_ms=_median(swap_times[path]),
-            swap_vs_cold_start=_median(swap_times[path]) / cold_start_ms,
-            swap_vs_reference=_median(swap_times[path]) / (cold_start_ms + _median(verify_times[path])),
-            latency=stats, p50_ratio=stats.p50_ms / latency.p50_ms, outputs_changed=changed,
-            samples_ms=samples[str(path)],
-        ))
+        patch_reports.append(
+            PatchReport(
+                patch=str(path),
+                patch_bytes=len(patch),
+                apply_ms=_median(apply_times[path]),
+                verify_ms=_median(verify_times[path]),
+                swap_ms=_median(swap_times[path]),
+                swap_vs_cold_start=_median(swap_times[path]) / cold_start_ms,
+                swap_vs_reference=_median(swap_times[path]) / (cold_start_ms + _median(verify_times[path])),
+                latency=stats,
+                p50_ratio=stats.p50_ms / latency.p50_ms,
+                outputs_changed=changed,
+                samples_ms=samples[str(path)],
+            )
+        )
     assert all(np.array_equal(outputs["unpatched"][n], reference[n]) for n in reference), "memory load changed outputs"
     return BenchReport(
-        artifact=str(artifact), runtime=runtime, runtime_version=_runtime_version(runtime),
-        artifact_bytes=sum(len(b) for b in files.values()), config=config.to_dict(),
-        inputs=[{"name": s.name, "dtype": s.dtype, "shape": list(s.shape),
-                 "source": str(inputs) if inputs else f"generated (ids < {vocab or SAFE_ID_HIGH})"} for s in input_specs],
-        first_load_ms=first_load_ms, load_file_ms=_median(load_file), load_memory_ms=_median(load_memory),
-        first_inference_ms=_median(first_run), cold_start_memory_ms=cold_start_ms, latency=latency,
-        timer_overhead_us=timer_overhead_us, overhead_ratio=timer_overhead_us / 1e3 / latency.p50_ms,
-        rss_before_load_mb=rss_before, peak_rss_mb=_peak_rss_mb(), samples_ms=samples["unpatched"],
-        patches=patch_reports, host=_host(),
+        artifact=str(artifact),
+        runtime=runtime,
+        runtime_version=_runtime_version(runtime),
+        artifact_bytes=sum(len(b) for b in files.values()),
+        config=config.to_dict(),
+        inputs=[
+            {
+                "name": s.name,
+                "dtype": s.dtype,
+                "shape": list(s.shape),
+                "source": str(inputs) if inputs else f"generated (ids < {vocab or SAFE_ID_HIGH})",
+            }
+            for s in input_specs
+        ],
+        first_load_ms=first_load_ms,
+        load_file_ms=_median(load_file),
+        load_memory_ms=_median(load_memory),
+        first_inference_ms=_median(first_run),
+        cold_start_memory_ms=cold_start_ms,
+        latency=latency,
+        timer_overhead_us=timer_overhead_us,
+        overhead_ratio=timer_overhead_us / 1e3 / latency.p50_ms,
+        rss_before_load_mb=rss_before,
+        peak_rss_mb=_peak_rss_mb(),
+        samples_ms=samples["unpatched"],
+        patches=patch_reports,
+        host=_host(),
     )
 
 
@@ -421,13 +488,20 @@ def benchmark_isolated(
     CPU bandwidth), so that no limit leaks into the caller."""
     if profile is not None:
         config = replace(config, runner=replace(config.runner, threads=profile.threads))
-    request = {"artifact": str(artifact), "patches": [str(p) for p in patches],
-               "inputs": str(inputs) if inputs else None, "config": config.to_dict()}
+    request = {
+        "artifact": str(artifact),
+        "patches": [str(p) for p in patches],
+        "inputs": str(inputs) if inputs else None,
+        "config": config.to_dict(),
+    }
     sandbox = ProfileSandbox(profile) if profile is not None else None
     with sandbox or contextlib.nullcontext():
         worker = subprocess.Popen(
-            [sys.executable, "-m", "device_runtime.bench"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, preexec_fn=sandbox.enter_child if sandbox else None,
+            [sys.executable, "-m", "device_runtime.bench"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=sandbox.enter_child if sandbox else None,
         )
         worker.stdin.write(json.dumps(request))
         worker.stdin.close()
@@ -457,9 +531,11 @@ def _worker_main() -> int:
     request = json.loads(sys.stdin.read())
     try:
         report = benchmark(
-            Path(request["artifact"]), [Path(p) for p in request["patches"]],
+            Path(request["artifact"]),
+            [Path(p) for p in request["patches"]],
             Path(request["inputs"]) if request["inputs"] else None,
-            BenchConfig.from_dict(request["config"]), progress=lambda n: send({"progress": n}),
+            BenchConfig.from_dict(request["config"]),
+            progress=lambda n: send({"progress": n}),
         )
     except MntoolError as err:
         send({"error": str(err)})

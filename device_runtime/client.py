@@ -10,6 +10,7 @@ applied: the artifact stays byte-identical.
 The bearer token never leaves the server's origin: the URL must be https (plain http only to a
 loopback host), and redirects are not followed (a 3xx answer is a ClientError naming its target).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -20,9 +21,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from device_runtime import weight_map as wmap
 from device_runtime.errors import MntoolError
@@ -107,8 +108,9 @@ def fetch_patch(
     """POST the upload to `server_url`/v1/patches; returns (patch bytes, attempts). Unverified:
     the caller must verify before use (`refresh` does)."""
     _check_server_url(server_url)
-    body = json.dumps({"device_id": device_id, "fingerprint": fingerprint,
-                       "samples": {"items": [int(i) for i in items]}}).encode()
+    body = json.dumps(
+        {"device_id": device_id, "fingerprint": fingerprint, "samples": {"items": [int(i) for i in items]}}
+    ).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/octet-stream"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -123,8 +125,11 @@ def fetch_patch(
             return data, attempt
         except urllib.error.HTTPError as err:
             if 300 <= err.code < 400:
-                raise ClientError(f"{url} redirects ({err.code}) to {err.headers.get('Location')!r}; redirects are not followed "
-                                  "(point the client at the final URL)", err.code) from None
+                raise ClientError(
+                    f"{url} redirects ({err.code}) to {err.headers.get('Location')!r}; redirects are not followed "
+                    "(point the client at the final URL)",
+                    err.code,
+                ) from None
             message = _error_message(err)
             if err.code < 500:
                 raise ClientError(f"{url} refused the request ({err.code}): {message}", err.code) from None
@@ -181,7 +186,9 @@ def refresh(
     policy = TrustPolicy(verify_key=_raw_key(verify_key), root_key=_raw_key(root_key), device_id=device_id)
     weight_map = wmap.load(artifact, check_fingerprint=False)
     started = time.perf_counter()
-    data, attempts = fetch_patch(server_url, weight_map.fingerprint, items, device_id=device_id, token=token, config=config)
+    data, attempts = fetch_patch(
+        server_url, weight_map.fingerprint, items, device_id=device_id, token=token, config=config
+    )
     fetched = time.perf_counter()
     patch = apply_patch_file(artifact, data, policy=policy)
     runner = open_runner(artifact, weight_map=weight_map, config=runner_config)

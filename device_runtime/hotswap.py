@@ -11,11 +11,12 @@ only this class holds (never hashed, shared or returned) and writes in place, an
 runner reads it: a swap first closes the runner of two swaps ago if the app has not released
 it (`release_previous`) already.
 """
+
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -76,8 +77,13 @@ class HotSwap:
         return self._runners[self._active]
 
     def _open(self, slot: int) -> Runner:
-        return open_runner(self.artifact, runtime=self._runtime, files=self._slots[slot],
-                           weight_map=self.weight_map, config=self._config)
+        return open_runner(
+            self.artifact,
+            runtime=self._runtime,
+            files=self._slots[slot],
+            weight_map=self.weight_map,
+            config=self._config,
+        )
 
     def swap(self, patch: bytes | bytearray | memoryview) -> tuple[Runner, Patch]:
         """Verify `patch` (policy and state), write it into the idle slot, open a runner on it.

@@ -9,6 +9,7 @@ slot's name carries the sequence and key-list serial), so a crash leaves the old
 old state or the new model with the new state. O(patch), not O(artifact); the first apply makes
 the second slot by copying once. Design and crash story: docs/patch-format.md, "Installing".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,13 +18,19 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from device_runtime import weight_map as wmap
 from device_runtime.patch import (
-    DeviceState, Patch, PatchError, TrustPolicy, check_artifact_fingerprint, frozen_bytes, verify_patch,
+    DeviceState,
+    Patch,
+    PatchError,
+    TrustPolicy,
+    check_artifact_fingerprint,
+    frozen_bytes,
+    verify_patch,
 )
 from device_runtime.weight_map import TensorEntry, WeightMap
 
@@ -115,7 +122,9 @@ def _active(path: Path) -> _Active:
     target = os.readlink(path)
     match = SLOT.fullmatch(target)
     if match is None or match["name"] != path.name or not stat.S_ISREG(os.lstat(path.parent / target).st_mode):
-        raise PatchError(f"artifact file {path} is a symlink mntool did not make (to {target!r}); refusing to write through it")
+        raise PatchError(
+            f"artifact file {path} is a symlink mntool did not make (to {target!r}); refusing to write through it"
+        )
     state = DeviceState(int(match["sequence"]), int(match["serial"]))
     return _Active(path, match["slot"], target, state)
 
@@ -131,7 +140,9 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _apply_in_place(artifact: Path, wm: WeightMap, data: bytes | memoryview, policy: TrustPolicy, check_artifact: bool) -> Patch:
+def _apply_in_place(
+    artifact: Path, wm: WeightMap, data: bytes | memoryview, policy: TrustPolicy, check_artifact: bool
+) -> Patch:
     root = wmap.artifact_root(artifact)
     adaptive_file = _adaptive_file(wm)
     path = root / adaptive_file
@@ -199,7 +210,13 @@ def _open_inactive(directory: Path, name: str, active: _Active, slot: str) -> tu
 
 
 def _build_inactive(
-    directory: Path, name: str, path: Path, wm: WeightMap, root: Path, adaptive_file: str, check: bool,
+    directory: Path,
+    name: str,
+    path: Path,
+    wm: WeightMap,
+    root: Path,
+    adaptive_file: str,
+    check: bool,
 ) -> tuple[int, str]:
     """A new inactive slot, as a temporary file, from the active file: read once, check those
     bytes, write exactly them. Returns (fd open for writing, its name)."""
@@ -239,7 +256,12 @@ def _matches(wm: WeightMap, root: Path, adaptive_file: str, adaptive_bytes: byte
 
 # ---- to a copy -------------------------------------------------------------------------------
 def _apply_to_copy(
-    artifact: Path, wm: WeightMap, data: bytes | memoryview, policy: TrustPolicy, check_artifact: bool, out: Path,
+    artifact: Path,
+    wm: WeightMap,
+    data: bytes | memoryview,
+    policy: TrustPolicy,
+    check_artifact: bool,
+    out: Path,
 ) -> Patch:
     """Write a complete patched artifact at `out`, from one read of the original's files (the
     bytes checked are the bytes copied). Every file but the main one keeps its name (an .onnx
@@ -268,7 +290,9 @@ def _apply_to_copy(
             shared = [f for f in taken if (out.parent / f).resolve() == (src_root / f).resolve()]
             if shared:
                 raise PatchError(f"{out} would share {shared} with {artifact}; write it to another directory")
-            raise PatchError(f"{out.parent / taken[0]} already exists (another artifact's weights?); write {out.name} to an empty directory")
+            raise PatchError(
+                f"{out.parent / taken[0]} already exists (another artifact's weights?); write {out.name} to an empty directory"
+            )
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             for f in wm.files:

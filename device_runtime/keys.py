@@ -6,6 +6,7 @@ a list older than the newest it has seen, so a revocation cannot be rolled back)
 the online public keys with their own expiry and a revoked flag. Patches carry the list that
 certifies their signing key. Byte layout: docs/patch-format.md, "Key list". Torch-free.
 """
+
 from __future__ import annotations
 
 import struct
@@ -57,7 +58,10 @@ class KeyList:
 
     def to_dict(self) -> dict:
         return {
-            "serial": self.serial, "issued_at": self.issued_at, "expires_at": self.expires_at, "root": self.root.hex(),
+            "serial": self.serial,
+            "issued_at": self.issued_at,
+            "expires_at": self.expires_at,
+            "root": self.root.hex(),
             "keys": [{"public": k.public.hex(), "expires_at": k.expires_at, "revoked": k.revoked} for k in self.keys],
         }
 
@@ -75,7 +79,9 @@ class KeyList:
         if now >= self.expires_at:
             raise KeyListError(f"the patch's key list (serial {self.serial}) expired at {self.expires_at}")
         if self.serial < seen_serial:
-            raise KeyListError(f"key list serial {self.serial} is older than serial {seen_serial} already seen (rollback refused)")
+            raise KeyListError(
+                f"key list serial {self.serial} is older than serial {seen_serial} already seen (rollback refused)"
+            )
         for key in self.keys:
             if key.public == signing_key:
                 if key.revoked:

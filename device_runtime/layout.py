@@ -5,9 +5,10 @@ layout, cast to its little-endian dtype), and the way back (`stored_values`).
 Numpy only, so the cloud's patch builder, the exporters (and their proof) and device code use one
 implementation of these rules.
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -8,6 +8,7 @@ for, and the online key that signed it with the root-signed key list that certif
 Applying is verify-then-memcpy; writing to files (A/B slots, lock, state) is `device_runtime.install`.
 Byte layout: docs/patch-format.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,8 @@ import hashlib
 import math
 import struct
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import blake3
 import numpy as np
@@ -93,8 +94,13 @@ class PatchTensor:
     def matches(self, entry: TensorEntry, artifact: str) -> bool:
         """Same destination as the weight map's `entry` (whose main file is named `artifact`)."""
         return (self.name, self.file, self.dtype, self.layout, self.stored_shape, self.offset, self.nbytes) == (
-            entry.name, destination_name(entry.file, artifact), entry.dtype, entry.layout, tuple(entry.stored_shape),
-            entry.offset, entry.nbytes,
+            entry.name,
+            destination_name(entry.file, artifact),
+            entry.dtype,
+            entry.layout,
+            tuple(entry.stored_shape),
+            entry.offset,
+            entry.nbytes,
         )
 
 
@@ -152,14 +158,23 @@ class Patch:
         }
         if self.freshness is not None:
             f = self.freshness
-            info.update(sequence=f.sequence, issued_at=f.issued_at, expires_at=f.expires_at,
-                        device=None if f.device == ANY_DEVICE else f.device.hex())
+            info.update(
+                sequence=f.sequence,
+                issued_at=f.issued_at,
+                expires_at=f.expires_at,
+                device=None if f.device == ANY_DEVICE else f.device.hex(),
+            )
             info["signing_key"] = self.signing_key.hex() if self.signing_key else None
             info["keylist"] = self.keylist.to_dict() if self.keylist else None
         info["tensors"] = [
             {
-                "name": t.name, "file": t.file, "dtype": t.dtype, "layout": t.layout,
-                "stored_shape": list(t.stored_shape), "offset": t.offset, "nbytes": t.nbytes,
+                "name": t.name,
+                "file": t.file,
+                "dtype": t.dtype,
+                "layout": t.layout,
+                "stored_shape": list(t.stored_shape),
+                "offset": t.offset,
+                "nbytes": t.nbytes,
                 "payload_offset": t.payload_offset,
             }
             for t in self.tensors
@@ -204,15 +219,28 @@ def pack_patch(
     for t in weight_map.tensors:
         arr = np.asarray(stored[t.name])
         if arr.dtype != NUMPY_DTYPES[t.dtype] or arr.shape != tuple(t.stored_shape):
-            raise PatchError(f"{t.name}: got {arr.dtype} {arr.shape}, the artifact stores {t.dtype} {tuple(t.stored_shape)}")
+            raise PatchError(
+                f"{t.name}: got {arr.dtype} {arr.shape}, the artifact stores {t.dtype} {tuple(t.stored_shape)}"
+            )
         start = _align(payload_size, PAYLOAD_ALIGN)
         chunks.append((start, np.ascontiguousarray(arr)))
         payload_size = start + t.nbytes
         shape = list(t.stored_shape) + [0] * (MAX_DIMS - len(t.stored_shape))
-        entries.append(ENTRY.pack(
-            *ref(t.name), *ref(destination_name(t.file, weight_map.artifact)), DTYPE_CODES[t.dtype],
-            LAYOUT_CODES[t.layout], len(t.stored_shape), 0, t.offset, t.nbytes, start, *shape, 0,
-        ))
+        entries.append(
+            ENTRY.pack(
+                *ref(t.name),
+                *ref(destination_name(t.file, weight_map.artifact)),
+                DTYPE_CODES[t.dtype],
+                LAYOUT_CODES[t.layout],
+                len(t.stored_shape),
+                0,
+                t.offset,
+                t.nbytes,
+                start,
+                *shape,
+                0,
+            )
+        )
     keylist = signer.keylist if signer is not None and signer.keylist is not None else b""
     if keylist:
         parse_keylist(keylist)  # a malformed list would make every device refuse the patch
@@ -224,10 +252,27 @@ def pack_patch(
     for start, arr in chunks:
         payload[start : start + arr.nbytes] = arr.reshape(-1).view(np.uint8)
     header = HEADER.pack(
-        MAGIC, VERSION, HEADER.size, FLAG_SIGNED if signer else 0, TARGET_CODES[weight_map.target],
-        len(entries), ENTRY.size, len(strings), payload_offset, payload_size, payload_offset + payload_size,
-        bytes.fromhex(weight_map.fingerprint), HASHES[VERSION](payload), freshness.sequence, freshness.issued_at,
-        freshness.expires_at, freshness.device, signer.public if signer else bytes(32), len(keylist), 0, bytes(40),
+        MAGIC,
+        VERSION,
+        HEADER.size,
+        FLAG_SIGNED if signer else 0,
+        TARGET_CODES[weight_map.target],
+        len(entries),
+        ENTRY.size,
+        len(strings),
+        payload_offset,
+        payload_size,
+        payload_offset + payload_size,
+        bytes.fromhex(weight_map.fingerprint),
+        HASHES[VERSION](payload),
+        freshness.sequence,
+        freshness.issued_at,
+        freshness.expires_at,
+        freshness.device,
+        signer.public if signer else bytes(32),
+        len(keylist),
+        0,
+        bytes(40),
     )
     meta = header + b"".join(entries) + bytes(strings) + keylist
     out[: len(meta)] = meta
@@ -256,8 +301,21 @@ def parse_patch(data: bytes | bytearray | memoryview) -> Patch:
     if len(view) < header_struct.size:
         raise PatchError(f"patch is truncated: {len(view)} bytes, the v{version} header alone is {header_struct.size}")
     fields = header_struct.unpack_from(view)
-    (_, _, header_size, flags, target_code, count, entry_size, strings_size,
-     payload_offset, payload_size, total_size, fingerprint, payload_hash) = fields[:13]
+    (
+        _,
+        _,
+        header_size,
+        flags,
+        target_code,
+        count,
+        entry_size,
+        strings_size,
+        payload_offset,
+        payload_size,
+        total_size,
+        fingerprint,
+        payload_hash,
+    ) = fields[:13]
     if version == 2:
         sequence, issued_at, expires_at, device, signing_key, keylist_size, reserved_u32, reserved = fields[13:]
         reserved_ok = reserved == bytes(40) and reserved_u32 == 0
@@ -266,7 +324,9 @@ def parse_patch(data: bytes | bytearray | memoryview) -> Patch:
     if header_size != header_struct.size or entry_size != ENTRY.size or not reserved_ok or flags & ~FLAG_SIGNED:
         raise PatchError("patch header is corrupt (sizes, flags or reserved bytes)")
     if not 1 <= count <= MAX_TENSORS or strings_size > MAX_STRINGS or keylist_size > MAX_KEYLIST:
-        raise PatchError(f"patch header is corrupt ({count} tensors, {strings_size} string bytes, {keylist_size} key-list bytes)")
+        raise PatchError(
+            f"patch header is corrupt ({count} tensors, {strings_size} string bytes, {keylist_size} key-list bytes)"
+        )
     strings_start = header_size + ENTRY.size * count
     keylist_start = strings_start + strings_size
     seal = _align(keylist_start + keylist_size, 8)
@@ -300,8 +360,20 @@ def parse_patch(data: bytes | bytearray | memoryview) -> Patch:
     strings = view[strings_start:keylist_start]
     tensors, expect_payload = [], 0
     for i in range(count):
-        (name_off, name_len, file_off, file_len, dtype_code, layout_code, ndim, reserved_u32,
-         dest, nbytes, p_off, *rest) = ENTRY.unpack_from(view, header_size + ENTRY.size * i)
+        (
+            name_off,
+            name_len,
+            file_off,
+            file_len,
+            dtype_code,
+            layout_code,
+            ndim,
+            reserved_u32,
+            dest,
+            nbytes,
+            p_off,
+            *rest,
+        ) = ENTRY.unpack_from(view, header_size + ENTRY.size * i)
         shape, reserved_u64 = rest[:MAX_DIMS], rest[MAX_DIMS]
         dtype = _decode(DTYPE_CODES, dtype_code, "dtype")
         if reserved_u32 or reserved_u64 or not 1 <= ndim <= MAX_DIMS or any(shape[ndim:]):
@@ -312,18 +384,34 @@ def parse_patch(data: bytes | bytearray | memoryview) -> Patch:
         if p_off != _align(expect_payload, PAYLOAD_ALIGN):
             raise PatchError(f"tensor table entry {i}: payload offset {p_off} is not where the format puts it")
         expect_payload = p_off + nbytes
-        tensors.append(PatchTensor(
-            name=_string(strings, name_off, name_len, i), file=_string(strings, file_off, file_len, i),
-            dtype=dtype, layout=_decode(LAYOUT_CODES, layout_code, "layout"), stored_shape=stored_shape,
-            offset=dest, nbytes=nbytes, payload_offset=p_off,
-        ))
+        tensors.append(
+            PatchTensor(
+                name=_string(strings, name_off, name_len, i),
+                file=_string(strings, file_off, file_len, i),
+                dtype=dtype,
+                layout=_decode(LAYOUT_CODES, layout_code, "layout"),
+                stored_shape=stored_shape,
+                offset=dest,
+                nbytes=nbytes,
+                payload_offset=p_off,
+            )
+        )
     if expect_payload != payload_size:
         raise PatchError(f"patch payload is {payload_size} bytes, its tensors span {expect_payload}")
     return Patch(
-        version=version, target=_decode(TARGET_CODES, target_code, "target"), fingerprint=fingerprint.hex(),
-        signed=signed, tensors=tuple(tensors), payload_hash=payload_hash.hex(), total_size=total_size,
-        freshness=freshness, signing_key=key, keylist=keylist, signature=signature,
-        signed_message=view[:seal], payload=view[payload_offset:],
+        version=version,
+        target=_decode(TARGET_CODES, target_code, "target"),
+        fingerprint=fingerprint.hex(),
+        signed=signed,
+        tensors=tuple(tensors),
+        payload_hash=payload_hash.hex(),
+        total_size=total_size,
+        freshness=freshness,
+        signing_key=key,
+        keylist=keylist,
+        signature=signature,
+        signed_message=view[:seal],
+        payload=view[payload_offset:],
     )
 
 
@@ -370,7 +458,7 @@ class DeviceState:
     sequence: int = 0
     keys_serial: int = 0
 
-    def after(self, patch: Patch) -> "DeviceState":
+    def after(self, patch: Patch) -> DeviceState:
         if patch.freshness is None:  # a v1 patch (accepted by explicit policy) moves nothing
             return self
         serial = patch.keylist.serial if patch.keylist is not None else 0
@@ -410,9 +498,10 @@ def verify_patch(
                 f"the weight map's {entry.name!r} ({entry.dtype} {tuple(entry.stored_shape)} at {entry.file}+{entry.offset})"
             )
     # from here on, destinations are this artifact's real file names
-    patch = dataclasses.replace(patch, tensors=tuple(
-        dataclasses.replace(t, file=entry.file) for t, entry in zip(patch.tensors, weight_map.tensors)
-    ))
+    patch = dataclasses.replace(
+        patch,
+        tensors=tuple(dataclasses.replace(t, file=entry.file) for t, entry in zip(patch.tensors, weight_map.tensors)),
+    )
     for t in patch.tensors:
         size = file_sizes.get(t.file)
         if size is None or t.offset + t.nbytes > size:
@@ -513,7 +602,9 @@ def apply_patch_bytes(
     single = not isinstance(artifact, dict)
     if single:
         if len(weight_map.files) != 1:
-            raise PatchError(f"{weight_map.artifact} has {len(weight_map.files)} files: pass a dict of file name -> bytes")
+            raise PatchError(
+                f"{weight_map.artifact} has {len(weight_map.files)} files: pass a dict of file name -> bytes"
+            )
         files = {weight_map.files[0]: artifact}
     else:
         files = dict(artifact)
@@ -537,4 +628,6 @@ def check_artifact_fingerprint(files: Mapping[str, bytes | bytearray | memoryvie
     if missing:
         raise PatchError(f"checking the artifact needs all its files; missing {sorted(missing)}")
     if wmap.compute_fingerprint(files, weight_map.tensors, weight_map.artifact) != weight_map.fingerprint:
-        raise PatchError(f"{weight_map.artifact} does not match its weight map: it was changed outside its adaptive tensors")
+        raise PatchError(
+            f"{weight_map.artifact} does not match its weight map: it was changed outside its adaptive tensors"
+        )

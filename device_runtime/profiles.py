@@ -5,6 +5,7 @@ runtime may use, pins the worker to some of the host's CPUs (sched_setaffinity) 
 kernel lets us, limits its CPU bandwidth with a cgroup (v2 `cpu.max`, else v1 CFS quota). The
 limits are applied to a child process only (`ProfileSandbox`), so nothing leaks into the caller.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,9 @@ PROFILES: dict[str, DeviceProfile] = {
         DeviceProfile("flagship", "flagship phone, app allowed two big cores (e.g. Cortex-X4 + A720)", 2, 2),
         DeviceProfile("flagship-big-core", "one big core at full speed, one thread (typical on-device default)", 1, 1),
         DeviceProfile("mid-range", "mid-range phone: one mid core, about 70% of a host core's throughput", 1, 1, 0.7),
-        DeviceProfile("little-core", "scheduled on an efficiency core (e.g. Cortex-A55): 40% of a host core", 1, 1, 0.4),
+        DeviceProfile(
+            "little-core", "scheduled on an efficiency core (e.g. Cortex-A55): 40% of a host core", 1, 1, 0.4
+        ),
         DeviceProfile("low-end", "entry-level phone, efficiency cores only, shared with the app: 25%", 1, 1, 0.25),
     )
 }
@@ -89,8 +92,11 @@ class ProfileSandbox:
         self.profile = profile
         allowed = sorted(os.sched_getaffinity(0))
         self.applied = AppliedProfile(
-            profile=profile.name, threads=profile.threads, cpus=allowed[: profile.cores],
-            cpu_bandwidth=profile.cpu_bandwidth, bandwidth_applied=False,
+            profile=profile.name,
+            threads=profile.threads,
+            cpus=allowed[: profile.cores],
+            cpu_bandwidth=profile.cpu_bandwidth,
+            bandwidth_applied=False,
         )
         if profile.cores > len(allowed):
             self.applied.notes.append(f"profile wants {profile.cores} cores, this host allows {len(allowed)}")
@@ -107,13 +113,17 @@ class ProfileSandbox:
         quota = round(bandwidth * period)
         candidates = _cpu_cgroup_dirs()
         if not candidates:
-            self.applied.notes.append("bandwidth limit not applied: no cgroup hierarchy with the cpu controller is mounted")
+            self.applied.notes.append(
+                "bandwidth limit not applied: no cgroup hierarchy with the cpu controller is mounted"
+            )
         for version, root in candidates:
             group = root / f"{CGROUP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 group.mkdir()
             except OSError as err:
-                self.applied.notes.append(f"bandwidth limit not applied via cgroup {version} at {root}: cannot create a child cgroup ({err.strerror})")
+                self.applied.notes.append(
+                    f"bandwidth limit not applied via cgroup {version} at {root}: cannot create a child cgroup ({err.strerror})"
+                )
                 continue
             try:
                 if version == "v2":
@@ -123,7 +133,9 @@ class ProfileSandbox:
                     (group / "cpu.cfs_quota_us").write_text(f"{quota}\n")
             except OSError as err:
                 group.rmdir()
-                self.applied.notes.append(f"bandwidth limit not applied via cgroup {version}: writing the quota failed ({err.strerror})")
+                self.applied.notes.append(
+                    f"bandwidth limit not applied via cgroup {version}: writing the quota failed ({err.strerror})"
+                )
                 continue
             self._cgroup = group
             self.applied.bandwidth_applied = True
@@ -144,7 +156,7 @@ class ProfileSandbox:
             self._cgroup.rmdir()
             self._cgroup = None
 
-    def __enter__(self) -> "ProfileSandbox":
+    def __enter__(self) -> ProfileSandbox:
         self.prepare()
         return self
 

@@ -4,19 +4,20 @@ A runner loads a compiled artifact from its path or from bytes in memory (the wa
 model arrives), describes its inputs and outputs by PyTorch forward() names when the weight map
 is known, casts inputs to the artifact's dtypes when that is lossless, runs, and closes.
 """
+
 from __future__ import annotations
 
 import json
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
-from device_runtime.errors import MntoolError
 from device_runtime import weight_map as weight_maps
+from device_runtime.errors import MntoolError
 from device_runtime.weight_map import IOSpec, WeightMap, WeightMapError
 
 RUNTIMES = ("litert", "onnxruntime", "coreml")
@@ -39,9 +40,7 @@ class RunnerConfig:
         if self.threads < 1:
             raise RunnerError(f"threads must be >= 1, got {self.threads}")
         if self.graph_optimization not in ORT_OPTIMIZATION_LEVELS:
-            raise RunnerError(
-                f"graph optimisation {self.graph_optimization!r} is not one of {ORT_OPTIMIZATION_LEVELS}"
-            )
+            raise RunnerError(f"graph optimisation {self.graph_optimization!r} is not one of {ORT_OPTIMIZATION_LEVELS}")
 
 
 def runtime_for(artifact: Path, weight_map: WeightMap | None = None) -> str:
@@ -101,9 +100,13 @@ class Runner(ABC):
             )
         arrays = []
         for spec in self.inputs:
-            value = cast_lossless(spec.name, feeds[spec.name] if spec.name in feeds else self.bound[spec.name], spec.dtype)
+            value = cast_lossless(
+                spec.name, feeds[spec.name] if spec.name in feeds else self.bound[spec.name], spec.dtype
+            )
             if value.shape != spec.shape:
-                raise RunnerError(f"input {spec.name!r}: shape {value.shape} does not match the artifact's {spec.shape}")
+                raise RunnerError(
+                    f"input {spec.name!r}: shape {value.shape} does not match the artifact's {spec.shape}"
+                )
             arrays.append(value)
         return arrays
 
@@ -115,7 +118,7 @@ class Runner(ABC):
     def close(self) -> None:  # noqa: B027 (a hook: runners holding nothing to release need not override it)
         """Release the interpreter/session; the runner is unusable afterwards."""
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -135,7 +138,9 @@ def _named_specs(kind: str, runtime_specs: list[IOSpec], declared: tuple[IOSpec,
         spec = by_alias.get(d.runtime_name)
         if spec is None:
             have = sorted(by_alias)
-            raise WeightMapError(f"weight map {kind} {d.name!r} names runtime tensor {d.runtime_name!r}, which the artifact lacks (has {have})")
+            raise WeightMapError(
+                f"weight map {kind} {d.name!r} names runtime tensor {d.runtime_name!r}, which the artifact lacks (has {have})"
+            )
         named.append(IOSpec(d.name, spec.runtime_name, spec.dtype, spec.shape))
     if len(named) != len(runtime_specs):
         raise WeightMapError(f"weight map lists {len(named)} {kind}s but the artifact has {len(runtime_specs)}")
@@ -181,7 +186,9 @@ class LiteRTRunner(Runner):
         in_details = self._interpreter.get_input_details()
         out_details = self._interpreter.get_output_details()
         self.inputs = _named_specs("input", self._specs(in_details, signature_names), weight_map and weight_map.inputs)
-        self.outputs = _named_specs("output", self._specs(out_details, signature_names), weight_map and weight_map.outputs)
+        self.outputs = _named_specs(
+            "output", self._specs(out_details, signature_names), weight_map and weight_map.outputs
+        )
         self._in_index = [self._index_of(s.runtime_name, in_details) for s in self.inputs]
         self._out_index = [self._index_of(s.runtime_name, out_details) for s in self.outputs]
 
@@ -251,15 +258,25 @@ class OnnxRuntimeRunner(Runner):
             self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own exception types for every load failure
             raise RunnerError(f"ONNX Runtime cannot load the model: {str(err).splitlines()[0]}") from None
-        self.inputs = _named_specs("input", [self._spec(a) for a in self._session.get_inputs()], weight_map and weight_map.inputs)
-        self.outputs = _named_specs("output", [self._spec(a) for a in self._session.get_outputs()], weight_map and weight_map.outputs)
+        self.inputs = _named_specs(
+            "input", [self._spec(a) for a in self._session.get_inputs()], weight_map and weight_map.inputs
+        )
+        self.outputs = _named_specs(
+            "output", [self._spec(a) for a in self._session.get_outputs()], weight_map and weight_map.outputs
+        )
         self._in_names = [s.runtime_name for s in self.inputs]
         self._out_names = [s.runtime_name for s in self.outputs]
 
     @staticmethod
     def _spec(arg) -> IOSpec:
-        dtype = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
-                 "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}.get(arg.type)
+        dtype = {
+            "tensor(float)": "float32",
+            "tensor(double)": "float64",
+            "tensor(float16)": "float16",
+            "tensor(int64)": "int64",
+            "tensor(int32)": "int32",
+            "tensor(bool)": "bool",
+        }.get(arg.type)
         if dtype is None:
             raise RunnerError(f"ONNX tensor {arg.name!r} has unsupported type {arg.type}")
         if not all(isinstance(d, int) for d in arg.shape):
@@ -280,7 +297,9 @@ class OnnxRuntimeRunner(Runner):
 class CoreMLRunner(Runner):
     runtime = "coreml"
 
-    def __init__(self, model: Path | bytes, config: RunnerConfig, weight_map: WeightMap | None, in_memory: bool) -> None:
+    def __init__(
+        self, model: Path | bytes, config: RunnerConfig, weight_map: WeightMap | None, in_memory: bool
+    ) -> None:
         if sys.platform != "darwin":
             raise RunnerError(
                 f"Core ML prediction needs macOS; this is {sys.platform} "
@@ -292,8 +311,12 @@ class CoreMLRunner(Runner):
 
         self._model = ct.models.MLModel(str(model), compute_units=ct.ComputeUnit.CPU_ONLY)
         spec = self._model.get_spec()
-        self.inputs = _named_specs("input", [self._spec(f) for f in spec.description.input], weight_map and weight_map.inputs)
-        self.outputs = _named_specs("output", [self._spec(f) for f in spec.description.output], weight_map and weight_map.outputs)
+        self.inputs = _named_specs(
+            "input", [self._spec(f) for f in spec.description.input], weight_map and weight_map.inputs
+        )
+        self.outputs = _named_specs(
+            "output", [self._spec(f) for f in spec.description.output], weight_map and weight_map.outputs
+        )
 
     @staticmethod
     def _spec(feature) -> IOSpec:
@@ -353,7 +376,9 @@ def open_runner(
     return runner
 
 
-def _adaptive_inputs(weight_map: WeightMap, files: Mapping[str, bytes | bytearray], root: Path | None) -> dict[str, np.ndarray]:
+def _adaptive_inputs(
+    weight_map: WeightMap, files: Mapping[str, bytes | bytearray], root: Path | None
+) -> dict[str, np.ndarray]:
     """Weights-as-inputs: each adaptive tensor's value from the artifact's flat file (in memory if
     given there, else on disk), in its PyTorch shape, ready to feed."""
     contents: dict[str, bytes | bytearray] = {}
@@ -405,7 +430,11 @@ def load_inputs(path: Path) -> dict[str, np.ndarray]:
 
 
 def run_artifact(
-    artifact: Path, inputs: Mapping[str, np.ndarray], *, runtime: str | None = None, config: RunnerConfig = RunnerConfig()
+    artifact: Path,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    runtime: str | None = None,
+    config: RunnerConfig = RunnerConfig(),
 ) -> dict[str, np.ndarray]:
     """Load `artifact` (with its weight map, if any) and run one inference on named inputs."""
     with open_runner(artifact, runtime=runtime, weight_map=find_weight_map(artifact), config=config) as runner:

@@ -4,6 +4,7 @@ Signatures are optional: a device that never passes a verify key never imports t
 Public keys are read from PEM (`mntool keygen` writes KEYBASE.pub) or as the raw 32 bytes a
 C/Swift app would embed; in memory they are always the raw 32 bytes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ writes it beside the artifact as `<artifact>.weightmap.json`; the patch builder 
 parameters out exactly as the artifact stores them; the device checks patches against it. It is
 plain JSON + numpy so that the device side can read it without torch. Format: docs/weight-map.md.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -103,7 +104,7 @@ class WeightMap:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WeightMap":
+    def from_dict(cls, d: dict) -> WeightMap:
         try:
             if d.get("format") != FORMAT_NAME:
                 raise WeightMapError(f"not a weight map (format={d.get('format')!r})")
@@ -117,12 +118,20 @@ class WeightMap:
                 files=tuple(d["files"]),
                 fingerprint=d["fingerprint"],
                 inputs=tuple(IOSpec(i["name"], i["runtime_name"], i["dtype"], tuple(i["shape"])) for i in d["inputs"]),
-                outputs=tuple(IOSpec(o["name"], o["runtime_name"], o["dtype"], tuple(o["shape"])) for o in d["outputs"]),
+                outputs=tuple(
+                    IOSpec(o["name"], o["runtime_name"], o["dtype"], tuple(o["shape"])) for o in d["outputs"]
+                ),
                 tensors=tuple(
                     TensorEntry(
-                        name=t["name"], shape=tuple(t["shape"]), file=t["file"], offset=_json_int(t, "offset"),
-                        nbytes=_json_int(t, "nbytes"), dtype=t["dtype"], layout=t["layout"],
-                        stored_shape=tuple(t["stored_shape"]), alignment=_json_int(t, "alignment"),
+                        name=t["name"],
+                        shape=tuple(t["shape"]),
+                        file=t["file"],
+                        offset=_json_int(t, "offset"),
+                        nbytes=_json_int(t, "nbytes"),
+                        dtype=t["dtype"],
+                        layout=t["layout"],
+                        stored_shape=tuple(t["stored_shape"]),
+                        alignment=_json_int(t, "alignment"),
                     )
                     for t in d["tensors"]
                 ),
@@ -132,13 +141,17 @@ class WeightMap:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise WeightMapError(f"malformed weight map: {type(err).__name__}: {err}") from None
-        if not (isinstance(wm.fingerprint, str) and len(wm.fingerprint) == 64 and set(wm.fingerprint) <= set("0123456789abcdef")):
+        if not (
+            isinstance(wm.fingerprint, str)
+            and len(wm.fingerprint) == 64
+            and set(wm.fingerprint) <= set("0123456789abcdef")
+        ):
             raise WeightMapError(f"weight map fingerprint {wm.fingerprint!r} is not a SHA-256 hex digest")
         wm.validate()
         return wm
 
     @classmethod
-    def from_json(cls, text: str) -> "WeightMap":
+    def from_json(cls, text: str) -> WeightMap:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as err:
@@ -184,7 +197,9 @@ class WeightMap:
             if t.layout == "transpose" and len(t.shape) != 2:
                 raise WeightMapError(f"{t.name}: transpose layout needs a 2-D tensor, got shape {t.shape}")
             if t.stored_shape != expect_stored:
-                raise WeightMapError(f"{t.name}: stored_shape {t.stored_shape} does not follow from {t.shape} + {t.layout}")
+                raise WeightMapError(
+                    f"{t.name}: stored_shape {t.stored_shape} does not follow from {t.shape} + {t.layout}"
+                )
             if t.nbytes != t.numel * DTYPES[t.dtype]:
                 raise WeightMapError(f"{t.name}: {t.nbytes} bytes does not hold {t.numel} x {t.dtype}")
             if t.offset < 0 or t.alignment < 1 or t.offset % t.alignment:
@@ -207,7 +222,9 @@ class WeightMap:
         for t in self.tensors:
             size = (root / t.file).stat().st_size
             if t.offset + t.nbytes > size:
-                raise WeightMapError(f"{t.name}: bytes [{t.offset}, {t.offset + t.nbytes}) lie outside {t.file} ({size} B)")
+                raise WeightMapError(
+                    f"{t.name}: bytes [{t.offset}, {t.offset + t.nbytes}) lie outside {t.file} ({size} B)"
+                )
 
 
 def _is_int(value) -> bool:
@@ -262,7 +279,9 @@ def sidecar_path(artifact: Path) -> Path:
 ARTIFACT_LABEL = "<artifact>"  # the name the main artifact file is hashed under
 
 
-def compute_fingerprint(files: dict[str, bytes], tensors: tuple[TensorEntry, ...] | list[TensorEntry], artifact: str) -> str:
+def compute_fingerprint(
+    files: dict[str, bytes], tensors: tuple[TensorEntry, ...] | list[TensorEntry], artifact: str
+) -> str:
     """SHA-256 over the artifact's files in name order with every adaptive byte range zeroed.
 
     Changing adaptive values (patching) leaves it unchanged, so a patched artifact can be patched

@@ -15,6 +15,7 @@ UAUC/NDCG@10 per model and the server's throughput and latency during the run.
     .venv/bin/python examples/fleet.py --ckpt runs/sasrec-mn --data ../shared/data/ml-100k
     .venv/bin/python examples/fleet.py --devices 50 --json   # trains runs/fleet/sasrec-mn first (minutes)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,7 +95,9 @@ def devices_of(dataset: DeviceDataset, users: np.ndarray) -> list[Device]:
         rank = dataset.test_rank.for_users([user])
         rows = dataset.test.for_users([user])
         assert len(rows) == group * len(rank), "pointwise rows must come in positive + negatives groups"
-        out.append(Device(int(user), request[int(user)], rank.history, rank.candidates, rows.history, rows.target, rows.label))
+        out.append(
+            Device(int(user), request[int(user)], rank.history, rank.candidates, rows.history, rows.target, rows.label)
+        )
     return out
 
 
@@ -148,8 +151,18 @@ def run_static(artifact: Path, devices: list[Device], group: int, desc: str) -> 
     return scores
 
 
-def run_refreshing(cfg: FleetConfig, artifact: Path, devices: list[Device], every: int | None, server: ServerProcess,
-                   root_pub: Path, recent_len: int, group: int, work: Path, desc: str) -> tuple[Scores, float]:
+def run_refreshing(
+    cfg: FleetConfig,
+    artifact: Path,
+    devices: list[Device],
+    every: int | None,
+    server: ServerProcess,
+    root_pub: Path,
+    recent_len: int,
+    group: int,
+    work: Path,
+    desc: str,
+) -> tuple[Scores, float]:
     """Every device refreshes its own artifact copy from the server (once, or every `every`
     positives) and scores the positives that follow each refresh with the patched model."""
 
@@ -161,8 +174,15 @@ def run_refreshing(cfg: FleetConfig, artifact: Path, devices: list[Device], ever
         step = every or device.positives
         try:
             for start in range(0, device.positives, step):
-                done = refresh(server.url, local, device.upload(start, recent_len), root_key=root_pub, token=TOKEN,
-                               device_id=f"ml100k-user-{device.user}", runner_config=RunnerConfig(threads=1))
+                done = refresh(
+                    server.url,
+                    local,
+                    device.upload(start, recent_len),
+                    root_key=root_pub,
+                    token=TOKEN,
+                    device_id=f"ml100k-user-{device.user}",
+                    runner_config=RunnerConfig(threads=1),
+                )
                 with done.runner as runner:
                     p, r = score_device(runner, device, start, min(start + step, device.positives), group)
                 pointwise.append(p)
@@ -175,7 +195,9 @@ def run_refreshing(cfg: FleetConfig, artifact: Path, devices: list[Device], ever
     scores = Scores()
     started = time.perf_counter()
     with ThreadPoolExecutor(cfg.concurrency) as pool:
-        for pointwise, ranking, timings in tqdm(pool.map(simulate, devices), total=len(devices), desc=desc, leave=False):
+        for pointwise, ranking, timings in tqdm(
+            pool.map(simulate, devices), total=len(devices), desc=desc, leave=False
+        ):
             scores.pointwise += pointwise
             scores.ranking += ranking
             for fetch, apply, attempts in timings:
@@ -193,13 +215,32 @@ def checkpoints(cfg: FleetConfig) -> tuple[Path, Path | None]:
         print(f"using the checkpoint trained by an earlier run: {ckpt}", file=sys.stderr)
     elif ckpt is None:
         ckpt = cfg.out / "sasrec-mn"
-        print(f"training a SASRec metanetwork checkpoint reading {cfg.history_len} clicks into {ckpt} (static first)",
-              file=sys.stderr)
+        print(
+            f"training a SASRec metanetwork checkpoint reading {cfg.history_len} clicks into {ckpt} (static first)",
+            file=sys.stderr,
+        )
         extra = (["--data", str(cfg.data)] if cfg.data else []) + (["--epochs", str(cfg.epochs)] if cfg.epochs else [])
         # frozen backbone: the fleet patches a deployed static model, which stays what an unpatched device runs
-        subprocess.run([sys.executable, "-m", "mntool.cli.main", "train", "--model", "sasrec", "--method", "metanetwork",
-                        "--frozen-backbone", "--history-len", str(cfg.history_len), "--out", str(ckpt), "--quiet", *extra],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mntool.cli.main",
+                "train",
+                "--model",
+                "sasrec",
+                "--method",
+                "metanetwork",
+                "--frozen-backbone",
+                "--history-len",
+                str(cfg.history_len),
+                "--out",
+                str(ckpt),
+                "--quiet",
+                *extra,
+            ],
+            check=True,
+        )
     static = cfg.static_ckpt
     if static is None:
         init = json.loads((ckpt / "metrics.json").read_text()).get("init")
@@ -228,15 +269,20 @@ def server_batches(server: ServerProcess) -> dict:
         return sum(float(v) for v in re.findall(pattern, text, re.M))
 
     batches = total(r"^mntool_batch_size_count(?:\{[^}]*\})? (\S+)$")
-    return {"patches": total(r'^mntool_requests_total\{[^}]*endpoint="/v1/patches",status="200"\} (\S+)$'),
-            "batches": batches, "mean_batch": total(r"^mntool_batch_size_sum(?:\{[^}]*\})? (\S+)$") / max(batches, 1)}
+    return {
+        "patches": total(r'^mntool_requests_total\{[^}]*endpoint="/v1/patches",status="200"\} (\S+)$'),
+        "batches": batches,
+        "mean_batch": total(r"^mntool_batch_size_sum(?:\{[^}]*\})? (\S+)$") / max(batches, 1),
+    }
 
 
 def cloud_keys(work: Path) -> Path:
     """The keys a deployment has: a root pair (its .pub ships in the app), an online pair that signs
     patches on the server, and the root-signed key list certifying the online key. Returns the root .pub."""
     root, online = keygen(work / "root"), keygen(work / "online")
-    key_list = certify_keys(load_signing_key(root.private), [raw_public_key(load_signing_key(online.private))], serial=1)
+    key_list = certify_keys(
+        load_signing_key(root.private), [raw_public_key(load_signing_key(online.private))], serial=1
+    )
     (work / "online.mnkeys").write_bytes(key_list)
     return root.public
 
@@ -249,7 +295,11 @@ def run(cfg: FleetConfig) -> dict:
     assert meta.config.method == "metanetwork", f"{ckpt_dir} is a {meta.config.method} checkpoint, not metanetwork"
     dataset = load_dataset(cfg.data, meta.protocol)
     assert dataset.n_items == meta.n_items, "the checkpoint was trained on other data"
-    users = np.sort(np.random.default_rng(cfg.seed).choice(dataset.device_users, min(cfg.devices, len(dataset.device_users)), replace=False))
+    users = np.sort(
+        np.random.default_rng(cfg.seed).choice(
+            dataset.device_users, min(cfg.devices, len(dataset.device_users)), replace=False
+        )
+    )
     devices = devices_of(dataset, users)
     group, recent_len = dataset.config.n_negatives + 1, dataset.config.recent_len
 
@@ -263,41 +313,74 @@ def run(cfg: FleetConfig) -> dict:
         if static_artifact is not None:
             results["static"] = run_static(static_artifact, devices, group, "static").metrics(devices, group)
         results["unpatched"] = run_static(artifact, devices, group, "unpatched").metrics(devices, group)
-        with ServerProcess.start(ckpt_dir, [artifact], "--signing-key", work / "online.key",
-                                 "--key-list", work / "online.mnkeys", "--token", TOKEN,
-                                 workers=cfg.workers) as server:
+        with ServerProcess.start(
+            ckpt_dir,
+            [artifact],
+            "--signing-key",
+            work / "online.key",
+            "--key-list",
+            work / "online.mnkeys",
+            "--token",
+            TOKEN,
+            workers=cfg.workers,
+        ) as server:
             for name, every in (("refreshed_once", None), (f"refreshed_every_{cfg.refresh_every}", cfg.refresh_every)):
-                scores, seconds = run_refreshing(cfg, artifact, devices, every, server, root_pub, recent_len, group, work, name)
+                scores, seconds = run_refreshing(
+                    cfg, artifact, devices, every, server, root_pub, recent_len, group, work, name
+                )
                 results[name] = scores.metrics(devices, group)
-                timings[name] = {"refreshes": len(scores.fetch_s), "seconds": seconds,
-                                 "refreshes_per_s": len(scores.fetch_s) / seconds, "retries": int(sum(scores.attempts)) - len(scores.attempts),
-                                 "fetch": percentiles(scores.fetch_s), "apply": percentiles(scores.apply_s)}
+                timings[name] = {
+                    "refreshes": len(scores.fetch_s),
+                    "seconds": seconds,
+                    "refreshes_per_s": len(scores.fetch_s) / seconds,
+                    "retries": int(sum(scores.attempts)) - len(scores.attempts),
+                    "fetch": percentiles(scores.fetch_s),
+                    "apply": percentiles(scores.apply_s),
+                }
             server_side = server_batches(server)
     finally:
         shutil.rmtree(work)
 
     fleet = dataset.for_users(users)
-    reference = evaluate_split(meta.model, fleet, "test", device_params_for(meta.model, "metanetwork", fleet, "test", meta.config, meta.meta))
+    reference = evaluate_split(
+        meta.model, fleet, "test", device_params_for(meta.model, "metanetwork", fleet, "test", meta.config, meta.meta)
+    )
     return {
-        "checkpoint": str(ckpt_dir), "static_checkpoint": str(static_dir) if static_dir else None, "target": cfg.target,
-        "devices": len(devices), "positives": int(sum(d.positives for d in devices)), "refresh_every": cfg.refresh_every,
-        "workers": cfg.workers, "concurrency": cfg.concurrency,
-        "online": results, "pytorch_refreshed_once": reference, "refresh_timings": timings, "server": server_side,
+        "checkpoint": str(ckpt_dir),
+        "static_checkpoint": str(static_dir) if static_dir else None,
+        "target": cfg.target,
+        "devices": len(devices),
+        "positives": int(sum(d.positives for d in devices)),
+        "refresh_every": cfg.refresh_every,
+        "workers": cfg.workers,
+        "concurrency": cfg.concurrency,
+        "online": results,
+        "pytorch_refreshed_once": reference,
+        "refresh_timings": timings,
+        "server": server_side,
     }
 
 
 def report(r: dict) -> str:
-    lines = [f"{r['devices']} devices, {r['positives']} test interactions, {r['target']} artifacts, "
-             f"server: {r['workers']} workers, {r['concurrency']} devices at a time",
-             f"{'model (compiled, scored on device)':40s} {'uauc':>7s} {'ndcg@10':>8s} {'auc':>7s} {'hr@10':>7s}"]
-    rows = [(name.replace("_", " "), m) for name, m in r["online"].items()] + [("pytorch offline (refreshed once)", r["pytorch_refreshed_once"])]
+    lines = [
+        f"{r['devices']} devices, {r['positives']} test interactions, {r['target']} artifacts, "
+        f"server: {r['workers']} workers, {r['concurrency']} devices at a time",
+        f"{'model (compiled, scored on device)':40s} {'uauc':>7s} {'ndcg@10':>8s} {'auc':>7s} {'hr@10':>7s}",
+    ]
+    rows = [(name.replace("_", " "), m) for name, m in r["online"].items()] + [
+        ("pytorch offline (refreshed once)", r["pytorch_refreshed_once"])
+    ]
     lines += [f"{name:40s} {m['uauc']:7.4f} {m['ndcg@10']:8.4f} {m['auc']:7.4f} {m['hr@10']:7.4f}" for name, m in rows]
     for name, t in r["refresh_timings"].items():
-        lines.append(f"{name.replace('_', ' ')}: {t['refreshes']} refreshes in {t['seconds']:.1f} s ({t['refreshes_per_s']:.0f}/s, "
-                     f"{t['retries']} retries); fetch p50 {t['fetch']['p50_ms']:.1f} ms p99 {t['fetch']['p99_ms']:.1f} ms; "
-                     f"verify+apply+reload p50 {t['apply']['p50_ms']:.1f} ms p99 {t['apply']['p99_ms']:.1f} ms")
+        lines.append(
+            f"{name.replace('_', ' ')}: {t['refreshes']} refreshes in {t['seconds']:.1f} s ({t['refreshes_per_s']:.0f}/s, "
+            f"{t['retries']} retries); fetch p50 {t['fetch']['p50_ms']:.1f} ms p99 {t['fetch']['p99_ms']:.1f} ms; "
+            f"verify+apply+reload p50 {t['apply']['p50_ms']:.1f} ms p99 {t['apply']['p99_ms']:.1f} ms"
+        )
     s = r["server"]
-    lines.append(f"server: {s['patches']:.0f} patches in {s['batches']:.0f} generator calls (mean batch {s['mean_batch']:.2f})")
+    lines.append(
+        f"server: {s['patches']:.0f} patches in {s['batches']:.0f} generator calls (mean batch {s['mean_batch']:.2f})"
+    )
     return "\n".join(lines)
 
 
@@ -312,13 +395,29 @@ def main() -> None:
     parser.add_argument("--refresh-every", type=int, default=FleetConfig.refresh_every)
     parser.add_argument("--workers", type=int, default=FleetConfig.workers)
     parser.add_argument("--concurrency", type=int, default=FleetConfig.concurrency)
-    parser.add_argument("--epochs", type=int, default=FleetConfig.epochs, help="when training here [default: early stopping]")
-    parser.add_argument("--history-len", type=int, default=FleetConfig.history_len, help="when training here: device window")
+    parser.add_argument(
+        "--epochs", type=int, default=FleetConfig.epochs, help="when training here [default: early stopping]"
+    )
+    parser.add_argument(
+        "--history-len", type=int, default=FleetConfig.history_len, help="when training here: device window"
+    )
     parser.add_argument("--seed", type=int, default=FleetConfig.seed)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     a = parser.parse_args()
-    cfg = FleetConfig(a.ckpt, a.static_ckpt, a.data, a.out, a.devices, a.target, a.refresh_every, a.workers,
-                      a.concurrency, a.epochs, a.history_len, a.seed)
+    cfg = FleetConfig(
+        a.ckpt,
+        a.static_ckpt,
+        a.data,
+        a.out,
+        a.devices,
+        a.target,
+        a.refresh_every,
+        a.workers,
+        a.concurrency,
+        a.epochs,
+        a.history_len,
+        a.seed,
+    )
     result = run(cfg)
     (cfg.out / "fleet.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if a.json else report(result))

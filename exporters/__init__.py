@@ -5,6 +5,7 @@ it writes the artifact and `<artifact>.weightmap.json` (docs/weight-map.md) and 
 patching fresh values through the weight map, that the artifact computes what PyTorch does.
 Importing this package is cheap: torch and the converters load inside `export`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ from the pass pipeline; constants under 10 elements, which coremltools writes in
 model.mlmodel, are moved into weight.bin when adaptive so every adaptive tensor is patchable.
 With precision="float16" the adaptive blobs are fp16.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,8 @@ from device_runtime.layout import ALIGNMENT, stored_values
 from device_runtime.weight_map import IOSpec, TensorEntry, WeightMap
 from exporters import prepare
 from exporters.errors import ConversionFailed, ExportError, first_line
-from exporters.locate import Constant, locate
 from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
+from exporters.locate import Constant, locate
 from exporters.quiet import quiet
 
 METADATA_KEY = "mntool.weightmap"
@@ -93,8 +94,10 @@ def convert(job: ExportJob) -> None:
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes(["common::const_deduplication"])  # it would merge equal tensors
     options = dict(
-        outputs=[ct.TensorType(name=n) for n in job.output_names], convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS16, pass_pipeline=pipeline,
+        outputs=[ct.TensorType(name=n) for n in job.output_names],
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS16,
+        pass_pipeline=pipeline,
         compute_precision=ct.precision.FLOAT16 if job.options.precision == "float16" else ct.precision.FLOAT32,
     )
     with quiet():
@@ -118,12 +121,18 @@ def convert(job: ExportJob) -> None:
     outputs = {f.name: f for f in spec.description.output}
 
     def io(name: str, feature) -> IOSpec:
-        return IOSpec(name, feature.name, _feature_dtype(feature), tuple(int(d) for d in feature.type.multiArrayType.shape))
+        return IOSpec(
+            name, feature.name, _feature_dtype(feature), tuple(int(d) for d in feature.type.multiArrayType.shape)
+        )
 
     job.inputs = [io(n, features[n]) for n in job.input_names]
     job.inputs += [io(n, features[prepare.input_name_of(n)]) for n in job.adaptive if job.mode == "inputs"]
     job.outputs = [io(n, outputs[n]) for n in job.output_names]
-    job.extra["coreml"] = {"precision": job.options.precision, "minimum_deployment_target": "iOS16", "frontend": frontend}
+    job.extra["coreml"] = {
+        "precision": job.options.precision,
+        "minimum_deployment_target": "iOS16",
+        "frontend": frontend,
+    }
 
 
 def find(job: ExportJob) -> None:
@@ -154,7 +163,9 @@ def _constants(root: Path) -> list[Constant]:
             continue
         if value.HasField("blobFileValue"):
             offset = value.blobFileValue.offset
-            data = reader.read_float_data(offset) if dtype == "float32" else reader.read_fp16_data(offset).view(np.float16)
+            data = (
+                reader.read_float_data(offset) if dtype == "float32" else reader.read_fp16_data(offset).view(np.float16)
+            )
         elif value.immediateValue.tensor.HasField("floats"):
             data = np.asarray(value.immediateValue.tensor.floats.values, np.float32)
         else:
@@ -190,11 +201,22 @@ def move_to_blobs(job: ExportJob) -> None:
         value = ops[p.key].attributes["val"]
         sentinel, code, nbytes, data_offset, _ = BLOB_METADATA.unpack_from(blobs, value.blobFileValue.offset)
         if sentinel != BLOB_SENTINEL or BLOB_DTYPES.get(code) != p.dtype or data_offset % ALIGNMENT:
-            raise ExportError(f"{p.name}: weight.bin blob at {value.blobFileValue.offset} is not a {p.dtype} blob (format changed?)")
-        job.tensors.append(TensorEntry(
-            p.name, tuple(job.base[p.name].shape), WEIGHT_FILE, data_offset, nbytes, p.dtype, p.layout, p.stored_shape,
-            ALIGNMENT,
-        ))
+            raise ExportError(
+                f"{p.name}: weight.bin blob at {value.blobFileValue.offset} is not a {p.dtype} blob (format changed?)"
+            )
+        job.tensors.append(
+            TensorEntry(
+                p.name,
+                tuple(job.base[p.name].shape),
+                WEIGHT_FILE,
+                data_offset,
+                nbytes,
+                p.dtype,
+                p.layout,
+                p.stored_shape,
+                ALIGNMENT,
+            )
+        )
     job.extra["coreml"]["consts"] = {p.name: p.key for p in job.placements}
 
 
@@ -231,14 +253,20 @@ def read_back(weight_map: WeightMap, files: Mapping[str, bytes | bytearray], wor
             shapes = {f.name: tuple(f.type.multiArrayType.shape) for f in spec.description.input}
             for t in weight_map.tensors:
                 if shapes.get(prepare.input_name_of(t.name)) != t.shape:
-                    raise ExportError(f"{t.name}: the Core ML model has no input {prepare.input_name_of(t.name)} of shape {t.shape}")
+                    raise ExportError(
+                        f"{t.name}: the Core ML model has no input {prepare.input_name_of(t.name)} of shape {t.shape}"
+                    )
             return stored_values(weight_map, files)
         reader = ct.libmilstoragepython._BlobStorageReader(str(copy / WEIGHT_FILE))
         ops = {op.outputs[0].name: op for op in _operations(spec) if op.type == "const"}
         out = {}
         for t in weight_map.tensors:
             offset = ops[weight_map.extra["coreml"]["consts"][t.name]].attributes["val"].blobFileValue.offset
-            data = reader.read_float_data(offset) if t.dtype == "float32" else reader.read_fp16_data(offset).view(np.float16)
+            data = (
+                reader.read_float_data(offset)
+                if t.dtype == "float32"
+                else reader.read_fp16_data(offset).view(np.float16)
+            )
             stored = np.asarray(data).reshape(t.stored_shape)
             out[t.name] = (stored.T if t.layout == "transpose" else stored).astype(np.float32)
         return out
@@ -248,7 +276,14 @@ def read_back(weight_map: WeightMap, files: Mapping[str, bytes | bytearray], wor
 
 def passes(options) -> list[Pass]:
     if options.adaptive_as_inputs:
-        return [Pass("convert", convert), Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
-                Pass("embed weight map", embed)]
-    return [Pass("convert", convert), Pass("locate", find), Pass("move adaptive consts to blobs", move_to_blobs),
-            Pass("embed weight map", embed)]
+        return [
+            Pass("convert", convert),
+            Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
+            Pass("embed weight map", embed),
+        ]
+    return [
+        Pass("convert", convert),
+        Pass("locate", find),
+        Pass("move adaptive consts to blobs", move_to_blobs),
+        Pass("embed weight map", embed),
+    ]

@@ -4,6 +4,7 @@ The `AdaptiveTensor*` errors name what a converter did to an adaptive tensor tha
 patch write the wrong bytes (or no bytes at all), or an adaptive tensor no patch could make a
 difference with (`AdaptiveTensorNoEffect`); `ProofMismatch` is the export-time proof failing.
 """
+
 from __future__ import annotations
 
 from device_runtime.errors import MntoolError

@@ -4,12 +4,13 @@ passes build on: the weight map copy embedded in the artifact and the "weights a
 Target modules (`tflite`, `onnx`, `coreml`) build their passes from this and the proof reads a
 job; `pipeline` runs the passes.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch.nn as nn
@@ -82,9 +83,15 @@ class ExportJob:
     def draft_weight_map(self) -> WeightMap:
         """The weight map as far as the passes so far know it (fingerprint not yet computed)."""
         return WeightMap(
-            target=self.target, artifact=self.artifact_name, files=tuple(self.files), fingerprint="",
-            inputs=tuple(self.inputs), outputs=tuple(self.outputs), tensors=tuple(self.tensors),
-            extra=self.extra, mode=self.mode,
+            target=self.target,
+            artifact=self.artifact_name,
+            files=tuple(self.files),
+            fingerprint="",
+            inputs=tuple(self.inputs),
+            outputs=tuple(self.outputs),
+            tensors=tuple(self.tensors),
+            extra=self.extra,
+            mode=self.mode,
         )
 
 
@@ -105,7 +112,7 @@ def embedded_weight_map(job: ExportJob) -> str:
 
 
 def lay_out_adaptive_inputs(job: ExportJob) -> None:
-    """"Weights as inputs" (every target): the adaptive values live in a flat file of aligned
+    """ "Weights as inputs" (every target): the adaptive values live in a flat file of aligned
     float32 tensors that the app reads (through the weight map) and feeds as inputs; patches
     write into it."""
     offset = 0
@@ -113,7 +120,9 @@ def lay_out_adaptive_inputs(job: ExportJob) -> None:
         shape = tuple(job.base[name].shape)
         offset = align(offset)
         nbytes = job.base[name].size * 4
-        job.tensors.append(TensorEntry(name, shape, job.adaptive_file, offset, nbytes, "float32", "identity", shape, ALIGNMENT))
+        job.tensors.append(
+            TensorEntry(name, shape, job.adaptive_file, offset, nbytes, "float32", "identity", shape, ALIGNMENT)
+        )
         offset += nbytes
     path = job.root / job.adaptive_file
     path.parent.mkdir(parents=True, exist_ok=True)

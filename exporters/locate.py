@@ -4,6 +4,7 @@ Each target lists its constants (read with the format's own schema, with how man
 each); `locate` matches the fingerprint values 1:1, as stored (identity) or as a 2-D transpose, and
 turns every other outcome into a named error: folded, duplicated, re-ordered, or missing.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -93,7 +94,9 @@ def _diagnose(name: str, value: np.ndarray, constants: list[Constant]) -> Except
             )
     for c in constants:
         if c.uses == 0 and c.values.size == value.size and np.array_equal(c.values, same(c)):
-            return AdaptiveTensorMissing(f"{name} ({shape}): only an unused copy ({c.key}) is left; the graph does not read it")
+            return AdaptiveTensorMissing(
+                f"{name} ({shape}): only an unused copy ({c.key}) is left; the graph does not read it"
+            )
     if any(c.values.size == value.size for c in constants):
         return AdaptiveTensorFolded(
             f"{name} ({shape}): no constant holds its values, but one of its size holds others: the converter "

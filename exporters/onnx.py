@@ -6,14 +6,15 @@ kept as nodes). The adaptive initializers, and only they, move to `<name>.onnx.a
 tensors included, stays inline. The model file is never ORT-optimised (that output is
 hardware-specific and renames/transposes initializers).
 """
+
 from __future__ import annotations
 
 from device_runtime.layout import ALIGNMENT, align
 from device_runtime.weight_map import IOSpec, TensorEntry
 from exporters import prepare
 from exporters.errors import ConversionFailed, first_line
-from exporters.locate import Constant, locate
 from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
+from exporters.locate import Constant, locate
 from exporters.quiet import quiet
 
 METADATA_KEY = "mntool.weightmap"
@@ -22,8 +23,13 @@ METADATA_KEY = "mntool.weightmap"
 def _dtypes() -> dict[int, str]:
     from onnx import TensorProto
 
-    return {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT64: "int64",
-            TensorProto.INT32: "int32", TensorProto.BOOL: "bool"}
+    return {
+        TensorProto.FLOAT: "float32",
+        TensorProto.FLOAT16: "float16",
+        TensorProto.INT64: "int64",
+        TensorProto.INT32: "int32",
+        TensorProto.BOOL: "bool",
+    }
 
 
 def _load(job: ExportJob):
@@ -60,7 +66,9 @@ def convert(job: ExportJob) -> None:
 
     for value in [*proto.graph.input, *proto.graph.output]:
         if any(not d.HasField("dim_value") for d in value.type.tensor_type.shape.dim):
-            raise ConversionFailed(f"ONNX {value.name!r} has a data-dependent shape; mntool artifacts have static shapes")
+            raise ConversionFailed(
+                f"ONNX {value.name!r} has a data-dependent shape; mntool artifacts have static shapes"
+            )
     graph_inputs = {v.name: v for v in proto.graph.input}
     job.inputs = [spec(n, graph_inputs[n]) for n in job.input_names]
     if job.mode == "inputs":
@@ -112,10 +120,19 @@ def externalise(job: ExportJob) -> None:
         set_external_data(init, location=job.adaptive_file, offset=offset, length=len(raw))
         init.ClearField("raw_data")
         init.data_location = TensorProto.EXTERNAL
-        job.tensors.append(TensorEntry(
-            p.name, tuple(job.base[p.name].shape), job.adaptive_file, offset, len(raw), p.dtype, p.layout,
-            p.stored_shape, ALIGNMENT,
-        ))
+        job.tensors.append(
+            TensorEntry(
+                p.name,
+                tuple(job.base[p.name].shape),
+                job.adaptive_file,
+                offset,
+                len(raw),
+                p.dtype,
+                p.layout,
+                p.stored_shape,
+                ALIGNMENT,
+            )
+        )
     (job.root / job.adaptive_file).write_bytes(bytes(data))
     job.files.append(job.adaptive_file)
     job.extra["onnx"] = {"initializers": {p.name: p.key for p in job.placements}}
@@ -139,8 +156,14 @@ def embedded(artifact_bytes: bytes) -> str | None:
 
 def passes(options) -> list[Pass]:
     if options.adaptive_as_inputs:
-        return [Pass("convert", convert), Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
-                Pass("embed weight map", embed)]
-    return [Pass("convert", convert), Pass("locate", find), Pass("externalise adaptive initializers", externalise),
-            Pass("embed weight map", embed)]
-
+        return [
+            Pass("convert", convert),
+            Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
+            Pass("embed weight map", embed),
+        ]
+    return [
+        Pass("convert", convert),
+        Pass("locate", find),
+        Pass("externalise adaptive initializers", externalise),
+        Pass("embed weight map", embed),
+    ]

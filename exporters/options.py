@@ -2,6 +2,7 @@
 
 Every target takes the same options, so `export(..., **options)` is one signature for all.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,7 @@ class ExportOptions:
             raise ExportError(f"atol must be > 0, got {self.atol}")
 
     @classmethod
-    def from_kwargs(cls, options: dict) -> "ExportOptions":
+    def from_kwargs(cls, options: dict) -> ExportOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:

@@ -5,13 +5,14 @@ Each target module contributes its passes (convert, locate, relocate, embed). Th
 built in a hidden staging directory inside `out_dir` and moved into place only after the last
 pass, so a failed export leaves nothing behind and an earlier artifact of the same name untouched.
 """
+
 from __future__ import annotations
 
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
@@ -30,7 +31,9 @@ def seal(job: ExportJob) -> None:
     """Fingerprint the final files and fix the weight map."""
     wm = job.draft_weight_map()
     wm.validate()
-    fingerprint = weight_maps.compute_fingerprint(weight_maps.read_artifact_files(job.artifact, wm.files), wm.tensors, wm.artifact)
+    fingerprint = weight_maps.compute_fingerprint(
+        weight_maps.read_artifact_files(job.artifact, wm.files), wm.tensors, wm.artifact
+    )
     job.weight_map = WeightMap(**{**wm.__dict__, "fingerprint": fingerprint})
 
 
@@ -71,10 +74,18 @@ def run_export(model, example_inputs, adaptive, target: str, out_dir: Path, opti
     passes = target_passes + [p for p in COMMON_PASSES if options.verify or p.name != "prove"]
     with staging(Path(out_dir)) as stage:
         job = ExportJob(
-            target=target, model=model, example_inputs=example_inputs, adaptive=adaptive, options=options,
-            stage=stage, input_names=names, output_names=prepare.output_names(len(outputs), options.output_names),
+            target=target,
+            model=model,
+            example_inputs=example_inputs,
+            adaptive=adaptive,
+            options=options,
+            stage=stage,
+            input_names=names,
+            output_names=prepare.output_names(len(outputs), options.output_names),
             base=prepare.static_values(model, adaptive),
-            fingerprints={} if options.adaptive_as_inputs else prepare.fingerprint_values(model, adaptive, options.seed),
+            fingerprints={}
+            if options.adaptive_as_inputs
+            else prepare.fingerprint_values(model, adaptive, options.seed),
         )
         bar = tqdm(passes, desc=f"export {target}", unit="pass", disable=not options.progress, leave=False)
         for p in bar:

@@ -2,12 +2,13 @@
 inputs and outputs, fill the adaptive parameters with fingerprint values, and (for the
 "weights as inputs" mode) wrap the model so the adaptive tensors are inputs.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import inspect
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -71,20 +72,26 @@ def io_specs(names: list[str], tensors: list[torch.Tensor]) -> list[IOSpec]:
     return [IOSpec(n, n, TORCH_DTYPES[t.dtype], tuple(t.shape)) for n, t in zip(names, tensors)]
 
 
-def run_model(model: nn.Module, example_inputs: tuple, params: dict[str, np.ndarray] | None = None) -> list[torch.Tensor]:
+def run_model(
+    model: nn.Module, example_inputs: tuple, params: dict[str, np.ndarray] | None = None
+) -> list[torch.Tensor]:
     """The model's outputs as a flat list, optionally with some parameters replaced."""
     try:
         with torch.no_grad():
             if params is None:
                 out = model(*example_inputs)
             else:
-                out = torch.func.functional_call(model, {n: torch.from_numpy(v) for n, v in params.items()}, example_inputs)
+                out = torch.func.functional_call(
+                    model, {n: torch.from_numpy(v) for n, v in params.items()}, example_inputs
+                )
     except Exception as err:  # the user's forward() on the user's inputs
         raise ExportError(f"{type(model).__name__}.forward() fails on the example inputs: {first_line(err)}") from None
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     for i, o in enumerate(outs):
         if not isinstance(o, torch.Tensor) or o.dtype not in TORCH_DTYPES:
-            raise ExportError(f"forward() output {i} is {type(o).__name__}; outputs must be tensors (or a tuple of them)")
+            raise ExportError(
+                f"forward() output {i} is {type(o).__name__}; outputs must be tensors (or a tuple of them)"
+            )
     return outs
 
 
@@ -105,7 +112,9 @@ def fingerprint_values(model: nn.Module, adaptive: list[str], seed: int) -> dict
     rng = np.random.default_rng(seed)
     values = np.empty(0, np.float32)
     while values.size < sum(sizes):
-        fresh = rng.uniform(0.25, 1.0, sum(sizes)).astype(np.float32) * rng.choice([-1, 1], sum(sizes)).astype(np.float32)
+        fresh = rng.uniform(0.25, 1.0, sum(sizes)).astype(np.float32) * rng.choice([-1, 1], sum(sizes)).astype(
+            np.float32
+        )
         values = np.unique(np.concatenate([values, fresh]))
     values = rng.permutation(values)[: sum(sizes)]
     out, start = {}, 0

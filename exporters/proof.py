@@ -11,6 +11,7 @@ tensor whose bytes are misplaced, or which does not reach the output, cannot pas
 every tensor patched at once. Core ML cannot run off macOS: its copy is read back with coremltools
 (`exporters.coreml.read_back`) and the figures say that this is a read-back, not a proof.
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,7 +40,9 @@ def patched_files(artifact: Path, wm: WeightMap, values: dict[str, np.ndarray]) 
     """The artifact's files (name -> bytes) with `values` written in as a patch, nothing on disk changed."""
     files = {name: bytearray(data) for name, data in weight_maps.read_artifact_files(artifact, wm.files).items()}
     now = int(time.time())
-    patch = pack_patch(wm, stored_tensors(wm, values), Freshness(sequence=1, issued_at=now, expires_at=now + PATCH_LIFETIME_S))
+    patch = pack_patch(
+        wm, stored_tensors(wm, values), Freshness(sequence=1, issued_at=now, expires_at=now + PATCH_LIFETIME_S)
+    )
     return {name: bytes(data) for name, data in apply_patch_bytes(files, patch, wm).items()}
 
 
@@ -93,7 +96,9 @@ def prove(job: ExportJob) -> dict:
     sets = input_sets(job.model, job.example_inputs, job.options.seed)
     want_base = _torch_outputs(job, sets, job.base)
     if not all(np.isfinite(o).all() for o in want_base[0]):
-        raise ExportError(f"{type(job.model).__name__}.forward() returns NaN or Inf on the example inputs: nothing can be proven")
+        raise ExportError(
+            f"{type(job.model).__name__}.forward() returns NaN or Inf on the example inputs: nothing can be proven"
+        )
     want_one = {}
     for name in job.adaptive:
         want_one[name] = _torch_outputs(job, sets, {**job.base, name: fresh[name]})
@@ -108,22 +113,33 @@ def prove(job: ExportJob) -> dict:
     return _read_back(job, fresh)
 
 
-def _prove_by_running(job: ExportJob, sets: list[tuple], fresh: dict[str, np.ndarray], want_base: Outputs,
-                      want_one: dict[str, Outputs]) -> dict:
+def _prove_by_running(
+    job: ExportJob, sets: list[tuple], fresh: dict[str, np.ndarray], want_base: Outputs, want_one: dict[str, Outputs]
+) -> dict:
     wm, atol, target = job.weight_map, job.options.atol, job.target
     got_base = _compiled_outputs(job, weight_maps.read_artifact_files(job.artifact, wm.files), sets)
     for spec, actual, expected in zip(wm.outputs, got_base[0], want_base[0]):
         if actual.shape != expected.shape:
-            raise ProofMismatch(f"output {spec.name!r}: the artifact returns shape {actual.shape}, PyTorch {expected.shape}")
+            raise ProofMismatch(
+                f"output {spec.name!r}: the artifact returns shape {actual.shape}, PyTorch {expected.shape}"
+            )
     base_error = _max_diff(got_base, want_base)
-    got_one = {name: _compiled_outputs(job, patched_files(job.artifact, wm, {**job.base, name: fresh[name]}), sets)
-               for name in job.adaptive}
+    got_one = {
+        name: _compiled_outputs(job, patched_files(job.artifact, wm, {**job.base, name: fresh[name]}), sets)
+        for name in job.adaptive
+    }
     if not base_error <= atol:
-        suspects = [n for n in job.adaptive
-                    if not _max_diff(_delta(got_one[n], got_base), _delta(want_one[n], want_base)) <= atol]
-        cause = (f"patching {', '.join(suspects)} alone moves its output differently from PyTorch's: the weight map "
-                 "misplaces one of them, or the converter changed the model" if suspects
-                 else "the converter changed what the model computes")
+        suspects = [
+            n
+            for n in job.adaptive
+            if not _max_diff(_delta(got_one[n], got_base), _delta(want_one[n], want_base)) <= atol
+        ]
+        cause = (
+            f"patching {', '.join(suspects)} alone moves its output differently from PyTorch's: the weight map "
+            "misplaces one of them, or the converter changed the model"
+            if suspects
+            else "the converter changed what the model computes"
+        )
         raise ProofMismatch(
             f"{target} artifact with its static values differs from PyTorch by {base_error:.3g} (> {atol:g}): {cause}"
         )
@@ -142,14 +158,24 @@ def _prove_by_running(job: ExportJob, sets: list[tuple], fresh: dict[str, np.nda
                 f"PyTorch's by {_max_diff(want_one[name], want_base):.3g}: the patch does not reach the compiled model"
             )
         error = max(error, one_error)
-    all_error = _max_diff(_compiled_outputs(job, patched_files(job.artifact, wm, fresh), sets), _torch_outputs(job, sets, fresh))
+    all_error = _max_diff(
+        _compiled_outputs(job, patched_files(job.artifact, wm, fresh), sets), _torch_outputs(job, sets, fresh)
+    )
     if not all_error <= atol:
         raise ProofMismatch(
             f"{target} artifact with every adaptive tensor patched differs from PyTorch by {all_error:.3g} (> {atol:g}) "
             "though each alone matches: the tensors' patches interfere"
         )
-    return {"method": "run", "proven": True, "runtime": _runtime(target), "max_abs_error": max(error, all_error),
-            "base_max_abs_error": base_error, "atol": atol, "input_sets": len(sets), "min_effect": min(effects.values())}
+    return {
+        "method": "run",
+        "proven": True,
+        "runtime": _runtime(target),
+        "max_abs_error": max(error, all_error),
+        "base_max_abs_error": base_error,
+        "atol": atol,
+        "input_sets": len(sets),
+        "min_effect": min(effects.values()),
+    }
 
 
 def _read_back(job: ExportJob, fresh: dict[str, np.ndarray]) -> dict:
@@ -164,13 +190,24 @@ def _read_back(job: ExportJob, fresh: dict[str, np.ndarray]) -> dict:
                 raise ProofMismatch(f"coreml: {name} read back through coremltools is not what the {label} patch wrote")
         errors[label] = max(float(np.max(np.abs(read[n] - v), initial=0.0)) for n, v in vals.items())
     if wm.mode == "inputs":
-        note = ("read-back, not a proof: nothing ran (no Core ML runtime on this OS); the values file was read back "
-                "through the weight map itself and the model's inputs matched by name and shape")
+        note = (
+            "read-back, not a proof: nothing ran (no Core ML runtime on this OS); the values file was read back "
+            "through the weight map itself and the model's inputs matched by name and shape"
+        )
     else:
-        note = ("read-back, not a proof: nothing ran (no Core ML runtime on this OS); the patched blobs were read with "
-                "coremltools at the offsets the model spec gives, independently of the weight map")
-    return {"method": "read-back", "proven": False, "note": note, "runtime": "coremltools (no Core ML runtime on this OS)",
-            "max_abs_error": errors["patched"], "base_max_abs_error": errors["base"], "atol": job.options.atol}
+        note = (
+            "read-back, not a proof: nothing ran (no Core ML runtime on this OS); the patched blobs were read with "
+            "coremltools at the offsets the model spec gives, independently of the weight map"
+        )
+    return {
+        "method": "read-back",
+        "proven": False,
+        "note": note,
+        "runtime": "coremltools (no Core ML runtime on this OS)",
+        "max_abs_error": errors["patched"],
+        "base_max_abs_error": errors["base"],
+        "atol": job.options.atol,
+    }
 
 
 def _runtime(target: str) -> str:

@@ -3,6 +3,7 @@
 The converters print from Python loggers, `warnings`, rich consoles and C++ (straight to file
 descriptors 1 and 2), so silencing them means redirecting the descriptors while they run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ import os
 import sys
 import tempfile
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 # Loggers that warn on import about things that do not concern an export (coremltools: no
 # macOS runtime here, untested torch/sklearn versions; torchao: optional CUDA kernels).

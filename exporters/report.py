@@ -3,6 +3,7 @@
 Read from the artifact's files and weight map alone, so the CLI, the benchmark and the docs
 report the same numbers.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -31,7 +32,9 @@ class ArtifactSummary:
 
     def line(self) -> str:
         proof = "not proven (--no-verify)"
-        if self.proof and self.proof.get("proven", self.proof["method"] == "run"):  # sidecars before "proven": run = proof
+        if self.proof and self.proof.get(
+            "proven", self.proof["method"] == "run"
+        ):  # sidecars before "proven": run = proof
             proof = f"proof max abs error {self.proof['max_abs_error']:.2g} ({self.proof['method']}, {self.proof['runtime']})"
         elif self.proof:
             note = self.proof.get("note", "read-back, not a proof")
@@ -47,8 +50,12 @@ def summarize(artifact: Path) -> ArtifactSummary:
     wm = weight_maps.load(artifact)
     root = weight_maps.artifact_root(artifact)
     return ArtifactSummary(
-        target=wm.target, mode=wm.mode, artifact=str(artifact), weight_map=str(weight_maps.sidecar_path(artifact)),
+        target=wm.target,
+        mode=wm.mode,
+        artifact=str(artifact),
+        weight_map=str(weight_maps.sidecar_path(artifact)),
         total_bytes=sum((root / f).stat().st_size for f in wm.files),
-        adaptive_bytes=sum(t.nbytes for t in wm.tensors), adaptive_tensors=len(wm.tensors),
+        adaptive_bytes=sum(t.nbytes for t in wm.tensors),
+        adaptive_tensors=len(wm.tensors),
         proof=wm.extra.get("proof"),
     )

@@ -6,6 +6,7 @@ is emptied and pointed (`Buffer.offset/size`, the schema's external-buffer field
 contiguous, 64-aligned region at the end of the file, so a patch is one contiguous write; the
 weight map JSON follows the region as the model's "mntool.weightmap" metadata.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,8 @@ from device_runtime.layout import ALIGNMENT, align
 from device_runtime.weight_map import IOSpec, TensorEntry
 from exporters import prepare
 from exporters.errors import ConversionFailed, first_line
-from exporters.locate import Constant, locate
 from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
+from exporters.locate import Constant, locate
 from exporters.quiet import quiet
 
 METADATA_NAME = "mntool.weightmap"
@@ -160,10 +161,19 @@ def lay_out_tail(job: ExportJob) -> None:
         offset = align(len(data))
         data.extend(bytes(offset - len(data)) + payloads[p.key])
         flatbuffer_utils.update_packed_buffer(packed.Buffers(p.key), offset, len(payloads[p.key]))
-        job.tensors.append(TensorEntry(
-            p.name, tuple(job.base[p.name].shape), job.artifact_name, offset, len(payloads[p.key]),
-            p.dtype, p.layout, p.stored_shape, ALIGNMENT,
-        ))
+        job.tensors.append(
+            TensorEntry(
+                p.name,
+                tuple(job.base[p.name].shape),
+                job.artifact_name,
+                offset,
+                len(payloads[p.key]),
+                p.dtype,
+                p.layout,
+                p.stored_shape,
+                ALIGNMENT,
+            )
+        )
     if job.placements:
         job.extra["tflite"]["adaptive_region"] = [start, len(data)]
     job.artifact.write_bytes(bytes(data))
@@ -175,8 +185,11 @@ def embed(job: ExportJob) -> None:
 
     data = bytearray(job.artifact.read_bytes())
     packed = _schema().Model.GetRootAs(data, 0)
-    index = next(packed.Metadata(i).Buffer() for i in range(packed.MetadataLength())
-                 if packed.Metadata(i).Name().decode() == METADATA_NAME)
+    index = next(
+        packed.Metadata(i).Buffer()
+        for i in range(packed.MetadataLength())
+        if packed.Metadata(i).Name().decode() == METADATA_NAME
+    )
     text = embedded_weight_map(job).encode()
     flatbuffer_utils.update_packed_buffer(packed.Buffers(index), len(data), len(text))
     job.artifact.write_bytes(bytes(data + text))
@@ -194,7 +207,15 @@ def embedded(artifact_bytes: bytes) -> str | None:
 
 def passes(options) -> list[Pass]:
     if options.adaptive_as_inputs:
-        return [Pass("convert", convert), Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
-                Pass("lay out tail", lay_out_tail), Pass("embed weight map", embed)]
-    return [Pass("convert", convert), Pass("locate", find), Pass("lay out tail", lay_out_tail),
-            Pass("embed weight map", embed)]
+        return [
+            Pass("convert", convert),
+            Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
+            Pass("lay out tail", lay_out_tail),
+            Pass("embed weight map", embed),
+        ]
+    return [
+        Pass("convert", convert),
+        Pass("locate", find),
+        Pass("lay out tail", lay_out_tail),
+        Pass("embed weight map", embed),
+    ]

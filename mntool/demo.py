@@ -3,6 +3,7 @@ artifacts -> signed per-device patches -> scores from the compiled, patched mode
 -> a report. `run_demo(out_dir)` is what `mntool demo` (and `make demo`) runs; every stage reuses
 what an earlier run left in `out_dir` when its inputs have not changed (`fresh=True` rebuilds).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,10 +13,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from rich.console import Console
@@ -56,17 +57,32 @@ class DemoConfig:
         for name in ("users", "train_users"):
             if getattr(self, name) < 0:
                 raise DemoError(f"{name} must be >= 0 (0 = all), got {getattr(self, name)}")
-        for name in ("history_len", "static_epochs", "metanetwork_epochs", "batch", "bench_runs", "bench_loads", "threads"):
+        for name in (
+            "history_len",
+            "static_epochs",
+            "metanetwork_epochs",
+            "batch",
+            "bench_runs",
+            "bench_loads",
+            "threads",
+        ):
             if getattr(self, name) < 1:
                 raise DemoError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.bench_warmup < 0:
             raise DemoError(f"bench_warmup must be >= 0, got {self.bench_warmup}")
 
     @classmethod
-    def quick(cls) -> "DemoConfig":
+    def quick(cls) -> DemoConfig:
         """Smoke-test settings: 120 training users, one epoch each, 24 scored users, short benchmarks."""
-        return cls(users=24, static_epochs=1, metanetwork_epochs=1, train_users=120, bench_runs=60, bench_warmup=10,
-                   bench_loads=3)
+        return cls(
+            users=24,
+            static_epochs=1,
+            metanetwork_epochs=1,
+            train_users=120,
+            bench_runs=60,
+            bench_warmup=10,
+            bench_loads=3,
+        )
 
 
 # ---- stage log ----------------------------------------------------------------------------------
@@ -88,7 +104,9 @@ class StageLog:
         yield record
         record["seconds"] = time.perf_counter() - t0
         self.records.append(record)
-        done = "[green]✓[/]" if not record["cached"] else f"[green]✓ reused (built in {record['reused_seconds']:.0f} s)[/]"
+        done = (
+            "[green]✓[/]" if not record["cached"] else f"[green]✓ reused (built in {record['reused_seconds']:.0f} s)[/]"
+        )
         note = f"  [dim]{record['note']}[/]" if record["note"] else ""
         self.console.print(f"      {done} {name} [bold]{record['seconds']:.1f} s[/]{note}")
 
@@ -126,7 +144,9 @@ def dataset_key(dataset) -> str:
         for a in (rows.user, rows.target, rows.label, rows.history, rows.recent):
             h.update(np.ascontiguousarray(a).tobytes())
     h.update(np.ascontiguousarray(dataset.test_rank.candidates).tobytes())
-    return _key(arrays=h.hexdigest(), n_items=dataset.n_items, protocol=asdict(dataset.config), version=dataset.protocol_version)
+    return _key(
+        arrays=h.hexdigest(), n_items=dataset.n_items, protocol=asdict(dataset.config), version=dataset.protocol_version
+    )
 
 
 def versions() -> dict[str, str]:
@@ -172,14 +192,30 @@ def load_data(data_dir: Path | None, cfg: DemoConfig, log: Callable[[str], None]
     return dataset
 
 
-def train_cached(dataset, data_key: str, method: str, epochs: int, cfg: DemoConfig, out: Path, fresh: bool,
-                 progress: bool, record: dict, init: Path | None = None, init_key: str = "") -> tuple[Path, str]:
+def train_cached(
+    dataset,
+    data_key: str,
+    method: str,
+    epochs: int,
+    cfg: DemoConfig,
+    out: Path,
+    fresh: bool,
+    progress: bool,
+    record: dict,
+    init: Path | None = None,
+    init_key: str = "",
+) -> tuple[Path, str]:
     """A checkpoint of `method` in `out`, trained unless one from the same inputs is there."""
     from mntool.models import BackboneConfig
     from mntool.train import TrainConfig, train
 
-    train_cfg = TrainConfig(model="sasrec", method=method, epochs=epochs, seed=cfg.seed,
-                            backbone=BackboneConfig(max_history=cfg.history_len))
+    train_cfg = TrainConfig(
+        model="sasrec",
+        method=method,
+        epochs=epochs,
+        seed=cfg.seed,
+        backbone=BackboneConfig(max_history=cfg.history_len),
+    )
     key = _key(train=train_cfg.to_dict(), data=data_key, init=init_key)
     stamp = read_stamp(out / STAMP, key, fresh)
     if stamp:
@@ -192,13 +228,23 @@ def train_cached(dataset, data_key: str, method: str, epochs: int, cfg: DemoConf
         stamp = {"seconds": time.perf_counter() - t0}
         write_stamp(out / STAMP, key, stamp["seconds"])
     metrics = json.loads((out / "metrics.json").read_text())
-    record["note"] = (f"{out}: {len(metrics['train']['epochs'])} epoch(s), test UAUC {metrics['test']['uauc']:.4f} "
-                      f"(all {len(dataset.device_users)} users, PyTorch)")
+    record["note"] = (
+        f"{out}: {len(metrics['train']['epochs'])} epoch(s), test UAUC {metrics['test']['uauc']:.4f} "
+        f"(all {len(dataset.device_users)} users, PyTorch)"
+    )
     return out, key
 
 
-def export_cached(ckpt_dir: Path, ckpt_key: str, targets: tuple[str, ...], cfg: DemoConfig, out: Path, fresh: bool,
-                  progress: bool, record: dict) -> tuple[dict[str, Path], int]:
+def export_cached(
+    ckpt_dir: Path,
+    ckpt_key: str,
+    targets: tuple[str, ...],
+    cfg: DemoConfig,
+    out: Path,
+    fresh: bool,
+    progress: bool,
+    record: dict,
+) -> tuple[dict[str, Path], int]:
     """Artifacts of a checkpoint's device model for `targets` in `out` (batch `cfg.batch`);
     each target is re-exported only if its checkpoint or settings changed. Returns (artifacts,
     how many were reused)."""
@@ -218,8 +264,15 @@ def export_cached(ckpt_dir: Path, ckpt_key: str, targets: tuple[str, ...], cfg: 
         else:
             t0 = time.perf_counter()
             ckpt = ckpt or load_checkpoint(ckpt_dir)
-            export(ckpt.model, ckpt.example_inputs(batch=cfg.batch), ckpt.adaptive, target, out,
-                   output_names=("logits",), progress=progress)
+            export(
+                ckpt.model,
+                ckpt.example_inputs(batch=cfg.batch),
+                ckpt.adaptive,
+                target,
+                out,
+                output_names=("logits",),
+                progress=progress,
+            )
             write_stamp(stamp_file, key, time.perf_counter() - t0)
         artifacts[target] = artifact
     return artifacts, reused
@@ -237,15 +290,16 @@ class DeviceModel:
     files: dict[str, bytes]
 
     @classmethod
-    def load(cls, artifact: Path) -> "DeviceModel":
+    def load(cls, artifact: Path) -> DeviceModel:
         wm = weight_maps.load(artifact)
         return cls(artifact, wm, weight_maps.read_artifact_files(artifact, wm.files))
 
     def apply(self, patch: bytes, verify_key: bytes) -> dict[str, bytes | bytearray]:
         from device_runtime.patch import TrustPolicy, apply_patch_bytes
 
-        return apply_patch_bytes(self.files, patch, self.weight_map, policy=TrustPolicy(verify_key=verify_key),
-                                 check_artifact=False)
+        return apply_patch_bytes(
+            self.files, patch, self.weight_map, policy=TrustPolicy(verify_key=verify_key), check_artifact=False
+        )
 
     def open(self, files: dict[str, bytes | bytearray] | None = None):
         from device_runtime.runners import open_runner
@@ -281,12 +335,16 @@ class Scores:
     ranking: np.ndarray
 
     @classmethod
-    def empty(cls, test: TestPeriod) -> "Scores":
+    def empty(cls, test: TestPeriod) -> Scores:
         return cls(np.zeros(len(test.rows), np.float32), np.zeros(test.rank.candidates.shape, np.float32))
 
-    def max_abs_error(self, other: "Scores") -> float:
-        return float(max(np.abs(self.pointwise.astype(np.float64) - other.pointwise).max(),
-                         np.abs(self.ranking.astype(np.float64) - other.ranking).max()))
+    def max_abs_error(self, other: Scores) -> float:
+        return float(
+            max(
+                np.abs(self.pointwise.astype(np.float64) - other.pointwise).max(),
+                np.abs(self.ranking.astype(np.float64) - other.ranking).max(),
+            )
+        )
 
     def metrics(self, test: TestPeriod) -> dict:
         from mntool.metrics import evaluate
@@ -323,8 +381,10 @@ def pytorch_scores(model, test: TestPeriod, device_params) -> Scores:
     """The same rows scored by PyTorch (`mntool.train.score_rows`), per-user parameters or none."""
     from mntool.train import score_rows
 
-    return Scores(score_rows(model, test.rows.history, test.rows.target, test.rows.user, device_params),
-                  score_rows(model, test.rank.history, test.rank.candidates, test.rank.user, device_params))
+    return Scores(
+        score_rows(model, test.rows.history, test.rows.target, test.rows.user, device_params),
+        score_rows(model, test.rank.history, test.rank.candidates, test.rank.user, device_params),
+    )
 
 
 def per_user_auc(test: TestPeriod, scores: Scores, users: np.ndarray) -> list[float]:
@@ -353,9 +413,18 @@ def demo_keys(keybase: Path):
     return load_signing_key(Path(f"{keybase}.key")), load_public_key(Path(f"{keybase}.pub"))
 
 
-def personalise_and_score(dataset, users: np.ndarray, recent: np.ndarray, static_dir: Path, mn_dir: Path,
-                          artifacts: dict[str, dict[str, Path]], cfg: DemoConfig, out: Path, progress: bool,
-                          log: Callable[[str], None]) -> dict:
+def personalise_and_score(
+    dataset,
+    users: np.ndarray,
+    recent: np.ndarray,
+    static_dir: Path,
+    mn_dir: Path,
+    artifacts: dict[str, dict[str, Path]],
+    cfg: DemoConfig,
+    out: Path,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict:
     """For each sampled user: generate its parameters from its test-period upload (cloud), build a
     signed patch per target (cloud), verify and apply it in memory and open a runner on the
     patched model (device), and score the user's test period; the static artifact scores it too.
@@ -367,8 +436,10 @@ def personalise_and_score(dataset, users: np.ndarray, recent: np.ndarray, static
     from mntool.train import DeviceParams, load_checkpoint
 
     test = TestPeriod(dataset.test.for_users(users), dataset.test_rank.for_users(users))
-    log(f"{len(users)} of {len(dataset.device_users)} device users; {len(test.rows):,} pointwise rows, "
-        f"{len(test.rank):,} ranking tasks x {test.rank.candidates.shape[1]} candidates")
+    log(
+        f"{len(users)} of {len(dataset.device_users)} device users; {len(test.rows):,} pointwise rows, "
+        f"{len(test.rank):,} ranking tasks x {test.rank.candidates.shape[1]} candidates"
+    )
     signing_key, verify_key = demo_keys(out / "keys" / "demo")
     clock = time.perf_counter
 
@@ -382,13 +453,19 @@ def personalise_and_score(dataset, users: np.ndarray, recent: np.ndarray, static
     static_runners = {t: model.open() for t, model in static.items()}
     timings: dict[str, list[float]] = {"build_patch_ms": [], "apply_ms": [], "open_ms": []}
     patch_bytes, example_patches = {}, {}  # the first user's patches are kept for `mntool bench` / patch-weights
-    coreml = {"users": len(users), "exact": True, "max_abs_error": 0.0,
-              "method": "coremltools read-back of each user's patched package (Core ML prediction needs macOS)"}
+    coreml = {
+        "users": len(users),
+        "exact": True,
+        "max_abs_error": 0.0,
+        "method": "coremltools read-back of each user's patched package (Core ML prediction needs macOS)",
+    }
     patches_dir = out / "patches"
     shutil.rmtree(patches_dir, ignore_errors=True)
     patches_dir.mkdir()
-    with tempfile.TemporaryDirectory(prefix=".read-back-", dir=out) as workdir, \
-            tqdm(total=len(users), desc="users", unit="user", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+    with (
+        tempfile.TemporaryDirectory(prefix=".read-back-", dir=out) as workdir,
+        tqdm(total=len(users), desc="users", unit="user", disable=not progress, leave=False, dynamic_ncols=True) as bar,
+    ):
         for i, user in enumerate(users):
             user_params = {name: p[i] for name, p in params.items()}
             for target, runner in static_runners.items():
@@ -407,7 +484,9 @@ def personalise_and_score(dataset, users: np.ndarray, recent: np.ndarray, static
                 if target == "coreml":
                     read = model.read_back(patched, Path(workdir))
                     for name, value in user_params.items():
-                        coreml["exact"] &= bool(np.array_equal(read[name], value.astype(model.weight_map.tensor(name).dtype)))
+                        coreml["exact"] &= bool(
+                            np.array_equal(read[name], value.astype(model.weight_map.tensor(name).dtype))
+                        )
                         coreml["max_abs_error"] = max(coreml["max_abs_error"], float(np.abs(read[name] - value).max()))
                     continue
                 c2 = clock()
@@ -423,21 +502,38 @@ def personalise_and_score(dataset, users: np.ndarray, recent: np.ndarray, static
     torch.set_num_threads(cfg.threads)
     static_model, mn_model = load_checkpoint(static_dir).model, load_checkpoint(mn_dir).model
     device_params = DeviceParams(users, {name: torch.from_numpy(p) for name, p in params.items()})
-    reference = {"static": pytorch_scores(static_model, test, None), "metanetwork": pytorch_scores(mn_model, test, device_params)}
-    metrics = {m: {**{t: s.metrics(test) for t, s in compiled[m].items()}, "pytorch": reference[m].metrics(test)} for m in compiled}
+    reference = {
+        "static": pytorch_scores(static_model, test, None),
+        "metanetwork": pytorch_scores(mn_model, test, device_params),
+    }
+    metrics = {
+        m: {**{t: s.metrics(test) for t, s in compiled[m].items()}, "pytorch": reference[m].metrics(test)}
+        for m in compiled
+    }
     metrics["metanetwork_unpatched"] = {"pytorch": pytorch_scores(mn_model, test, None).metrics(test)}
     return {
-        "sample": {"users": len(users), "of": len(dataset.device_users), "pointwise_rows": len(test.rows),
-                   "ranking_tasks": len(test.rank), "candidates": int(test.rank.candidates.shape[1]), "seed": cfg.seed},
+        "sample": {
+            "users": len(users),
+            "of": len(dataset.device_users),
+            "pointwise_rows": len(test.rows),
+            "ranking_tasks": len(test.rank),
+            "candidates": int(test.rank.candidates.shape[1]),
+            "seed": cfg.seed,
+        },
         "metrics": metrics,
-        "parity": {"atol": PARITY_ATOL, **{m: {t: s.max_abs_error(reference[m]) for t, s in compiled[m].items()} for m in compiled}},
+        "parity": {
+            "atol": PARITY_ATOL,
+            **{m: {t: s.max_abs_error(reference[m]) for t, s in compiled[m].items()} for m in compiled},
+        },
         "coreml": coreml,
         "patch_bytes": patch_bytes,
         "example_patches": example_patches,
         "personalise": {"generate_ms_per_device": generate_ms, **{k: float(np.median(v)) for k, v in timings.items()}},
-        "per_user": {"user": [str(dataset.user_ids[u]) for u in users],
-                     "uauc_static": per_user_auc(test, compiled["static"]["tflite"], users),
-                     "uauc_metanetwork": per_user_auc(test, compiled["metanetwork"]["tflite"], users)},
+        "per_user": {
+            "user": [str(dataset.user_ids[u]) for u in users],
+            "uauc_static": per_user_auc(test, compiled["static"]["tflite"], users),
+            "uauc_metanetwork": per_user_auc(test, compiled["metanetwork"]["tflite"], users),
+        },
     }
 
 
@@ -450,24 +546,41 @@ def write_bench_inputs(rank, path: Path) -> Path:
     return path
 
 
-def benchmark_runtimes(artifacts: dict[str, Path], patches: dict[str, str], inputs: Path, cfg: DemoConfig,
-                       progress: bool) -> dict:
+def benchmark_runtimes(
+    artifacts: dict[str, Path], patches: dict[str, str], inputs: Path, cfg: DemoConfig, progress: bool
+) -> dict:
     """`device_runtime.bench` on each runnable MetaNetwork artifact with its example patch, on a
     real request, each in a fresh worker process (as `mntool bench` does)."""
     from device_runtime.bench import BenchConfig, benchmark_isolated
 
-    config = BenchConfig(runs=cfg.bench_runs, warmup=cfg.bench_warmup, loads=cfg.bench_loads, rounds=min(10, cfg.bench_runs))
+    config = BenchConfig(
+        runs=cfg.bench_runs, warmup=cfg.bench_warmup, loads=cfg.bench_loads, rounds=min(10, cfg.bench_runs)
+    )
     reports = {}
-    with tqdm(total=len(RUN_TARGETS) * config.work_units(1), desc="bench", unit="run", disable=not progress,
-              leave=False, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(RUN_TARGETS) * config.work_units(1),
+        desc="bench",
+        unit="run",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
         for target in RUN_TARGETS:
-            reports[target] = benchmark_isolated(artifacts[target], [Path(patches[target])], inputs, config, progress=bar.update)
+            reports[target] = benchmark_isolated(
+                artifacts[target], [Path(patches[target])], inputs, config, progress=bar.update
+            )
     return reports
 
 
 # ---- the whole job ------------------------------------------------------------------------------
-def run_demo(out_dir: Path | str, quick: bool = False, fresh: bool = False, data_dir: Path | str | None = None,
-             progress: bool = True, config: DemoConfig | None = None) -> dict:
+def run_demo(
+    out_dir: Path | str,
+    quick: bool = False,
+    fresh: bool = False,
+    data_dir: Path | str | None = None,
+    progress: bool = True,
+    config: DemoConfig | None = None,
+) -> dict:
     """Run the whole cloud -> device loop and write DIR/report.md, report.json and PNGs.
 
     Returns the report as a dict (what report.json holds). `quick` uses `DemoConfig.quick()`
@@ -491,36 +604,78 @@ def run_demo(out_dir: Path | str, quick: bool = False, fresh: bool = False, data
         with stages.stage("data") as record:
             dataset = load_data(Path(data_dir) if data_dir else None, cfg, stages.log)
             data_key = dataset_key(dataset)
-            record["note"] = f"{len(dataset.device_users)} device users, {dataset.n_items} items, {len(dataset.train):,} training rows"
+            record["note"] = (
+                f"{len(dataset.device_users)} device users, {dataset.n_items} items, {len(dataset.train):,} training rows"
+            )
         with stages.stage("train static") as record:
-            static_dir, static_key = train_cached(dataset, data_key, "static", cfg.static_epochs, cfg, out / "runs" / "static",
-                                                  fresh, progress, record)
+            static_dir, static_key = train_cached(
+                dataset, data_key, "static", cfg.static_epochs, cfg, out / "runs" / "static", fresh, progress, record
+            )
         with stages.stage("train metanetwork") as record:
-            mn_dir, mn_key = train_cached(dataset, data_key, "metanetwork", cfg.metanetwork_epochs, cfg, out / "runs" / "metanetwork",
-                                          fresh, progress, record, init=static_dir, init_key=static_key)
+            mn_dir, mn_key = train_cached(
+                dataset,
+                data_key,
+                "metanetwork",
+                cfg.metanetwork_epochs,
+                cfg,
+                out / "runs" / "metanetwork",
+                fresh,
+                progress,
+                record,
+                init=static_dir,
+                init_key=static_key,
+            )
         with stages.stage("export") as record:
-            static_art, reused_static = export_cached(static_dir, static_key, RUN_TARGETS, cfg, out / "artifacts" / "static", fresh,
-                                                       progress, record)
-            mn_art, reused_mn = export_cached(mn_dir, mn_key, ("tflite", "onnx", "coreml"), cfg, out / "artifacts" / "metanetwork",
-                                         fresh, progress, record)
+            static_art, reused_static = export_cached(
+                static_dir, static_key, RUN_TARGETS, cfg, out / "artifacts" / "static", fresh, progress, record
+            )
+            mn_art, reused_mn = export_cached(
+                mn_dir,
+                mn_key,
+                ("tflite", "onnx", "coreml"),
+                cfg,
+                out / "artifacts" / "metanetwork",
+                fresh,
+                progress,
+                record,
+            )
             record["cached"] = reused_static + reused_mn == len(static_art) + len(mn_art)
-            record["note"] = f"batch {cfg.batch}; {reused_static + reused_mn} of {len(static_art) + len(mn_art)} artifacts reused"
+            record["note"] = (
+                f"batch {cfg.batch}; {reused_static + reused_mn} of {len(static_art) + len(mn_art)} artifacts reused"
+            )
         artifacts = {"static": static_art, "metanetwork": mn_art}
         with stages.stage("personalise and score") as record:
             users, recent = sample_users(dataset, cfg)
-            scored = personalise_and_score(dataset, users, recent, static_dir, mn_dir, artifacts, cfg, out, progress, stages.log)
+            scored = personalise_and_score(
+                dataset, users, recent, static_dir, mn_dir, artifacts, cfg, out, progress, stages.log
+            )
             m = scored["metrics"]
-            record["note"] = (f"UAUC static {m['static']['tflite']['uauc']:.4f} -> MetaNetwork {m['metanetwork']['tflite']['uauc']:.4f} "
-                              f"(TFLite); parity {max(scored['parity']['metanetwork'].values()):.1e}")
+            record["note"] = (
+                f"UAUC static {m['static']['tflite']['uauc']:.4f} -> MetaNetwork {m['metanetwork']['tflite']['uauc']:.4f} "
+                f"(TFLite); parity {max(scored['parity']['metanetwork'].values()):.1e}"
+            )
         with stages.stage("benchmark") as record:
             inputs = write_bench_inputs(dataset.test_rank.for_users(users[:1]), out / "bench" / "inputs.npz")
             bench = benchmark_runtimes(mn_art, scored["example_patches"], inputs, cfg, progress)
-            record["note"] = ", ".join(f"{t} p50 {r.latency.p50_ms:.2f} ms, swap {r.patches[0].swap_ms:.2f} ms" for t, r in bench.items())
+            record["note"] = ", ".join(
+                f"{t} p50 {r.latency.p50_ms:.2f} ms, swap {r.patches[0].swap_ms:.2f} ms" for t, r in bench.items()
+            )
         result = {
-            "format": DEMO_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "quick": quick, "config": asdict(cfg), "versions": versions(), "load_average_at_start": load_at_start,
-            "data": {**dataset.summary(), "protocol": asdict(dataset.config), "source": str(data_dir or "fetched cache")},
-            "training": {name: json.loads((d / "metrics.json").read_text()) for name, d in (("static", static_dir), ("metanetwork", mn_dir))},
+            "format": DEMO_FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "quick": quick,
+            "config": asdict(cfg),
+            "versions": versions(),
+            "load_average_at_start": load_at_start,
+            "data": {
+                **dataset.summary(),
+                "protocol": asdict(dataset.config),
+                "source": str(data_dir or "fetched cache"),
+            },
+            "training": {
+                name: json.loads((d / "metrics.json").read_text())
+                for name, d in (("static", static_dir), ("metanetwork", mn_dir))
+            },
             "artifacts": reports.artifact_summaries(artifacts),
             **scored,
             "bench": {t: r.to_dict(samples=False) for t, r in bench.items()},

@@ -6,6 +6,7 @@ returns its static parameters; a finetune checkpoint runs the per-device fine-tu
 in the cloud. Inputs are checked (shape, integer ids inside the vocabulary) and outputs are
 finite float32 arrays in PyTorch shapes, keyed by parameter name.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,7 @@ class Generator:
         self.shapes = {n: tuple(params[n].shape) for n in self.adaptive}
 
     @classmethod
-    def load(cls, ckpt_dir: Path | str) -> "Generator":
+    def load(cls, ckpt_dir: Path | str) -> Generator:
         return cls(load_checkpoint(ckpt_dir))
 
     def check_recent(self, recent) -> np.ndarray:
@@ -42,9 +43,13 @@ class Generator:
         uploads are left-padded with 0."""
         arr = np.asarray(recent)
         if arr.dtype == object or arr.ndim not in (1, 2):
-            raise SamplesError(f"recent samples must be a list of item ids or a (devices, items) array, got shape {arr.shape}")
+            raise SamplesError(
+                f"recent samples must be a list of item ids or a (devices, items) array, got shape {arr.shape}"
+            )
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            if not (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
+            if not (
+                np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+            ):
                 raise SamplesError(f"recent samples must be integer item ids, got {arr.dtype}")
         arr = arr.astype(np.int64)
         arr = arr[None, :] if arr.ndim == 1 else arr
@@ -64,8 +69,14 @@ class Generator:
         if self.method == "metanetwork":
             params = generate_device_params(self.checkpoint.meta, users, batch).params
         elif self.method == "finetune":
-            params = finetune_device_params(self.checkpoint.model, users, batch, self.checkpoint.config.finetune,
-                                            seed=0, history_len=int(self.checkpoint.protocol["history_len"])).params
+            params = finetune_device_params(
+                self.checkpoint.model,
+                users,
+                batch,
+                self.checkpoint.config.finetune,
+                seed=0,
+                history_len=int(self.checkpoint.protocol["history_len"]),
+            ).params
         else:
             static = dict(self.checkpoint.model.named_parameters())
             params = {n: static[n].detach().unsqueeze(0).expand(len(batch), *self.shapes[n]) for n in self.adaptive}
@@ -80,7 +91,9 @@ class Generator:
         arr = np.asarray(recent)
         if arr.ndim != 1:
             raise SamplesError(f"one device's recent samples are a 1-D list of item ids, got shape {arr.shape}")
-        return {n: a[0] for n, a in self.generate_batch(arr[None, :] if arr.size else np.zeros((1, 0), np.int64)).items()}
+        return {
+            n: a[0] for n, a in self.generate_batch(arr[None, :] if arr.size else np.zeros((1, 0), np.int64)).items()
+        }
 
 
 def generate(checkpoint: Path | str | Generator, recent) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ adaptive `nn.Linear` weights stay factored (`LowRank`: static + A @ B per device
 `x W^T + (x B^T) A^T`), so no device's full matrix is ever built. Nothing here knows about
 recommendation; `RecentItemsEncoder` at the bottom is the encoder our recommenders use.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,7 +69,9 @@ def _batched_linear_forward(weight: torch.Tensor | LowRank, bias: torch.Tensor |
         assert x.shape[0] % U == 0, f"{x.shape[0]} rows do not split into {U} parameter groups"
         xg = x.reshape(U, -1, x.shape[-1])  # (U, rows per group, in)
         if isinstance(weight, LowRank):
-            y = F.linear(xg, weight.static) + torch.bmm(torch.bmm(xg, weight.right.transpose(1, 2)), weight.left.transpose(1, 2))
+            y = F.linear(xg, weight.static) + torch.bmm(
+                torch.bmm(xg, weight.right.transpose(1, 2)), weight.left.transpose(1, 2)
+            )
         else:
             y = torch.bmm(xg, weight.transpose(1, 2))  # (U, rows per group, out)
         if bias is not None:
@@ -98,7 +101,11 @@ def _patched_linears(owners: dict[str, nn.Linear], params: dict[str, torch.Tenso
         for path, lin in owners.items():
             weight = params.get(f"{path}.weight")
             bias = params.get(f"{path}.bias")
-            B = weight.left.shape[0] if isinstance(weight, LowRank) else (weight if weight is not None else bias).shape[0]
+            B = (
+                weight.left.shape[0]
+                if isinstance(weight, LowRank)
+                else (weight if weight is not None else bias).shape[0]
+            )
             if weight is None:
                 weight = lin.weight.unsqueeze(0).expand(B, *lin.weight.shape)
             if bias is None and lin.bias is not None:
@@ -110,7 +117,9 @@ def _patched_linears(owners: dict[str, nn.Linear], params: dict[str, torch.Tenso
             lin.__dict__.pop("forward", None)
 
 
-def per_sample_call(module: nn.Module, params: dict[str, torch.Tensor | LowRank], args: tuple, index: torch.Tensor | None = None) -> torch.Tensor:
+def per_sample_call(
+    module: nn.Module, params: dict[str, torch.Tensor | LowRank], args: tuple, index: torch.Tensor | None = None
+) -> torch.Tensor:
     """`module(*args)` where input row b uses parameter set `index[b]` of each given (adaptive)
     parameter, `params[name]` being (U, *shape): one set per *device* (or a `LowRank`, for the
     weight of an `nn.Linear`).
@@ -181,7 +190,9 @@ class MetaGenerator(nn.Module):
         self.encoder = encoder
         self.names = list(shapes)
         # ModuleDict keys cannot contain dots
-        self.heads = nn.ModuleDict({n.replace(".", "__"): LowRankHead(s, config.cond_dim, config.rank) for n, s in shapes.items()})
+        self.heads = nn.ModuleDict(
+            {n.replace(".", "__"): LowRankHead(s, config.cond_dim, config.rank) for n, s in shapes.items()}
+        )
 
     def forward(self, *condition_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.encoder(*condition_inputs)  # (B, cond_dim)
@@ -241,7 +252,9 @@ class MetaStabilizer(nn.Module):
             a, b = residual[n]
             if self.gates is not None:
                 with torch.no_grad():  # ||A B||_F^2 = sum((A^T A) * (B B^T))
-                    ms = (torch.bmm(a.transpose(1, 2), a) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)) / (a.shape[1] * b.shape[2])
+                    ms = (torch.bmm(a.transpose(1, 2), a) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)) / (
+                        a.shape[1] * b.shape[2]
+                    )
                 a = a * self._coefficient(i, static[n], ms).view(-1, 1, 1)
             out[n] = LowRank(static[n], a, b)
         return out
@@ -282,9 +295,15 @@ class MetaNetwork(nn.Module):
         return stabilizer(self.static_params(), generator(*condition))
 
     def _parts(self, use_ema: bool) -> tuple[MetaGenerator, MetaStabilizer]:
-        return (self.ema_generator, self.ema_stabilizer) if use_ema and self.config.ema else (self.generator, self.stabilizer)
+        return (
+            (self.ema_generator, self.ema_stabilizer)
+            if use_ema and self.config.ema
+            else (self.generator, self.stabilizer)
+        )
 
-    def forward(self, inputs: tuple, condition: tuple, index: torch.Tensor | None = None, use_ema: bool = False) -> torch.Tensor:
+    def forward(
+        self, inputs: tuple, condition: tuple, index: torch.Tensor | None = None, use_ema: bool = False
+    ) -> torch.Tensor:
         """Backbone output on `inputs` (B rows); `condition` holds U device rows and `index` (B,)
         the device of each input row (default: U contiguous equal groups of rows). Matrices stay
         factored (`LowRank`) on the way: the same values as `adaptive_params`, built at rank cost."""
@@ -325,7 +344,9 @@ class RecentItemsEncoder(nn.Module):
         self.item_embedding = item_embedding
         self.position = nn.Parameter(torch.zeros(max_recent, d))
         self.score = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1))
-        self.mlp = nn.Sequential(nn.Linear(2 * d, cond_dim), nn.ReLU(), nn.Linear(cond_dim, cond_dim), nn.LayerNorm(cond_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * d, cond_dim), nn.ReLU(), nn.Linear(cond_dim, cond_dim), nn.LayerNorm(cond_dim)
+        )
 
     def forward(self, recent: torch.Tensor) -> torch.Tensor:
         R = recent.shape[1]

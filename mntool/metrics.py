@@ -5,6 +5,7 @@ one half; UAUC averages per-user AUC over users that have both labels; ranking m
 column 0 of each candidate row pessimistically (a tied negative counts as ranked above the
 positive) and average per user first, then over users.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -66,7 +67,12 @@ def ranking_metrics(candidate_scores: np.ndarray, users: np.ndarray, k: int = 10
 
 
 def evaluate(
-    users: np.ndarray, labels: np.ndarray, scores: np.ndarray, rank_users: np.ndarray, rank_scores: np.ndarray, k: int = 10
+    users: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    rank_users: np.ndarray,
+    rank_scores: np.ndarray,
+    k: int = 10,
 ) -> dict[str, float]:
     """All four figures: pointwise rows -> AUC, UAUC; candidate rows -> NDCG@k, HR@k."""
     hr, ndcg = ranking_metrics(rank_scores, rank_users, k)
@@ -85,7 +91,12 @@ def evaluate_popularity(dataset: DeviceDataset, split: str, k: int = 10) -> dict
     rows, ranking = dataset.split(split), getattr(dataset, f"{split}_rank")
     pop = dataset.item_popularity
     return evaluate(
-        rows.user, rows.label, popularity_scores(pop, rows.target), ranking.user, popularity_scores(pop, ranking.candidates), k
+        rows.user,
+        rows.label,
+        popularity_scores(pop, rows.target),
+        ranking.user,
+        popularity_scores(pop, ranking.candidates),
+        k,
     )
 
 

@@ -8,6 +8,7 @@ The head's tensors are the *adaptive parameters* MetaNetwork generates per devic
 (`adaptive_names()`); everything else is static. Written to convert cleanly to TFLite, ONNX and
 Core ML: plain matmuls, no boolean indexing, no -inf masks.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -177,7 +178,9 @@ class DIN(Backbone):
     def __init__(self, n_items: int, config: BackboneConfig):
         super().__init__(n_items, config)
         d = config.dim
-        self.attention = nn.Sequential(nn.Linear(4 * d, config.attn_hidden), nn.ReLU(), nn.Linear(config.attn_hidden, 1))
+        self.attention = nn.Sequential(
+            nn.Linear(4 * d, config.attn_hidden), nn.ReLU(), nn.Linear(config.attn_hidden, 1)
+        )
 
     def user_representation(self, history, target_emb):
         if target_emb.dim() == 3:  # (B, C, d) candidates: one user representation per candidate

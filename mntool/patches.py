@@ -4,14 +4,16 @@ Parameters arrive as float arrays in PyTorch shapes, keyed by the names given as
 export (from an .npz, or from the MetaNetwork generator). Everything the device must not do
 happens here: transposing, casting to the artifact's dtype, checking the values fit it.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
@@ -65,7 +67,9 @@ def build_patch(
     if ttl_s < 1:
         raise ParamsError(f"a patch must live at least a second (ttl {ttl_s} s)")
     freshness = Freshness(
-        sequence=next_sequence() if sequence is None else sequence, issued_at=issued, expires_at=issued + int(ttl_s),
+        sequence=next_sequence() if sequence is None else sequence,
+        issued_at=issued,
+        expires_at=issued + int(ttl_s),
         device=ANY_DEVICE if device_id is None else device_hash(device_id),
     )
     if isinstance(signer, Ed25519PrivateKey):

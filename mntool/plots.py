@@ -2,6 +2,7 @@
 latency distributions (violins) beside every timed run in measurement order (`plot_latency`), and
 the series and title it is drawn from for `device_runtime.bench` reports.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,10 @@ def report_series(reports: list[BenchReport]) -> list[tuple[str, np.ndarray]]:
 def report_title(reports: list[BenchReport]) -> str:
     r = reports[0]
     profile = f", profile {r.profile['profile']}" if r.profile else ""
-    return (f"Steady-state latency, batch 1, {r.config['runner']['threads']} thread(s){profile} on "
-            f"{r.host.get('cpu', 'this host')} ({r.latency.runs} runs per variant)")
+    return (
+        f"Steady-state latency, batch 1, {r.config['runner']['threads']} thread(s){profile} on "
+        f"{r.host.get('cpu', 'this host')} ({r.latency.runs} runs per variant)"
+    )
 
 
 def plot_latency(series: list[tuple[str, np.ndarray]], path: Path, title: str) -> Path:
@@ -47,10 +50,16 @@ def plot_latency(series: list[tuple[str, np.ndarray]], path: Path, title: str) -
     top = 1.3 * max(np.percentile(d, 99) for d in data)  # rare host stalls go above the axis, counted
     bottom = 0.8 * min(d.min() for d in data) if log_scale else 0.0
 
-    fig, (dist, trace) = plt.subplots(1, 2, figsize=(max(13, 1.1 * len(series) + 8), 5.6),
-                                      gridspec_kw={"width_ratios": [max(1.1, 0.2 * len(series)), 1]})
+    fig, (dist, trace) = plt.subplots(
+        1,
+        2,
+        figsize=(max(13, 1.1 * len(series) + 8), 5.6),
+        gridspec_kw={"width_ratios": [max(1.1, 0.2 * len(series)), 1]},
+    )
     positions = np.arange(1, len(series) + 1)
-    parts = dist.violinplot([f(np.clip(d, None, top)) for d in data], positions=positions, showextrema=False, widths=0.8)
+    parts = dist.violinplot(
+        [f(np.clip(d, None, top)) for d in data], positions=positions, showextrema=False, widths=0.8
+    )
     for body, color in zip(parts["bodies"], colors):
         body.set_facecolor(color)
         body.set_alpha(0.35)

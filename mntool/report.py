@@ -4,6 +4,7 @@
 Everything here renders a result dict that `mntool.demo.run_demo` assembled; nothing is measured
 here. The latency figure is `mntool bench`'s own (`mntool.plots.plot_latency`).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,9 @@ LATENCY_PLOT = "latency.png"
 
 def artifact_summaries(artifacts: dict[str, dict[str, Path]]) -> dict:
     """{model: {target: exporters.report summary}} of the demo's artifacts."""
-    return {model: {target: summarize(path).to_dict() for target, path in arts.items()} for model, arts in artifacts.items()}
+    return {
+        model: {target: summarize(path).to_dict() for target, path in arts.items()} for model, arts in artifacts.items()
+    }
 
 
 def checks(result: dict) -> list[dict]:
@@ -31,16 +34,30 @@ def checks(result: dict) -> list[dict]:
     atol = result["parity"]["atol"]
     for target in ("tflite", "onnx"):
         error = result["parity"]["metanetwork"][target]
-        out.append({"check": f"{TARGET_LABELS[target]} patched models match PyTorch (max abs error <= {atol:g})",
-                    "ok": error <= atol, "detail": f"max abs error {error:.1e} over every scored logit"})
+        out.append(
+            {
+                "check": f"{TARGET_LABELS[target]} patched models match PyTorch (max abs error <= {atol:g})",
+                "ok": error <= atol,
+                "detail": f"max abs error {error:.1e} over every scored logit",
+            }
+        )
     coreml = result["coreml"]
-    out.append({"check": "Core ML patched weights read back exactly (coremltools; no Core ML runtime on Linux)",
-                "ok": coreml["exact"], "detail": f"{coreml['users']} users, max abs error {coreml['max_abs_error']:.1e}"})
+    out.append(
+        {
+            "check": "Core ML patched weights read back exactly (coremltools; no Core ML runtime on Linux)",
+            "ok": coreml["exact"],
+            "detail": f"{coreml['users']} users, max abs error {coreml['max_abs_error']:.1e}",
+        }
+    )
     m = result["metrics"]
     ahead = {t: (m["static"][t]["uauc"], m["metanetwork"][t]["uauc"]) for t in ("tflite", "onnx")}
-    out.append({"check": "MetaNetwork ahead of static on the compiled models (UAUC)",
-                "ok": all(mn > st for st, mn in ahead.values()),
-                "detail": ", ".join(f"{TARGET_LABELS[t]} {st:.4f} -> {mn:.4f}" for t, (st, mn) in ahead.items())})
+    out.append(
+        {
+            "check": "MetaNetwork ahead of static on the compiled models (UAUC)",
+            "ok": all(mn > st for st, mn in ahead.values()),
+            "detail": ", ".join(f"{TARGET_LABELS[t]} {st:.4f} -> {mn:.4f}" for t, (st, mn) in ahead.items()),
+        }
+    )
     return out
 
 
@@ -67,13 +84,32 @@ def plot_user_uauc(per_user: dict, path: Path) -> Path:
     low = min(static.min(), mn.min())
     low = max(0.0, np.floor(low * 20) / 20 - 0.02)
     scatter.plot([low, 1], [low, 1], color="black", lw=1, ls="--", label="no change (y = x)")
-    scatter.scatter(static[gain > 0], mn[gain > 0], s=18, alpha=0.7, color="tab:green", label=f"MetaNetwork better ({_users(better)})")
-    scatter.scatter(static[gain < 0], mn[gain < 0], s=18, alpha=0.7, color="tab:red", label=f"static better ({_users(worse)})")
+    scatter.scatter(
+        static[gain > 0],
+        mn[gain > 0],
+        s=18,
+        alpha=0.7,
+        color="tab:green",
+        label=f"MetaNetwork better ({_users(better)})",
+    )
+    scatter.scatter(
+        static[gain < 0], mn[gain < 0], s=18, alpha=0.7, color="tab:red", label=f"static better ({_users(worse)})"
+    )
     ties = gain == 0
     if ties.any():
-        scatter.scatter(static[ties], mn[ties], s=18, alpha=0.7, color="tab:gray", label=f"equal ({_users(int(ties.sum()))})")
-    scatter.scatter([static.mean()], [mn.mean()], marker="X", s=160, color="tab:blue", edgecolor="white", zorder=3,
-                    label=f"mean: {static.mean():.4f} -> {mn.mean():.4f}")
+        scatter.scatter(
+            static[ties], mn[ties], s=18, alpha=0.7, color="tab:gray", label=f"equal ({_users(int(ties.sum()))})"
+        )
+    scatter.scatter(
+        [static.mean()],
+        [mn.mean()],
+        marker="X",
+        s=160,
+        color="tab:blue",
+        edgecolor="white",
+        zorder=3,
+        label=f"mean: {static.mean():.4f} -> {mn.mean():.4f}",
+    )
     scatter.set_xlim(low, 1.005)
     scatter.set_ylim(low, 1.005)
     scatter.set_aspect("equal")
@@ -97,7 +133,9 @@ def plot_user_uauc(per_user: dict, path: Path) -> Path:
     hist.legend(fontsize=9)
     hist.grid(alpha=0.3)
 
-    fig.suptitle(f"Per-user UAUC on the compiled TFLite models: static vs MetaNetwork-patched ({len(static)} users)", fontsize=13)
+    fig.suptitle(
+        f"Per-user UAUC on the compiled TFLite models: static vs MetaNetwork-patched ({len(static)} users)", fontsize=13
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -110,8 +148,10 @@ def plot_bench_latency(bench: dict, path: Path, batch: int) -> Path:
 
     reports = list(bench.values())
     r = reports[0]
-    title = (f"Steady-state latency of one ranking request ({batch} candidates per call), "
-             f"{r.config['runner']['threads']} thread, {r.host.get('cpu', 'this host')} ({r.latency.runs} runs per variant)")
+    title = (
+        f"Steady-state latency of one ranking request ({batch} candidates per call), "
+        f"{r.config['runner']['threads']} thread, {r.host.get('cpu', 'this host')} ({r.latency.runs} runs per variant)"
+    )
     return plot_latency(report_series(reports), path, title)
 
 
@@ -135,16 +175,27 @@ def metrics_table(result: dict) -> str:
     for model, label in (("static", "static"), ("metanetwork", "MetaNetwork (patched per user)")):
         for target in ("tflite", "onnx", "pytorch"):
             bold = "**" if target == "tflite" else ""
-            rows.append([f"{bold}{label}{bold}", TARGET_LABELS[target]] + [f"{bold}{m[model][target][k]:.4f}{bold}" for k in METRICS])
-    rows.append(["MetaNetwork backbone, unpatched", "PyTorch"] + [f"{m['metanetwork_unpatched']['pytorch'][k]:.4f}" for k in METRICS])
-    rows.append(["**gain** (MetaNetwork - static)", "TFLite (LiteRT)"]
-                + [f"**{m['metanetwork']['tflite'][k] - m['static']['tflite'][k]:+.4f}**" for k in METRICS])
+            rows.append(
+                [f"{bold}{label}{bold}", TARGET_LABELS[target]]
+                + [f"{bold}{m[model][target][k]:.4f}{bold}" for k in METRICS]
+            )
+    rows.append(
+        ["MetaNetwork backbone, unpatched", "PyTorch"]
+        + [f"{m['metanetwork_unpatched']['pytorch'][k]:.4f}" for k in METRICS]
+    )
+    rows.append(
+        ["**gain** (MetaNetwork - static)", "TFLite (LiteRT)"]
+        + [f"**{m['metanetwork']['tflite'][k] - m['static']['tflite'][k]:+.4f}**" for k in METRICS]
+    )
     return _table(["model", "scored by", *(METRIC_LABELS[k] for k in METRICS)], rows)
 
 
 def population_table(result: dict) -> str:
     t = result["training"]
-    rows = [[name, *(f"{t[key]['test'][k]:.4f}" for k in METRICS)] for key, name in (("static", "static"), ("metanetwork", "MetaNetwork"))]
+    rows = [
+        [name, *(f"{t[key]['test'][k]:.4f}" for k in METRICS)]
+        for key, name in (("static", "static"), ("metanetwork", "MetaNetwork"))
+    ]
     rows.append(["popularity (sanity floor)", *(f"{t['static']['popularity']['test'][k]:.4f}" for k in METRICS)])
     return _table(["model (PyTorch, every device user)", *(METRIC_LABELS[k] for k in METRICS)], rows)
 
@@ -157,8 +208,14 @@ def parity_table(result: dict) -> str:
             e = p[model][target]
             rows.append([label, TARGET_LABELS[target], f"{e:.2e}", "ok" if e <= atol else f"**FAILS** (> {atol:g})"])
     c = result["coreml"]
-    rows.append(["MetaNetwork, patched per user", "Core ML (read-back)", f"{c['max_abs_error']:.2e} (weights)",
-                 "ok: bit-exact" if c["exact"] else "**FAILS**"])
+    rows.append(
+        [
+            "MetaNetwork, patched per user",
+            "Core ML (read-back)",
+            f"{c['max_abs_error']:.2e} (weights)",
+            "ok: bit-exact" if c["exact"] else "**FAILS**",
+        ]
+    )
     return _table(["model", "target", "max abs error vs PyTorch", f"within {atol:g}"], rows)
 
 
@@ -166,8 +223,15 @@ def size_table(result: dict) -> str:
     rows = []
     for target, s in result["artifacts"]["metanetwork"].items():
         patch = result["patch_bytes"][target]
-        rows.append([TARGET_LABELS[target], _kib(s["total_bytes"]), f"{s['adaptive_tensors']} ({_kib(s['adaptive_bytes'])})",
-                     f"{patch:,} B", f"{100 * patch / s['total_bytes']:.1f}%"])
+        rows.append(
+            [
+                TARGET_LABELS[target],
+                _kib(s["total_bytes"]),
+                f"{s['adaptive_tensors']} ({_kib(s['adaptive_bytes'])})",
+                f"{patch:,} B",
+                f"{100 * patch / s['total_bytes']:.1f}%",
+            ]
+        )
     return _table(["target", "artifact (all files)", "adaptive tensors", "patch (signed)", "patch / artifact"], rows)
 
 
@@ -176,16 +240,47 @@ def latency_table(result: dict) -> str:
     for target, b in result["bench"].items():
         p = b["patches"][0]
         L = b["latency"]
-        rows.append([f"{TARGET_LABELS[target]} {b['runtime_version']}", _ms(b["load_file_ms"]), _ms(b["load_memory_ms"]),
-                     _ms(b["first_inference_ms"]), _ms(L["p50_ms"]), _ms(L["p90_ms"]), _ms(L["p99_ms"]),
-                     _ms(p["apply_ms"]), _ms(p["swap_ms"]), f"{p['p50_ratio']:.2f}x"])
-    return _table(["runtime", "load (file)", "load (memory)", "first inference", "p50", "p90", "p99",
-                   "patch apply", "swap", "patched p50 / unpatched"], rows)
+        rows.append(
+            [
+                f"{TARGET_LABELS[target]} {b['runtime_version']}",
+                _ms(b["load_file_ms"]),
+                _ms(b["load_memory_ms"]),
+                _ms(b["first_inference_ms"]),
+                _ms(L["p50_ms"]),
+                _ms(L["p90_ms"]),
+                _ms(L["p99_ms"]),
+                _ms(p["apply_ms"]),
+                _ms(p["swap_ms"]),
+                f"{p['p50_ratio']:.2f}x",
+            ]
+        )
+    return _table(
+        [
+            "runtime",
+            "load (file)",
+            "load (memory)",
+            "first inference",
+            "p50",
+            "p90",
+            "p99",
+            "patch apply",
+            "swap",
+            "patched p50 / unpatched",
+        ],
+        rows,
+    )
 
 
 def stage_table(result: dict) -> str:
-    rows = [[s["stage"], f"{s['seconds']:.1f} s", f"reused (built in {s['reused_seconds']:.0f} s)" if s["cached"] else "ran",
-             s["note"]] for s in result["stages"]]
+    rows = [
+        [
+            s["stage"],
+            f"{s['seconds']:.1f} s",
+            f"reused (built in {s['reused_seconds']:.0f} s)" if s["cached"] else "ran",
+            s["note"],
+        ]
+        for s in result["stages"]
+    ]
     return _table(["stage", "time", "", "note"], rows)
 
 
@@ -193,17 +288,24 @@ def duration(result: dict) -> str:
     """How long this run took, and how long it would have without reusing an earlier run's work."""
     reused = sum(s["reused_seconds"] for s in result["stages"])
     took = f"{result['seconds'] / 60:.1f} min"
-    return took if not reused else f"{took}; {(result['seconds'] + reused) / 60:.1f} min with nothing reused, see Stages"
+    return (
+        took if not reused else f"{took}; {(result['seconds'] + reused) / 60:.1f} min with nothing reused, see Stages"
+    )
 
 
 def unpatched_note(result: dict) -> str:
     """What the per-user patches add on top of the MetaNetwork artifact as shipped."""
     m = result["metrics"]
-    shipped, patched, static = (m["metanetwork_unpatched"]["pytorch"]["uauc"], m["metanetwork"]["pytorch"]["uauc"],
-                                m["static"]["pytorch"]["uauc"])
-    note = (f"The unpatched row is the MetaNetwork artifact as shipped, before any patch: UAUC {shipped:.4f} against "
-            f"{static:.4f} for static. The per-user patches move it by {patched - shipped:+.4f} to {patched:.4f} "
-            "(PyTorch figures)")
+    shipped, patched, static = (
+        m["metanetwork_unpatched"]["pytorch"]["uauc"],
+        m["metanetwork"]["pytorch"]["uauc"],
+        m["static"]["pytorch"]["uauc"],
+    )
+    note = (
+        f"The unpatched row is the MetaNetwork artifact as shipped, before any patch: UAUC {shipped:.4f} against "
+        f"{static:.4f} for static. The per-user patches move it by {patched - shipped:+.4f} to {patched:.4f} "
+        "(PyTorch figures)"
+    )
     if patched > static:
         share = (patched - shipped) / (patched - static)
         note += f", {share:.0%} of MetaNetwork's UAUC gain over static"
@@ -233,15 +335,24 @@ def render_markdown(result: dict) -> str:
         "and the device side verified the patch and wrote it into the compiled model, which then scored the user's "
         "held-out interactions. Every figure below comes from those compiled models unless it says PyTorch.",
         "",
-        (f"The device model reads the user's last {data['protocol']['history_len']} clicks per inference; the upload the "
-         f"MetaNetwork reads is the user's last {data['protocol']['recent_len']} items before the test period, so the cloud "
-         "adapts a cheap on-device model with context it does not read itself (at equal windows MetaNetwork ties a "
-         "converged static model: docs/metanetwork.md)."),
+        (
+            f"The device model reads the user's last {data['protocol']['history_len']} clicks per inference; the upload the "
+            f"MetaNetwork reads is the user's last {data['protocol']['recent_len']} items before the test period, so the cloud "
+            "adapts a cheap on-device model with context it does not read itself (at equal windows MetaNetwork ties a "
+            "converged static model: docs/metanetwork.md)."
+        ),
         "",
         f"Host: {host.get('cpu', 'unknown CPU')}, {host.get('cpu_count')} CPUs, load average {result['load_average_at_start']:.1f} "
-        "at the start" + (" (other jobs were running: every time below includes their interference)"
-                          if result["load_average_at_start"] > 0.5 * host.get("cpu_count", 1) else "") + ". "
-        + "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
+        "at the start"
+        + (
+            " (other jobs were running: every time below includes their interference)"
+            if result["load_average_at_start"] > 0.5 * host.get("cpu_count", 1)
+            else ""
+        )
+        + ". "
+        + "Versions: "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+        + ".",
         "",
         "## At a glance",
         "",

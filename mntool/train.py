@@ -7,14 +7,15 @@ parameters from its recent samples). Model and epoch selection use the validatio
 the test period is scored once, with the selected weights. A checkpoint is a directory:
 `config.json` (everything needed to rebuild), `weights.pt`, `metrics.json`.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         d["backbone"] = BackboneConfig(**d.get("backbone", {}))
         d["meta"] = MetaConfig(**d.get("meta", {}))
@@ -91,7 +92,9 @@ class DeviceParams:
 
     def index_of(self, rows_users: np.ndarray) -> torch.Tensor:
         pos = np.searchsorted(self.users, rows_users)
-        assert np.all(self.users[np.minimum(pos, len(self.users) - 1)] == rows_users), "row of a device without parameters"
+        assert np.all(self.users[np.minimum(pos, len(self.users) - 1)] == rows_users), (
+            "row of a device without parameters"
+        )
         return torch.from_numpy(pos)
 
 
@@ -100,7 +103,9 @@ def _t(a: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_rows(model: Backbone, history: np.ndarray, target: np.ndarray, users: np.ndarray, device_params: DeviceParams | None) -> np.ndarray:
+def score_rows(
+    model: Backbone, history: np.ndarray, target: np.ndarray, users: np.ndarray, device_params: DeviceParams | None
+) -> np.ndarray:
     """Logits for rows (history (N, L), target (N,) or (N, C)), each with its device's parameters."""
     model.eval()
     step = EVAL_ROWS if target.ndim == 1 else max(1, EVAL_CANDIDATES // target.shape[1])
@@ -115,7 +120,9 @@ def score_rows(model: Backbone, history: np.ndarray, target: np.ndarray, users: 
     return torch.cat(out).numpy()
 
 
-def evaluate_split(model: Backbone, dataset: DeviceDataset, split: str, device_params: DeviceParams | None, ranking: bool = True) -> dict:
+def evaluate_split(
+    model: Backbone, dataset: DeviceDataset, split: str, device_params: DeviceParams | None, ranking: bool = True
+) -> dict:
     """AUC/UAUC on the pointwise rows and NDCG@10/HR@10 on the ranking tasks of `split`."""
     rows: SampleSet = dataset.split(split)
     rank: RankingSet = getattr(dataset, f"{split}_rank")
@@ -172,7 +179,9 @@ class _Prober:
     """Validation loss and UAUC on a fixed subset of device users, every few steps."""
 
     def __init__(self, dataset: DeviceDataset, n_users: int, seed: int):
-        users = np.random.default_rng(seed).choice(dataset.device_users, size=min(n_users, len(dataset.device_users)), replace=False)
+        users = np.random.default_rng(seed).choice(
+            dataset.device_users, size=min(n_users, len(dataset.device_users)), replace=False
+        )
         self.rows = dataset.valid.for_users(users)
         self.dataset = dataset
         self.curve = Curve()
@@ -192,7 +201,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def _bar(total: int, desc: str, progress: bool):
-    return tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=not progress, leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit="row", unit_scale=True, disable=not progress, leave=False, dynamic_ncols=True
+    )
 
 
 def grouped_rows(rows: SampleSet, idx: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -201,7 +212,9 @@ def grouped_rows(rows: SampleSet, idx: np.ndarray, group: int) -> tuple[np.ndarr
     The history is encoded once per group instead of once per row (GRU4Rec, SASRec: ~4x faster
     steps); DIN's target attention still runs per candidate."""
     history = rows.history[idx[::group]]
-    assert np.array_equal(np.repeat(history, group, axis=0), rows.history[idx]), "rows of a group must share one history"
+    assert np.array_equal(np.repeat(history, group, axis=0), rows.history[idx]), (
+        "rows of a group must share one history"
+    )
     return history, rows.target[idx].reshape(-1, group), rows.label[idx].reshape(-1, group)
 
 
@@ -220,7 +233,9 @@ def static_step(model: Backbone, opt: torch.optim.Optimizer, rows: SampleSet, id
     return loss.item()
 
 
-def metanetwork_step(meta: MetaNetwork, opt: torch.optim.Optimizer, rows: SampleSet, idx: np.ndarray, group: int) -> float:
+def metanetwork_step(
+    meta: MetaNetwork, opt: torch.optim.Optimizer, rows: SampleSet, idx: np.ndarray, group: int
+) -> float:
     """One BCE step of the MetaNetwork on rows `idx`, which come in groups of `group` rows (a
     positive and its negatives) sharing one device upload: parameters are generated per group."""
     cond = _t(rows.recent[idx[::group]])
@@ -265,7 +280,9 @@ def build_metanetwork(model: Backbone, cfg: TrainConfig, recent_len: int) -> Met
     return MetaNetwork(model, model.adaptive_names(), encoder, cfg.meta)
 
 
-def generate_device_params(meta: MetaNetwork, users: np.ndarray, recent: np.ndarray, use_ema: bool = True) -> DeviceParams:
+def generate_device_params(
+    meta: MetaNetwork, users: np.ndarray, recent: np.ndarray, use_ema: bool = True
+) -> DeviceParams:
     """The generator's adaptive parameters for each device from its upload (no gradients)."""
     if meta.training:
         meta.eval()
@@ -274,7 +291,9 @@ def generate_device_params(meta: MetaNetwork, users: np.ndarray, recent: np.ndar
     return DeviceParams(users, {n: p.detach() for n, p in params.items()})
 
 
-def train_metanetwork(dataset: DeviceDataset, cfg: TrainConfig, init: Backbone, progress: bool = True) -> tuple[MetaNetwork, dict]:
+def train_metanetwork(
+    dataset: DeviceDataset, cfg: TrainConfig, init: Backbone, progress: bool = True
+) -> tuple[MetaNetwork, dict]:
     """Train the generator around `init`: together with it if `cfg.meta_train_backbone` (`init`
     freshly built), else on it frozen (`init` a trained static backbone)."""
     _seed_everything(cfg.seed + 1)
@@ -290,14 +309,36 @@ def train_metanetwork(dataset: DeviceDataset, cfg: TrainConfig, init: Backbone, 
     def params_fn() -> DeviceParams:
         return generate_device_params(meta, users, valid_recent)
 
-    log = _fit_loop(dataset, cfg, meta, step_fn, params_fn, prober, cfg.epochs, progress, "metanetwork", backbone=meta.backbone,
-                    start_is_candidate=cfg.meta.gate and not cfg.meta_train_backbone)
+    log = _fit_loop(
+        dataset,
+        cfg,
+        meta,
+        step_fn,
+        params_fn,
+        prober,
+        cfg.epochs,
+        progress,
+        "metanetwork",
+        backbone=meta.backbone,
+        start_is_candidate=cfg.meta.gate and not cfg.meta_train_backbone,
+    )
     meta.backbone.requires_grad_(True)
     return meta, log
 
 
-def _fit_loop(dataset, cfg, module, step_fn, params_fn, prober, epochs, progress, name, backbone=None,
-              start_is_candidate: bool = False) -> dict:
+def _fit_loop(
+    dataset,
+    cfg,
+    module,
+    step_fn,
+    params_fn,
+    prober,
+    epochs,
+    progress,
+    name,
+    backbone=None,
+    start_is_candidate: bool = False,
+) -> dict:
     """Epochs of `step_fn` with validation probes, early stopping and best-epoch restore.
 
     With `start_is_candidate` the module as given competes as epoch 0 (used when it is exactly the
@@ -329,12 +370,21 @@ def _fit_loop(dataset, cfg, module, step_fn, params_fn, prober, epochs, progress
                     prober(step, backbone, params_fn())
         valid = evaluate_split(backbone, dataset, "valid", params_fn(), ranking=False)
         epochs_log.append(
-            {"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_auc": valid["auc"], "valid_uauc": valid["uauc"],
-             "seconds": time.perf_counter() - t0, "train_seconds": train_time, "samples_per_s": n_rows / train_time}
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "valid_auc": valid["auc"],
+                "valid_uauc": valid["uauc"],
+                "seconds": time.perf_counter() - t0,
+                "train_seconds": train_time,
+                "samples_per_s": n_rows / train_time,
+            }
         )
         if progress:
-            tqdm.write(f"{name} epoch {epoch}: loss {np.mean(losses):.4f}  valid AUC {valid['auc']:.4f}  UAUC {valid['uauc']:.4f}  "
-                       f"({n_rows / train_time:,.0f} samples/s)")
+            tqdm.write(
+                f"{name} epoch {epoch}: loss {np.mean(losses):.4f}  valid AUC {valid['auc']:.4f}  UAUC {valid['uauc']:.4f}  "
+                f"({n_rows / train_time:,.0f} samples/s)"
+            )
         if valid["uauc"] > best:
             best, bad = valid["uauc"], 0
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -347,10 +397,14 @@ def _fit_loop(dataset, cfg, module, step_fn, params_fn, prober, epochs, progress
     if start is not None and start >= epochs_log[best_epoch - 1]["valid_uauc"]:
         best_epoch = 0  # no epoch beat the static start: the static parameters were kept
     return {
-        "epochs": epochs_log, "best_epoch": best_epoch, "start_valid_uauc": start, "steps": step,
+        "epochs": epochs_log,
+        "best_epoch": best_epoch,
+        "start_valid_uauc": start,
+        "steps": step,
         "samples_per_s": float(np.mean([e["samples_per_s"] for e in epochs_log])),
         "epoch_seconds": float(np.mean([e["train_seconds"] for e in epochs_log])),
-        "curve": asdict(prober.curve), "oscillation": prober.curve.oscillation(),
+        "curve": asdict(prober.curve),
+        "oscillation": prober.curve.oscillation(),
         "steps_to_95pct_gain": prober.curve.steps_to_fraction(0.95),
     }
 
@@ -377,8 +431,16 @@ def recent_training_rows(recent: np.ndarray, history_len: int, n_items: int, n_n
     return hist, target.reshape(U, R * G), label.reshape(U, R * G).astype(np.float32)
 
 
-def finetune_device_params(model: Backbone, users: np.ndarray, recent: np.ndarray, cfg: FinetuneConfig, seed: int = 0,
-                           history_len: int = 30, devices_per_batch: int = 64, progress: bool = False) -> DeviceParams:
+def finetune_device_params(
+    model: Backbone,
+    users: np.ndarray,
+    recent: np.ndarray,
+    cfg: FinetuneConfig,
+    seed: int = 0,
+    history_len: int = 30,
+    devices_per_batch: int = 64,
+    progress: bool = False,
+) -> DeviceParams:
     """Fine-tune the adaptive layers separately for every device, batched over devices.
 
     Each device starts from the static parameters and takes `cfg.steps` Adam steps on its own
@@ -392,13 +454,21 @@ def finetune_device_params(model: Backbone, users: np.ndarray, recent: np.ndarra
     out: dict[str, list[torch.Tensor]] = {n: [] for n in static}
     try:
         for i in tqdm(range(0, len(users), devices_per_batch), desc="finetune", disable=not progress, leave=False):
-            h, t, y = _t(hist[i : i + devices_per_batch]), _t(target[i : i + devices_per_batch]), _t(label[i : i + devices_per_batch])
+            h, t, y = (
+                _t(hist[i : i + devices_per_batch]),
+                _t(target[i : i + devices_per_batch]),
+                _t(label[i : i + devices_per_batch]),
+            )
             U, P = t.shape
-            params = {n: p.detach().unsqueeze(0).repeat(U, *[1] * p.dim()).requires_grad_(True) for n, p in static.items()}
+            params = {
+                n: p.detach().unsqueeze(0).repeat(U, *[1] * p.dim()).requires_grad_(True) for n, p in static.items()
+            }
             opt = torch.optim.Adam(params.values(), lr=cfg.lr)
             mask = (y >= 0).to(torch.float32)
             for _ in range(cfg.steps):
-                logits = per_sample_call(model, params, (h.reshape(U * P, -1), t.reshape(-1))).view(U, P)  # U groups of P rows
+                logits = per_sample_call(model, params, (h.reshape(U * P, -1), t.reshape(-1))).view(
+                    U, P
+                )  # U groups of P rows
                 per_row = F.binary_cross_entropy_with_logits(logits, y.clamp_min(0), reduction="none") * mask
                 loss = (per_row.sum(1) / mask.sum(1).clamp_min(1)).sum()
                 opt.zero_grad(set_to_none=True)
@@ -435,7 +505,9 @@ class Checkpoint:
         return history, torch.randint(1, self.n_items + 1, (batch,), generator=g)
 
 
-def save_checkpoint(out: Path, cfg: TrainConfig, dataset: DeviceDataset, module: torch.nn.Module, metrics: dict) -> Path:
+def save_checkpoint(
+    out: Path, cfg: TrainConfig, dataset: DeviceDataset, module: torch.nn.Module, metrics: dict
+) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {
@@ -462,7 +534,9 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     except json.JSONDecodeError as err:
         raise MntoolError(f"{cfg_file} is not valid JSON: {err}") from None
     if config.get("format") != CHECKPOINT_FORMAT:
-        raise MntoolError(f"{path}: checkpoint format {config.get('format')!r} is not supported (expected {CHECKPOINT_FORMAT})")
+        raise MntoolError(
+            f"{path}: checkpoint format {config.get('format')!r} is not supported (expected {CHECKPOINT_FORMAT})"
+        )
     if config.get("protocol_version") != PROTOCOL_VERSION:
         raise MntoolError(
             f"{path} was trained under data protocol {config.get('protocol_version')!r}, this mntool uses {PROTOCOL_VERSION!r}; retrain it"
@@ -488,8 +562,15 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
 
 
 # ---- the one entry point the CLI calls ---------------------------------------------------------
-def device_params_for(ckpt_or_model, method: str, dataset: DeviceDataset, split: str, cfg: TrainConfig,
-                      meta: MetaNetwork | None = None, progress: bool = False) -> DeviceParams | None:
+def device_params_for(
+    ckpt_or_model,
+    method: str,
+    dataset: DeviceDataset,
+    split: str,
+    cfg: TrainConfig,
+    meta: MetaNetwork | None = None,
+    progress: bool = False,
+) -> DeviceParams | None:
     """Per-device adaptive parameters for a period under `method` (None for static)."""
     users, recent = dataset.device_recent(split)
     if method == "static":
@@ -497,7 +578,9 @@ def device_params_for(ckpt_or_model, method: str, dataset: DeviceDataset, split:
     if method == "metanetwork":
         return generate_device_params(meta, users, recent)
     seed = cfg.seed + (11 if split == "valid" else 13)
-    return finetune_device_params(ckpt_or_model, users, recent, cfg.finetune, seed, dataset.config.history_len, progress=progress)
+    return finetune_device_params(
+        ckpt_or_model, users, recent, cfg.finetune, seed, dataset.config.history_len, progress=progress
+    )
 
 
 def experiment_dataset(dataset: DeviceDataset, cfg: TrainConfig) -> DeviceDataset:
@@ -507,7 +590,9 @@ def experiment_dataset(dataset: DeviceDataset, cfg: TrainConfig) -> DeviceDatase
     return dataset.with_shuffled_uploads(cfg.seed) if cfg.shuffled_uploads else dataset
 
 
-def report_metrics(model: Backbone, dataset: DeviceDataset, cfg: TrainConfig, meta: MetaNetwork | None, progress: bool) -> dict:
+def report_metrics(
+    model: Backbone, dataset: DeviceDataset, cfg: TrainConfig, meta: MetaNetwork | None, progress: bool
+) -> dict:
     """Validation and test metrics of a trained model under its method, plus per-device cost."""
     out = {}
     for split in ("valid", "test"):
@@ -521,8 +606,14 @@ def report_metrics(model: Backbone, dataset: DeviceDataset, cfg: TrainConfig, me
     return out
 
 
-def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None = None, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict:
+def train(
+    dataset: DeviceDataset,
+    cfg: TrainConfig,
+    out: Path,
+    init: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Train `cfg.method` on `dataset`, write a checkpoint to `out`, return its metrics.
 
     `metanetwork` trains the backbone and the generator together from scratch, unless it is given a
@@ -532,7 +623,9 @@ def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None
     into `out/static/`. With `cfg.shuffled_uploads` everything runs on `experiment_dataset`.
     """
     out = Path(out)
-    cfg = replace(cfg)  # what actually runs (frozen backbone with an init, the init's backbone shape) is saved, not written back
+    cfg = replace(
+        cfg
+    )  # what actually runs (frozen backbone with an init, the init's backbone shape) is saved, not written back
     torch.set_num_threads(min(2, torch.get_num_threads()))  # the machines this targets have 2 cores
     dataset = experiment_dataset(dataset, cfg)
     if cfg.method == "metanetwork":
@@ -552,10 +645,14 @@ def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None
         init = out / "static"
     base = load_checkpoint(init)
     if base.config.method != "static" or base.config.model != cfg.model or base.n_items != dataset.n_items:
-        raise MntoolError(f"--init {init} must be a static {cfg.model} checkpoint on the same data (it is {base.config.method} {base.config.model})")
+        raise MntoolError(
+            f"--init {init} must be a static {cfg.model} checkpoint on the same data (it is {base.config.method} {base.config.model})"
+        )
     # a static model never reads the uploads, so only the upload length may differ
     if {**base.protocol, "recent_len": None} != {**asdict(dataset.config), "recent_len": None}:
-        raise MntoolError(f"--init {init} was trained under another protocol configuration (e.g. --history-len); use the same")
+        raise MntoolError(
+            f"--init {init} was trained under another protocol configuration (e.g. --history-len); use the same"
+        )
     cfg.backbone = base.config.backbone
     model = base.model
     meta, train_log = None, {}
@@ -564,11 +661,25 @@ def train(dataset: DeviceDataset, cfg: TrainConfig, out: Path, init: Path | None
     return _score_and_save(out, cfg, dataset, model, meta, train_log, progress, init=str(init))
 
 
-def _score_and_save(out: Path, cfg: TrainConfig, dataset: DeviceDataset, model: Backbone, meta: MetaNetwork | None,
-                    train_log: dict, progress: bool, **extra) -> dict:
+def _score_and_save(
+    out: Path,
+    cfg: TrainConfig,
+    dataset: DeviceDataset,
+    model: Backbone,
+    meta: MetaNetwork | None,
+    train_log: dict,
+    progress: bool,
+    **extra,
+) -> dict:
     """Score a trained run (`report_metrics`), write its checkpoint (the MetaNetwork if any, else the
     backbone) and return its metrics; `extra` (e.g. `init`) goes into metrics.json after the run's names."""
-    metrics = {"method": cfg.method, "model": cfg.model, "seed": cfg.seed, **extra, "train": train_log,
-               **report_metrics(model, dataset, cfg, meta, progress)}
+    metrics = {
+        "method": cfg.method,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        **extra,
+        "train": train_log,
+        **report_metrics(model, dataset, cfg, meta, progress),
+    }
     save_checkpoint(out, cfg, dataset, meta if meta is not None else model, metrics)
     return metrics

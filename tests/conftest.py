@@ -1,5 +1,6 @@
 """Shared fixtures: the real MovieLens-100k (found or fetched as data_sources.py says) and its
 built dataset, small trained checkpoints, a served artifact, small exported artifacts."""
+
 from __future__ import annotations
 
 import os
@@ -55,10 +56,20 @@ def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ckpt")
     quiet = dict(progress=False, log=lambda s: None)
-    train(synthetic_dataset, TrainConfig(model="sasrec", method="static", epochs=3, batch_size=200, lr=5e-3, probe_every=20), root / "static", **quiet)
+    train(
+        synthetic_dataset,
+        TrainConfig(model="sasrec", method="static", epochs=3, batch_size=200, lr=5e-3, probe_every=20),
+        root / "static",
+        **quiet,
+    )
     # meta_lr 2e-2: the generator must validate better than its static start (else the start is kept; test_train.py)
-    train(synthetic_dataset, TrainConfig(model="sasrec", method="metanetwork", epochs=2, batch_size=200, meta_lr=2e-2, probe_every=20), root / "mn",
-          init=root / "static", **quiet)
+    train(
+        synthetic_dataset,
+        TrainConfig(model="sasrec", method="metanetwork", epochs=2, batch_size=200, meta_lr=2e-2, probe_every=20),
+        root / "mn",
+        init=root / "static",
+        **quiet,
+    )
     return {"static": root / "static", "metanetwork": root / "mn"}
 
 
@@ -79,9 +90,18 @@ def served(tiny_checkpoints, tmp_path_factory):
     artifact = export(ckpt.model, ckpt.example_inputs(), ckpt.adaptive, "onnx", root / "artifact")
     pair, root_pair = keygen(root / "cloud"), keygen(root / "root")
     key_list = root / "cloud.mnkeys"
-    key_list.write_bytes(certify_keys(load_signing_key(root_pair.private), [raw_public_key(load_signing_key(pair.private))], serial=1))
-    return SimpleNamespace(checkpoint=tiny_checkpoints["metanetwork"], artifact=artifact, key=pair.private, pub=pair.public,
-                           root_pub=root_pair.public, key_list=key_list, fingerprint=weight_map.load(artifact).fingerprint)
+    key_list.write_bytes(
+        certify_keys(load_signing_key(root_pair.private), [raw_public_key(load_signing_key(pair.private))], serial=1)
+    )
+    return SimpleNamespace(
+        checkpoint=tiny_checkpoints["metanetwork"],
+        artifact=artifact,
+        key=pair.private,
+        pub=pair.public,
+        root_pub=root_pair.public,
+        key_list=key_list,
+        fingerprint=weight_map.load(artifact).fingerprint,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -95,9 +115,21 @@ def patch_server(served, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     token, max_body = "test-device-token", 4096
     with log.open("w") as stderr:
-        process = ServerProcess.start(served.checkpoint, [served.artifact], "--signing-key", served.key,
-                                      "--key-list", served.key_list, "--token", token,
-                                      "--max-body-bytes", max_body, "--max-wait-ms", 20, stderr=stderr)
+        process = ServerProcess.start(
+            served.checkpoint,
+            [served.artifact],
+            "--signing-key",
+            served.key,
+            "--key-list",
+            served.key_list,
+            "--token",
+            token,
+            "--max-body-bytes",
+            max_body,
+            "--max-wait-ms",
+            20,
+            stderr=stderr,
+        )
     yield SimpleNamespace(url=process.url, process=process, log=log, token=token, max_body=max_body)
     process.stop()
 

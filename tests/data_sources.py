@@ -6,10 +6,11 @@ fetch (`fetch_movielens_100k`, what `mntool data fetch movielens-100k` runs) int
 Required means `make test` (it sets MNTOOL_REQUIRE_DATA=1) or CI (`CI` set): there a data set
 that can be neither found nor fetched fails the tests that need it; elsewhere it skips them.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import pytest
 
@@ -50,5 +51,8 @@ def ml100k_copy(
     try:
         return fetch(cache)
     except MntoolError as err:
-        pytest.fail(f"MovieLens-100k is required here ({required}) but is neither at {shared} nor in {cache}, "
-                    f"and fetching it failed: {err}", pytrace=False)
+        pytest.fail(
+            f"MovieLens-100k is required here ({required}) but is neither at {shared} nor in {cache}, "
+            f"and fetching it failed: {err}",
+            pytrace=False,
+        )

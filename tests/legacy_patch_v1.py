@@ -1,15 +1,28 @@
 """A writer of the retired patch format v1, for tests only: devices must still read v1 patches
 (and refuse them unless told otherwise), but mntool no longer writes them."""
+
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from device_runtime.patch import (
-    DTYPE_CODES, ENTRY, FLAG_SIGNED, LAYOUT_CODES, MAGIC, MAX_DIMS, NUMPY_DTYPES, PAYLOAD_ALIGN, SEAL_SIZE,
-    SIGNATURE_SIZE, TARGET_CODES, PatchError, _align, destination_name,
+    DTYPE_CODES,
+    ENTRY,
+    FLAG_SIGNED,
+    LAYOUT_CODES,
+    MAGIC,
+    MAX_DIMS,
+    NUMPY_DTYPES,
+    PAYLOAD_ALIGN,
+    SEAL_SIZE,
+    SIGNATURE_SIZE,
+    TARGET_CODES,
+    PatchError,
+    _align,
+    destination_name,
 )
 from device_runtime.patch import HEADER_V1 as HEADER
 from device_runtime.weight_map import WeightMap
@@ -41,15 +54,28 @@ def pack_patch_v1(
     for t in weight_map.tensors:
         arr = np.asarray(stored[t.name])
         if arr.dtype != NUMPY_DTYPES[t.dtype] or arr.shape != tuple(t.stored_shape):
-            raise PatchError(f"{t.name}: got {arr.dtype} {arr.shape}, the artifact stores {t.dtype} {tuple(t.stored_shape)}")
+            raise PatchError(
+                f"{t.name}: got {arr.dtype} {arr.shape}, the artifact stores {t.dtype} {tuple(t.stored_shape)}"
+            )
         start = _align(payload_size, PAYLOAD_ALIGN)
         chunks.append((start, np.ascontiguousarray(arr).tobytes()))
         payload_size = start + t.nbytes
         shape = list(t.stored_shape) + [0] * (MAX_DIMS - len(t.stored_shape))
-        entries.append(ENTRY.pack(
-            *ref(t.name), *ref(destination_name(t.file, weight_map.artifact)), DTYPE_CODES[t.dtype], LAYOUT_CODES[t.layout], len(t.stored_shape), 0,
-            t.offset, t.nbytes, start, *shape, 0,
-        ))
+        entries.append(
+            ENTRY.pack(
+                *ref(t.name),
+                *ref(destination_name(t.file, weight_map.artifact)),
+                DTYPE_CODES[t.dtype],
+                LAYOUT_CODES[t.layout],
+                len(t.stored_shape),
+                0,
+                t.offset,
+                t.nbytes,
+                start,
+                *shape,
+                0,
+            )
+        )
     payload = bytearray(payload_size)
     for start, raw in chunks:
         payload[start : start + len(raw)] = raw
@@ -58,9 +84,20 @@ def pack_patch_v1(
     seal = _align(table_end, 8)
     payload_offset = _align(seal + SEAL_SIZE, PAYLOAD_ALIGN)
     header = HEADER.pack(
-        MAGIC, VERSION, HEADER.size, FLAG_SIGNED if signer else 0, TARGET_CODES[weight_map.target],
-        len(entries), ENTRY.size, len(strings), payload_offset, payload_size, payload_offset + payload_size,
-        bytes.fromhex(weight_map.fingerprint), hashlib.sha256(payload).digest(), bytes(8),
+        MAGIC,
+        VERSION,
+        HEADER.size,
+        FLAG_SIGNED if signer else 0,
+        TARGET_CODES[weight_map.target],
+        len(entries),
+        ENTRY.size,
+        len(strings),
+        payload_offset,
+        payload_size,
+        payload_offset + payload_size,
+        bytes.fromhex(weight_map.fingerprint),
+        hashlib.sha256(payload).digest(),
+        bytes(8),
     )
     out = bytearray(payload_offset + payload_size)
     meta = header + b"".join(entries) + bytes(strings)

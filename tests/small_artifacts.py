@@ -1,6 +1,7 @@
 """Small real artifacts for the device-side tests: a tiny SASRec exported once per session through
 `exporters.export` (TFLite and ONNX; adaptive tensors as buffers or as inputs), and patches of
 random parameters for them. The session fixtures built on these live in conftest.py."""
+
 from __future__ import annotations
 
 from pathlib import Path

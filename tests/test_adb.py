@@ -1,6 +1,7 @@
 """The Android path: benchmark_model's output parsed from real logs of that tool (quoted with their
 sources), the device spec, the missing-adb error, the command lines run through a stand-in adb
 whose "phone" is a local shell, and the end-to-end run when a phone is attached."""
+
 from __future__ import annotations
 
 import json
@@ -111,7 +112,13 @@ def test_parses_android_log_with_warmup_and_steady_runs():
     r = parse_benchmark_model_output(ALBERT_ANDROID)
     assert (r.init_us, r.first_inference_us, r.warmup_avg_us, r.inference_avg_us) == (20283, 339304, 302814, 266473)
     assert r.warmup.count == 2 and r.warmup.std_us == 36489
-    assert (r.steady.count, r.steady.min_us, r.steady.max_us, r.steady.avg_us, r.steady.std_us) == (50, 265837, 268116, 266473, 419)
+    assert (r.steady.count, r.steady.min_us, r.steady.max_us, r.steady.avg_us, r.steady.std_us) == (
+        50,
+        265837,
+        268116,
+        266473,
+        419,
+    )
     assert r.memory_kind is None
 
 
@@ -119,7 +126,11 @@ def test_parses_fractional_averages_and_memory_delta():
     r = parse_benchmark_model_output(YOLO_XNNPACK)
     assert r.inference_avg_us == pytest.approx(55043.2) and r.warmup_avg_us == pytest.approx(57758.2)
     assert r.steady.count == 50 and r.steady.std_us == 1562
-    assert (r.memory_kind, r.memory_init_mb, r.memory_overall_mb) == ("delta", pytest.approx(8.97656), pytest.approx(18.7227))
+    assert (r.memory_kind, r.memory_init_mb, r.memory_overall_mb) == (
+        "delta",
+        pytest.approx(8.97656),
+        pytest.approx(18.7227),
+    )
 
 
 def test_parses_peak_memory_footprint():
@@ -215,7 +226,9 @@ def fake_phone(tmp_path, monkeypatch):
     bin_dir.mkdir()
     cwd.mkdir()
     _script(bin_dir / "adb", FAKE_ADB)
-    (bin_dir / "getprop").write_text('#!/bin/sh\ncase "$1" in ro.product.model) echo "Pixel Test";; *) echo arm64-v8a;; esac\n')
+    (bin_dir / "getprop").write_text(
+        '#!/bin/sh\ncase "$1" in ro.product.model) echo "Pixel Test";; *) echo arm64-v8a;; esac\n'
+    )
     (bin_dir / "getprop").chmod(0o755)
     device_dir = tmp_path / "phone storage; touch pwned-dir" / "mntool bench"
     monkeypatch.setattr(adb_module, "DEVICE_DIR", str(device_dir))
@@ -232,7 +245,12 @@ def test_file_names_with_spaces_and_semicolons_stay_one_shell_word(fake_phone, t
     report = benchmark_on_device(artifact, [], "adb:phone-1", fake_phone.binary, DeviceBenchConfig(runs=7, threads=2))
     remote = f"{fake_phone.device_dir}/{artifact.name}"
     assert json.loads(fake_phone.argv.read_text()) == [
-        f"--graph={remote}", "--num_threads=2", "--num_runs=7", "--warmup_runs=1", "--use_xnnpack=true"]
+        f"--graph={remote}",
+        "--num_threads=2",
+        "--num_runs=7",
+        "--warmup_runs=1",
+        "--use_xnnpack=true",
+    ]
     assert report.variants[0].result.inference_avg_us == 266473  # the log came back through the quoted redirect
     assert (report.model, report.abi) == ("Pixel Test", "arm64-v8a")
     assert list(fake_phone.cwd.iterdir()) == []  # nothing ran as a second command, nothing split into stray files
@@ -249,7 +267,9 @@ def _phone_or_skip() -> tuple[str, Path]:
     return devices[0], Path(binary)
 
 
-@pytest.mark.skipif(shutil.which("adb") is None, reason="adb is not installed (Debian/Ubuntu: apt-get install adb provides the client)")
+@pytest.mark.skipif(
+    shutil.which("adb") is None, reason="adb is not installed (Debian/Ubuntu: apt-get install adb provides the client)"
+)
 def test_end_to_end_on_an_attached_phone(tflite_artifact, tflite_patch):
     serial, binary = _phone_or_skip()
     report = benchmark_on_device(tflite_artifact, [tflite_patch], f"adb:{serial}", binary, DeviceBenchConfig(runs=20))

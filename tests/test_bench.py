@@ -1,5 +1,6 @@
 """The benchmark on real exported artifacts: structure and sanity of every figure (never their
 size), the patch swap, JSON/CSV/PNG from `mntool bench`, profiles in the worker, clean errors."""
+
 from __future__ import annotations
 
 import csv
@@ -42,7 +43,9 @@ def _check_report(report: BenchReport, n_patches: int) -> None:
     for figure in (report.first_load_ms, report.load_file_ms, report.load_memory_ms, report.first_inference_ms):
         assert figure > 0
     assert report.cold_start_memory_ms >= report.load_memory_ms
-    assert 0 < report.timer_overhead_us and report.overhead_ratio == pytest.approx(report.timer_overhead_us / 1e3 / report.latency.p50_ms)
+    assert 0 < report.timer_overhead_us and report.overhead_ratio == pytest.approx(
+        report.timer_overhead_us / 1e3 / report.latency.p50_ms
+    )
     assert report.peak_rss_mb >= report.rss_before_load_mb > 0
     assert len(report.patches) == n_patches
     for p in report.patches:
@@ -145,10 +148,13 @@ def test_cli_json_csv_and_plot(tflite_artifact, tflite_patch, onnx_artifact, tmp
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--json", "--csv"], "--json and --csv are exclusive"),
-    (["--device", "adb:X"], "--device needs --benchmark-binary"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--json", "--csv"], "--json and --csv are exclusive"),
+        (["--device", "adb:X"], "--device needs --benchmark-binary"),
+    ],
+)
 def test_cli_errors_are_one_line(tflite_artifact, extra, message):
     done = _mntool("bench", str(tflite_artifact), *SMALL, *extra)
     assert done.returncode != 0 and "Traceback" not in done.stderr

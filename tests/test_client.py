@@ -2,6 +2,7 @@
 into the local artifact and reloads a runner that computes what PyTorch computes with the
 generated parameters. Forged, altered and unsigned patches (from a rogue HTTP server) are
 refused with the artifact byte-identical; 5xx and timeouts are retried, 4xx are final."""
+
 from __future__ import annotations
 
 import hashlib
@@ -93,8 +94,16 @@ def test_refresh_applies_the_patch_and_reloads_a_runner(patch_server, served, tm
     artifact = device_copy(served, tmp_path)
     items = [11, 3, 27, 8, 19]
     reloaded = []
-    done = refresh(patch_server.url, artifact, items, verify_key=served.pub, token=patch_server.token, device_id="phone-1",
-                   config=FAST, on_reload=reloaded.append)
+    done = refresh(
+        patch_server.url,
+        artifact,
+        items,
+        verify_key=served.pub,
+        token=patch_server.token,
+        device_id="phone-1",
+        config=FAST,
+        on_reload=reloaded.append,
+    )
     assert done.attempts == 1 and reloaded == [done.runner] and done.patch.signed
     wmap.load(artifact)  # still matches its weight map: only adaptive bytes changed
 
@@ -138,9 +147,16 @@ def _forgeries(server, served, tmp_path) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("kind, match", [("altered", "payload is corrupt"), ("forged", "not by the given verify key"),
-                                         ("unsigned", "not signed"), ("truncated", "truncated"),
-                                         ("another device's", "for another device")])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("altered", "payload is corrupt"),
+        ("forged", "not by the given verify key"),
+        ("unsigned", "not signed"),
+        ("truncated", "truncated"),
+        ("another device's", "for another device"),
+    ],
+)
 def test_tampered_patch_is_refused_and_the_model_stays_byte_identical(patch_server, served, tmp_path, kind, match):
     data = _forgeries(patch_server, served, tmp_path)[kind]
     artifact = device_copy(served, tmp_path)
@@ -181,8 +197,13 @@ def test_a_timeout_is_retried(patch_server, served, tmp_path):
     artifact = device_copy(served, tmp_path)
     patch = real_patch(patch_server, served)
     with Rogue([(200, patch, 2.0), (200, patch, 0.0)]) as rogue:
-        done = refresh(rogue.url, artifact, [3, 1, 4], verify_key=served.pub,
-                       config=ClientConfig(timeout_s=0.5, retries=2, backoff_s=0.01))
+        done = refresh(
+            rogue.url,
+            artifact,
+            [3, 1, 4],
+            verify_key=served.pub,
+            config=ClientConfig(timeout_s=0.5, retries=2, backoff_s=0.01),
+        )
         assert done.attempts == 2
     done.runner.close()
 

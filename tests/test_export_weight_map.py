@@ -1,6 +1,7 @@
 """The weight map as exported: JSON round trip, every malformation rejected on load with a
 WeightMapError, and the fingerprint's definition (adaptive bytes excluded, everything else in).
 """
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """The generation API: shapes, determinism, finiteness, input checks."""
+
 import numpy as np
 import pytest
 
@@ -45,14 +46,17 @@ def test_static_checkpoint_generates_its_static_parameters(tiny_checkpoints):
         assert np.array_equal(a, params[n].detach().numpy())
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ([1, 2, 10_000], "outside the vocabulary"),
-    ([-1], "outside the vocabulary"),
-    (list(range(1, 40)), "at most 30"),
-    ([[1, 2], [3, 4]], "1-D list"),
-    (["a", "b"], "integer item ids"),
-    ([1.5], "integer item ids"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ([1, 2, 10_000], "outside the vocabulary"),
+        ([-1], "outside the vocabulary"),
+        (list(range(1, 40)), "at most 30"),
+        ([[1, 2], [3, 4]], "1-D list"),
+        (["a", "b"], "integer item ids"),
+        ([1.5], "integer item ids"),
+    ],
+)
 def test_bad_uploads_are_rejected(gen, bad, msg):
     with pytest.raises(SamplesError, match=msg):
         gen.generate(bad)

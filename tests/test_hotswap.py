@@ -2,6 +2,7 @@
 artifact computes, the artifact on disk and the caller's buffers never change, the runner of two
 swaps ago is closed before its buffer is reused, and a refused patch leaves the live runner as
 it was. On LiteRT and ONNX Runtime, on real exported artifacts."""
+
 from __future__ import annotations
 
 import numpy as np

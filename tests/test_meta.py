@@ -1,4 +1,5 @@
 """MetaNetwork core: shapes, gradients, exact static start, per-sample calls, task-agnosticism."""
+
 import copy
 
 import pytest
@@ -98,7 +99,9 @@ def test_per_sample_call_equals_loading_weights_into_a_plain_copy(name):
             plain.load_state_dict({**plain.state_dict(), **{n: p[idx[b]] for n, p in params.items()}})
             ref = plain(h[b : b + 1], t[b : b + 1])
             torch.testing.assert_close(fast[b : b + 1], ref, atol=1e-5, rtol=1e-5)
-            via_fc = functional_call(mn.backbone, {n: p[idx[b]] for n, p in params.items()}, (h[b : b + 1], t[b : b + 1]))
+            via_fc = functional_call(
+                mn.backbone, {n: p[idx[b]] for n, p in params.items()}, (h[b : b + 1], t[b : b + 1])
+            )
             torch.testing.assert_close(fast[b : b + 1], via_fc, atol=1e-5, rtol=1e-5)
 
 

@@ -1,5 +1,6 @@
 """Metrics against hand-computed cases (ties, one-class users, per-user averaging) and a
 brute-force pairwise AUC; the popularity floor on the real MovieLens-100k device period."""
+
 from __future__ import annotations
 
 import math
@@ -70,7 +71,9 @@ def test_ranking_ranks_ties_pessimistically_and_averages_per_user():
 
 
 def test_evaluate_keys_and_bad_input():
-    out = evaluate([0, 0, 1, 1], [1, 0, 1, 0], [0.9, 0.1, 0.2, 0.8], np.array([0, 1]), np.array([[3.0, 1.0], [0.0, 1.0]]))
+    out = evaluate(
+        [0, 0, 1, 1], [1, 0, 1, 0], [0.9, 0.1, 0.2, 0.8], np.array([0, 1]), np.array([[3.0, 1.0], [0.0, 1.0]])
+    )
     # global: .9 > .1, .9 > .8, .2 > .1, .2 < .8 -> 3/4; per user 1 and 0 -> 1/2
     assert out == pytest.approx({"auc": 0.75, "uauc": 0.5, "ndcg@10": (1 + 1 / math.log2(3)) / 2, "hr@10": 1.0})
     with pytest.raises(MntoolError, match="NaN"):

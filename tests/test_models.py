@@ -1,4 +1,5 @@
 """Device backbones: shapes, padding, the candidate form, and the adaptive head's names."""
+
 import pytest
 import torch
 

@@ -4,6 +4,7 @@ torch/mntool/exporters fails; and no source line of `device_runtime/` imports th
 lazily inside a function. From the source, the other directions too: `exporters` imports no
 `mntool` module; no library module (nor a benchmark script) imports the CLI (`mntool.cli`); and
 the modules of `exporters` import each other without a cycle."""
+
 from __future__ import annotations
 
 import ast
@@ -32,7 +33,9 @@ sys.meta_path.insert(0, Blocker())
 
 
 def _run_blocked(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", BLOCKER + code], capture_output=True, text=True, cwd=PACKAGE_DIR.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKER + code], capture_output=True, text=True, cwd=PACKAGE_DIR.parent
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -107,7 +110,9 @@ def _imports(path: Path) -> set[str]:
                 base = ".".join(anchor + ([node.module] if node.module else []))
             for a in node.names:
                 sub = ROOT.joinpath(*base.split("."), a.name)
-                out.add(f"{base}.{a.name}" if sub.with_suffix(".py").is_file() or (sub / "__init__.py").is_file() else base)
+                out.add(
+                    f"{base}.{a.name}" if sub.with_suffix(".py").is_file() or (sub / "__init__.py").is_file() else base
+                )
     return out
 
 
@@ -126,17 +131,28 @@ def test_no_source_line_imports_torch_or_the_cloud_side():
 
 
 def test_exporters_import_no_mntool_module():
-    offenders = [f"{p.relative_to(ROOT)}: import {m}" for p in _sources("exporters") for m in sorted(_imports(p))
-                 if m.split(".")[0] == "mntool"]
+    offenders = [
+        f"{p.relative_to(ROOT)}: import {m}"
+        for p in _sources("exporters")
+        for m in sorted(_imports(p))
+        if m.split(".")[0] == "mntool"
+    ]
     assert offenders == []
 
 
 def test_no_library_module_imports_the_cli():
-    library = [p for p in _sources("mntool", "exporters", "device_runtime", "benchmarks")
-               if not p.relative_to(ROOT).parts[:2] == ("mntool", "cli")]
+    library = [
+        p
+        for p in _sources("mntool", "exporters", "device_runtime", "benchmarks")
+        if not p.relative_to(ROOT).parts[:2] == ("mntool", "cli")
+    ]
     assert ROOT / "mntool" / "report.py" in library and ROOT / "benchmarks" / "compare.py" in library
-    offenders = [f"{p.relative_to(ROOT)}: import {m}" for p in library for m in sorted(_imports(p))
-                 if m == "mntool.cli" or m.startswith("mntool.cli.")]
+    offenders = [
+        f"{p.relative_to(ROOT)}: import {m}"
+        for p in library
+        for m in sorted(_imports(p))
+        if m == "mntool.cli" or m.startswith("mntool.cli.")
+    ]
     assert offenders == []
 
 
@@ -148,7 +164,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
         state[node] = "open"
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return path[path.index(nxt):] + [nxt]  # "open" modules are exactly those on `path`
+                return path[path.index(nxt) :] + [nxt]  # "open" modules are exactly those on `path`
             if nxt not in state and (found := visit(nxt, path + [nxt])):
                 return found
         state[node] = "done"

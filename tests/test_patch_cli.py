@@ -1,5 +1,6 @@
 """The patch verbs as a user runs them (subprocess): outputs, --json, and for bad input exit
 code 1, exactly one `error: ...` line on stderr, no traceback, the artifact byte-identical."""
+
 from __future__ import annotations
 
 import json
@@ -39,18 +40,30 @@ def setup(tmp_path):
 
 def test_keygen_make_patch_apply_inspect(setup):
     tmp, artifact, params = setup
-    made = mntool("make-patch", artifact, "--params", tmp / "params.npz", "--sign", tmp / "cloud.key",
-                  "-o", tmp / "p.mnpatch", "--json")
+    made = mntool(
+        "make-patch",
+        artifact,
+        "--params",
+        tmp / "params.npz",
+        "--sign",
+        tmp / "cloud.key",
+        "-o",
+        tmp / "p.mnpatch",
+        "--json",
+    )
     assert made.returncode == 0, made.stderr
     header = json.loads(made.stdout)
     assert header["signed"] and header["fingerprint"] == wmap.load(artifact).fingerprint
 
     out = tmp / "copy" / "patched.onnx"
-    applied = mntool("patch-weights", artifact, tmp / "p.mnpatch", "-o", out,
-                     "--verify-key", tmp / "cloud.pub")
+    applied = mntool("patch-weights", artifact, tmp / "p.mnpatch", "-o", out, "--verify-key", tmp / "cloud.pub")
     assert applied.returncode == 0, applied.stderr
     assert "signature verified" in applied.stdout
-    assert sorted(p.name for p in out.parent.iterdir()) == ["adaptive.bin", "patched.onnx", "patched.onnx.weightmap.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "adaptive.bin",
+        "patched.onnx",
+        "patched.onnx.weightmap.json",
+    ]
     np.testing.assert_array_equal(stored_bytes(out, "head.weight"), params["head.weight"])
 
     inplace = mntool("patch-weights", artifact, tmp / "p.mnpatch", "--in-place", "--json")
@@ -76,9 +89,25 @@ def test_bad_inputs_give_one_line_and_leave_the_artifact_alone(setup):
     assert mntool("make-patch", other, "--params", tmp / "params.npz", "-o", tmp / "other.mnpatch").returncode == 0
     assert mntool("make-patch", artifact, "--params", tmp / "params.npz", "-o", tmp / "p.mnpatch").returncode == 0
     good = (tmp / "p.mnpatch").read_bytes()
-    assert mntool("make-patch", artifact, "--params", tmp / "params.npz", "--device-id", "phone-1",
-                  "-o", tmp / "bound.mnpatch").returncode == 0
-    assert mntool("make-patch", artifact, "--params", tmp / "params.npz", "--ttl", "1s", "-o", tmp / "expired.mnpatch").returncode == 0
+    assert (
+        mntool(
+            "make-patch",
+            artifact,
+            "--params",
+            tmp / "params.npz",
+            "--device-id",
+            "phone-1",
+            "-o",
+            tmp / "bound.mnpatch",
+        ).returncode
+        == 0
+    )
+    assert (
+        mntool(
+            "make-patch", artifact, "--params", tmp / "params.npz", "--ttl", "1s", "-o", tmp / "expired.mnpatch"
+        ).returncode
+        == 0
+    )
     time.sleep(1.1)
     (tmp / "flipped.mnpatch").write_bytes(good[:50] + bytes([good[50] ^ 4]) + good[51:])
     (tmp / "truncated.mnpatch").write_bytes(good[:100])
@@ -107,10 +136,18 @@ def test_bad_inputs_give_one_line_and_leave_the_artifact_alone(setup):
 def test_bad_cloud_inputs_give_one_line(setup):
     tmp, artifact, params = setup
     np.savez(tmp / "short.npz", **{"head.weight": params["head.weight"]})
-    one_line_error(mntool("make-patch", artifact, "--params", tmp / "short.npz", "-o", tmp / "x.mnpatch"), "missing ['head.bias']")
-    one_line_error(mntool("make-patch", artifact, "--params", tmp / "nope.npz", "-o", tmp / "x.mnpatch"), "does not exist")
-    one_line_error(mntool("make-patch", artifact, "--params", tmp / "params.npz", "--sign", tmp / "cloud.pub",
-                          "-o", tmp / "x.mnpatch"), "not an unencrypted PEM private key")
+    one_line_error(
+        mntool("make-patch", artifact, "--params", tmp / "short.npz", "-o", tmp / "x.mnpatch"), "missing ['head.bias']"
+    )
+    one_line_error(
+        mntool("make-patch", artifact, "--params", tmp / "nope.npz", "-o", tmp / "x.mnpatch"), "does not exist"
+    )
+    one_line_error(
+        mntool(
+            "make-patch", artifact, "--params", tmp / "params.npz", "--sign", tmp / "cloud.pub", "-o", tmp / "x.mnpatch"
+        ),
+        "not an unencrypted PEM private key",
+    )
     one_line_error(mntool("keygen", "-o", tmp / "cloud"), "refusing to overwrite")
     one_line_error(mntool("inspect", tmp / "nope.tflite"), "does not exist")
     assert not (tmp / "x.mnpatch").exists()
@@ -122,14 +159,50 @@ def test_root_key_rotation_from_the_command_line(setup):
     tmp, artifact, _ = setup
     for name in ("root", "online1", "online2"):
         assert mntool("keygen", "-o", tmp / name).returncode == 0
-    assert mntool("certify", "--root", tmp / "root.key", "--key", tmp / "online1.pub", "--serial", "1",
-                  "-o", tmp / "l1.mnkeys").returncode == 0
-    rotated = mntool("certify", "--root", tmp / "root.key", "--key", tmp / "online2.pub", "--revoke", tmp / "online1.pub",
-                     "--serial", "2", "-o", tmp / "l2.mnkeys", "--json")
+    assert (
+        mntool(
+            "certify",
+            "--root",
+            tmp / "root.key",
+            "--key",
+            tmp / "online1.pub",
+            "--serial",
+            "1",
+            "-o",
+            tmp / "l1.mnkeys",
+        ).returncode
+        == 0
+    )
+    rotated = mntool(
+        "certify",
+        "--root",
+        tmp / "root.key",
+        "--key",
+        tmp / "online2.pub",
+        "--revoke",
+        tmp / "online1.pub",
+        "--serial",
+        "2",
+        "-o",
+        tmp / "l2.mnkeys",
+        "--json",
+    )
     assert rotated.returncode == 0 and [k["revoked"] for k in json.loads(rotated.stdout)["keys"]] == [False, True]
     for n, (key, keys) in enumerate([("online1", "l1"), ("online2", "l2"), ("online1", "l1")]):
-        made = mntool("make-patch", artifact, "--params", tmp / "params.npz", "--sign", tmp / f"{key}.key",
-                      "--key-list", tmp / f"{keys}.mnkeys", "--device-id", "phone-1", "-o", tmp / f"p{n}.mnpatch")
+        made = mntool(
+            "make-patch",
+            artifact,
+            "--params",
+            tmp / "params.npz",
+            "--sign",
+            tmp / f"{key}.key",
+            "--key-list",
+            tmp / f"{keys}.mnkeys",
+            "--device-id",
+            "phone-1",
+            "-o",
+            tmp / f"p{n}.mnpatch",
+        )
         assert made.returncode == 0, made.stderr
     device = ("--in-place", "--root-key", tmp / "root.pub", "--device-id", "phone-1")
     for n in (0, 1):
@@ -139,7 +212,20 @@ def test_root_key_rotation_from_the_command_line(setup):
     one_line_error(mntool("patch-weights", artifact, tmp / "p1.mnpatch", *device), "replay or rollback refused")
     one_line_error(mntool("patch-weights", artifact, tmp / "p2.mnpatch", *device), "older than serial 2")
     assert tree_hashes(artifact.parent) == before
-    one_line_error(mntool("make-patch", artifact, "--params", tmp / "params.npz", "--sign", tmp / "online1.key",
-                          "--key-list", tmp / "l2.mnkeys", "-o", tmp / "x.mnpatch"), "does not certify")
+    one_line_error(
+        mntool(
+            "make-patch",
+            artifact,
+            "--params",
+            tmp / "params.npz",
+            "--sign",
+            tmp / "online1.key",
+            "--key-list",
+            tmp / "l2.mnkeys",
+            "-o",
+            tmp / "x.mnpatch",
+        ),
+        "does not certify",
+    )
     shown = mntool("inspect", tmp / "p1.mnpatch")
     assert "key list serial 2" in shown.stdout and "sequence" in shown.stdout

@@ -1,4 +1,5 @@
 """Cloud side of patches: parameter checks and layout (cast, transpose), keys, recent samples."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,14 @@ from device_runtime import weight_map as wmap
 from device_runtime.patch import parse_patch
 from device_runtime.signing import SignatureError, load_public_key, verify_signature
 from mntool.patches import (
-    ParamsError, SigningKeyError, build_patch, keygen, load_params, load_recent, load_signing_key, stored_tensors,
+    ParamsError,
+    SigningKeyError,
+    build_patch,
+    keygen,
+    load_params,
+    load_recent,
+    load_signing_key,
+    stored_tensors,
 )
 
 
@@ -30,15 +38,18 @@ def test_stored_tensors_cast_and_transpose(weight_map):
     np.testing.assert_array_equal(stored["head.bias"], params["head.bias"].astype(np.float16))
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda p: p.pop("head.bias"), r"missing \['head.bias'\]"),
-    (lambda p: p.update({"head.extra": np.zeros(3, np.float32)}), r"extra \['head.extra'\]"),
-    (lambda p: p.update({"head.bias": np.zeros(9, np.float32)}), r"shape \(9,\), the artifact expects \(8,\)"),
-    (lambda p: p.update({"head.weight": p["head.weight"].T.copy()}), "shape"),
-    (lambda p: p.update({"head.bias": np.zeros(8, np.int64)}), "not a float type"),
-    (lambda p: p["head.bias"].__setitem__(3, np.nan), "NaN or Inf"),
-    (lambda p: p["head.bias"].__setitem__(3, 1e6), "overflow the artifact's float16"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda p: p.pop("head.bias"), r"missing \['head.bias'\]"),
+        (lambda p: p.update({"head.extra": np.zeros(3, np.float32)}), r"extra \['head.extra'\]"),
+        (lambda p: p.update({"head.bias": np.zeros(9, np.float32)}), r"shape \(9,\), the artifact expects \(8,\)"),
+        (lambda p: p.update({"head.weight": p["head.weight"].T.copy()}), "shape"),
+        (lambda p: p.update({"head.bias": np.zeros(8, np.int64)}), "not a float type"),
+        (lambda p: p["head.bias"].__setitem__(3, np.nan), "NaN or Inf"),
+        (lambda p: p["head.bias"].__setitem__(3, 1e6), "overflow the artifact's float16"),
+    ],
+)
 def test_bad_params_rejected(weight_map, change, match):
     params = random_params()
     change(params)
@@ -61,7 +72,9 @@ def test_keygen_sign_verify(tmp_path, weight_map):
 
 def test_raw_keys_are_accepted(tmp_path):
     key = load_signing_key(keygen(tmp_path / "k").private)
-    raw_private = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    raw_private = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
     raw_public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     (tmp_path / "seed").write_bytes(raw_private)
     (tmp_path / "pub").write_bytes(raw_public)
@@ -88,13 +101,16 @@ def test_load_params_and_recent(tmp_path):
         assert load_recent(tmp_path / path).tolist() == [5, 9, 2]
 
 
-@pytest.mark.parametrize("content, match", [
-    ('{"item": [1]}', "no 'items'"),
-    ('{"items": 3}', "flat list"),
-    ('{"items": [[1, 2]]}', "flat list"),
-    ('[1, 2]', "no 'items'"),
-    ("{not json", "not readable"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"item": [1]}', "no 'items'"),
+        ('{"items": 3}', "flat list"),
+        ('{"items": [[1, 2]]}', "flat list"),
+        ("[1, 2]", "no 'items'"),
+        ("{not json", "not readable"),
+    ],
+)
 def test_bad_recent_samples(tmp_path, content, match):
     (tmp_path / "r.json").write_text(content)
     with pytest.raises(ParamsError, match=match):

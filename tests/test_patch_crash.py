@@ -7,6 +7,7 @@ sequence is that patch's. Kills that landed inside an apply (after it began writ
 slot, before the switch) are recognisable by an inactive slot that no longer holds the state two
 applies back; the test insists that some did, so it cannot pass vacuously.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,12 +61,23 @@ def test_kill_9_during_in_place_apply_leaves_old_or_new(tmp_path):
         patched = apply_patch_bytes(original, build_patch(artifact, random_params(SHAPES, seed=seed)), wm)
         wholes[digest(patched)] = seed - 1  # index of the params in the child's cycle
 
-    rng, inside, seen, n = random.Random(0), 0, set(), 1
+    rng, inside, seen, bases = random.Random(0), 0, set(), [1]
+
+    def params_index(sequence: int) -> int:
+        """Which params (0-2) the patch numbered `sequence` carried; 0 is the original artifact (-1).
+        A child started at base n applies n, n+1, ... with params 0, 1, 2, 0, ..."""
+        base = max((b for b in bases if b <= sequence), default=None)
+        return -1 if base is None else (sequence - base) % 3
+
     tests_dir = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": f"{tests_dir}{os.pathsep}{tests_dir.parent}"}
-    for _ in range(20):
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(artifact), str(n)], stdout=subprocess.PIPE,
-                                 cwd=tests_dir.parent, env=env)
+    for _ in range(40):  # about 1 kill in 7 lands inside an apply (after its first write, before its switch)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(artifact), str(bases[-1])],
+            stdout=subprocess.PIPE,
+            cwd=tests_dir.parent,
+            env=env,
+        )
         assert child.stdout.readline().strip() == b"ready"
         time.sleep(rng.uniform(0.01, 0.2))
         child.send_signal(signal.SIGKILL)
@@ -73,16 +85,16 @@ def test_kill_9_during_in_place_apply_leaves_old_or_new(tmp_path):
         which = wholes.get(digest(artifact.read_bytes()))
         assert which is not None, "a kill -9 left a half-written artifact"
         state = read_state(artifact)
-        if which >= 0:  # the recorded sequence is the one of the patch whose bytes are active
-            assert state.sequence >= n and (state.sequence - n) % 3 == which
-            seen.add(which)
-            n = state.sequence + 1
-        # the inactive slot holds the state two applies back unless the kill landed inside an apply
-        slots = [e for e in os.listdir(root) if SLOT.fullmatch(e) and e != os.readlink(artifact)]
-        if which >= 0 and slots:
-            inactive = wholes.get(digest((root / slots[0]).read_bytes()))
-            inside += inactive != (which - 1) % 3 and not (inactive == -1 and state.sequence == n - 1)
+        assert which == params_index(state.sequence), "the recorded sequence is not the one whose bytes are active"
+        seen.add(which)
+        # after a whole apply of sequence s, the inactive slot holds sequence s - 1; anything else
+        # means the kill landed inside the next apply (its slot written, partly or wholly, not switched)
+        slots = [e for e in os.listdir(root) if SLOT.fullmatch(e) and e != os.readlink(artifact)] if which >= 0 else []
+        if slots:
+            inside += wholes.get(digest((root / slots[0]).read_bytes())) != params_index(state.sequence - 1)
         assert wmap.sidecar_path(artifact).read_bytes() == sidecar
+        bases.append(state.sequence + 1)
+    n = bases[-1]
     assert inside > 0, "no kill landed inside an apply; the test proved nothing"
     assert len(seen) >= 2
     last = build_patch(artifact, random_params(SHAPES, seed=1), sequence=n + 10)

@@ -1,6 +1,7 @@
 """Patch format v2 on synthetic artifacts: round trips for every artifact shape, and every kind
 of bad input rejected with the artifact byte-identical. Also home of the synthetic-artifact
 helpers the other test_patch*.py files import."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,17 +9,24 @@ import os
 import stat
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_runtime import weight_map as wmap
-import blake3
-
 from device_runtime.install import apply_patch_file
 from device_runtime.patch import (
-    ENTRY, HEADER, NUMPY_DTYPES, Freshness, PatchError, TrustPolicy, apply_patch_bytes, pack_patch, parse_patch,
+    ENTRY,
+    HEADER,
+    NUMPY_DTYPES,
+    Freshness,
+    PatchError,
+    TrustPolicy,
+    apply_patch_bytes,
+    pack_patch,
+    parse_patch,
     verify_patch,
 )
 from device_runtime.signing import SignatureError
@@ -32,15 +40,25 @@ LAYOUTS = {
     "onnx": ("model.onnx", {"model.onnx": 700, "adaptive.bin": 0}, "adaptive.bin"),
     "coreml": (
         "model.mlpackage",
-        {"Manifest.json": 90, "Data/com.apple.CoreML/model.mlmodel": 500, "Data/com.apple.CoreML/weights/weight.bin": 3000},
+        {
+            "Manifest.json": 90,
+            "Data/com.apple.CoreML/model.mlmodel": 500,
+            "Data/com.apple.CoreML/weights/weight.bin": 3000,
+        },
         "Data/com.apple.CoreML/weights/weight.bin",
     ),
 }
 
 
 def synthetic_artifact(
-    root: Path, shapes: dict[str, tuple[int, ...]] = HEAD, *, target: str = "tflite", dtype: str = "float32",
-    transpose: tuple[str, ...] = (), seed: int = 0, static_bytes: int | None = None,
+    root: Path,
+    shapes: dict[str, tuple[int, ...]] = HEAD,
+    *,
+    target: str = "tflite",
+    dtype: str = "float32",
+    transpose: tuple[str, ...] = (),
+    seed: int = 0,
+    static_bytes: int | None = None,
 ) -> Path:
     """An artifact shaped like the exporters' (file set, adaptive tensors 64-aligned after random
     static bytes in one file) with random contents and a valid weight map sidecar.
@@ -76,7 +94,11 @@ def random_params(shapes: dict[str, tuple[int, ...]] = HEAD, seed: int = 1) -> d
 
 def tree_hashes(root: Path) -> dict[str, str]:
     """SHA-256 of every file under `root`: equal before/after means byte-identical, nothing added."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def raw_public(key: Ed25519PrivateKey) -> bytes:
@@ -178,7 +200,8 @@ def test_parse_reports_header(tmp_path):
     wm = wmap.load(artifact)
     assert (p.target, p.fingerprint, p.signed) == ("tflite", wm.fingerprint, False)
     assert [(t.name, t.dtype, t.layout, t.stored_shape) for t in p.tensors] == [
-        ("head.weight", "float16", "transpose", (16, 8)), ("head.bias", "float16", "identity", (8,))
+        ("head.weight", "float16", "transpose", (16, 8)),
+        ("head.bias", "float16", "identity", (8,)),
     ]
     assert all(t.payload_offset % 64 == 0 for t in p.tensors)
 
@@ -270,12 +293,15 @@ def packed(wm: WeightMap, fill: float = 0.5) -> bytes:
     return pack_patch(wm, {t.name: np.full(t.stored_shape, fill, NUMPY_DTYPES[t.dtype]) for t in wm.tensors}, FRESH)
 
 
-@pytest.mark.parametrize("changes, what", [
-    ({"dtype": "float16", "nbytes": 256}, "wrong dtype"),
-    ({"shape": (16, 8), "stored_shape": (16, 8)}, "wrong shape"),
-    ({"offset": 1024 - 64}, "overlaps non-adaptive bytes"),
-    ({"offset": 1 << 20}, "outside the file"),
-])
+@pytest.mark.parametrize(
+    "changes, what",
+    [
+        ({"dtype": "float16", "nbytes": 256}, "wrong dtype"),
+        ({"shape": (16, 8), "stored_shape": (16, 8)}, "wrong shape"),
+        ({"offset": 1024 - 64}, "overlaps non-adaptive bytes"),
+        ({"offset": 1 << 20}, "outside the file"),
+    ],
+)
 def test_destinations_must_match_the_weight_map(case, changes, what):
     artifact, _, before = case
     rejected(artifact, before, packed(altered_map(artifact, **changes)), "does not match the weight map")
@@ -315,7 +341,9 @@ def test_resigned_tampered_header_is_caught_by_the_signature(case):
     seal = len(parse_patch(bytes(data)).signed_message)
     data[HEADER.size + ENTRY.size + 32] ^= 0x40  # second tensor's destination offset
     data[seal + 64 : seal + 96] = blake3.blake3(data[: seal + 64]).digest()
-    rejected(artifact, before, bytes(data), "does not verify", SignatureError, policy=TrustPolicy(verify_key=raw_public(key)))
+    rejected(
+        artifact, before, bytes(data), "does not verify", SignatureError, policy=TrustPolicy(verify_key=raw_public(key))
+    )
 
 
 def test_missing_artifact_patch_or_sidecar(case, tmp_path):
@@ -373,9 +401,15 @@ def test_worked_example_sizes(tmp_path):
     artifact = synthetic_artifact(tmp_path, {"head.weight": (64, 64), "head.bias": (64,)}, transpose=("head.weight",))
     params = {"head.weight": np.zeros((64, 64), np.float32), "head.bias": np.zeros(64, np.float32)}
     unsigned = parse_patch(build_patch(artifact, params))
-    assert (len(unsigned.signed_message), unsigned.total_size - len(unsigned.payload), unsigned.total_size) == (552, 704, 17344)
+    assert (len(unsigned.signed_message), unsigned.total_size - len(unsigned.payload), unsigned.total_size) == (
+        552,
+        704,
+        17344,
+    )
     assert [(t.payload_offset, t.nbytes) for t in unsigned.tensors] == [(0, 16384), (16384, 256)]
-    assert bytes(unsigned.signed_message[HEADER.size + 2 * ENTRY.size :][:33]) == b"head.weight\0<artifact>\0head.bias\0"
+    assert (
+        bytes(unsigned.signed_message[HEADER.size + 2 * ENTRY.size :][:33]) == b"head.weight\0<artifact>\0head.bias\0"
+    )
     root, online = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     signer = signer_for(online, certify_keys(root, [raw_public(online)], serial=1))
     signed = parse_patch(build_patch(artifact, params, signer))

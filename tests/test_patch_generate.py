@@ -1,6 +1,7 @@
 """`mntool generate`: a MetaNetwork checkpoint + a device's recent items -> a patch whose
 parameters, applied to the exported model, make ONNX Runtime compute what PyTorch computes
 with the generator's parameters for that device."""
+
 from __future__ import annotations
 
 import copy
@@ -59,9 +60,17 @@ def test_generate_patch_apply_run(tiny_checkpoints, exported, tmp_path, suffix):
 def test_generate_rejects_bad_samples_in_one_line(tiny_checkpoints, exported, tmp_path):
     samples = tmp_path / "recent.json"
     samples.write_text(json.dumps({"items": [1, 10**6]}))
-    one_line_error(mntool("generate", tiny_checkpoints["metanetwork"], exported, "--samples", samples,
-                          "-o", tmp_path / "p.mnpatch"), "outside the vocabulary")
+    one_line_error(
+        mntool(
+            "generate", tiny_checkpoints["metanetwork"], exported, "--samples", samples, "-o", tmp_path / "p.mnpatch"
+        ),
+        "outside the vocabulary",
+    )
     samples.write_text(json.dumps({"recent": [1]}))
-    one_line_error(mntool("generate", tiny_checkpoints["metanetwork"], exported, "--samples", samples,
-                          "-o", tmp_path / "p.mnpatch"), "no 'items'")
+    one_line_error(
+        mntool(
+            "generate", tiny_checkpoints["metanetwork"], exported, "--samples", samples, "-o", tmp_path / "p.mnpatch"
+        ),
+        "no 'items'",
+    )
     assert not (tmp_path / "p.mnpatch").exists()

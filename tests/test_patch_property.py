@@ -1,6 +1,7 @@
 """Property tests of format v1: valid patches of any shape round-trip exactly; every random
 corruption of a patch (bit flips, byte overwrites, truncation, extension) is rejected and leaves
 the artifact's bytes untouched."""
+
 from __future__ import annotations
 
 import tempfile
@@ -19,21 +20,26 @@ from mntool.patches import build_patch
 
 KEY = Ed25519PrivateKey.generate()
 shape = st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple)
-specs = st.fixed_dictionaries({
-    "shapes": st.dictionaries(st.from_regex(r"[a-z]{1,6}(\.[a-z0-9_]{1,8}){0,2}", fullmatch=True), shape, min_size=1, max_size=4),
-    "target": st.sampled_from(sorted(LAYOUTS)),
-    "dtype": st.sampled_from(sorted(NUMPY_DTYPES)),
-    "transpose_2d": st.booleans(),
-    "signed": st.booleans(),
-    "seed": st.integers(0, 2**16),
-})
+specs = st.fixed_dictionaries(
+    {
+        "shapes": st.dictionaries(
+            st.from_regex(r"[a-z]{1,6}(\.[a-z0-9_]{1,8}){0,2}", fullmatch=True), shape, min_size=1, max_size=4
+        ),
+        "target": st.sampled_from(sorted(LAYOUTS)),
+        "dtype": st.sampled_from(sorted(NUMPY_DTYPES)),
+        "transpose_2d": st.booleans(),
+        "signed": st.booleans(),
+        "seed": st.integers(0, 2**16),
+    }
+)
 
 
 def case(spec: dict, root: Path):
     """(weight map, artifact files in memory, params, patch bytes) for one drawn spec."""
     transpose = tuple(n for n, s in spec["shapes"].items() if len(s) == 2) if spec["transpose_2d"] else ()
-    artifact = synthetic_artifact(root, spec["shapes"], target=spec["target"], dtype=spec["dtype"],
-                                  transpose=transpose, seed=spec["seed"])
+    artifact = synthetic_artifact(
+        root, spec["shapes"], target=spec["target"], dtype=spec["dtype"], transpose=transpose, seed=spec["seed"]
+    )
     wm = wmap.load(artifact)
     rng = np.random.default_rng(spec["seed"])
     params = {n: (rng.standard_normal(s) * 10).astype(np.float32) for n, s in spec["shapes"].items()}
@@ -46,7 +52,9 @@ def case(spec: dict, root: Path):
 def test_valid_patches_round_trip(spec):
     with tempfile.TemporaryDirectory() as tmp:
         wm, files, params, data = case(spec, Path(tmp))
-    patched = apply_patch_bytes(files, data, wm, policy=TrustPolicy(verify_key=raw_public(KEY) if spec["signed"] else None))
+    patched = apply_patch_bytes(
+        files, data, wm, policy=TrustPolicy(verify_key=raw_public(KEY) if spec["signed"] else None)
+    )
     for t in wm.tensors:
         stored = np.frombuffer(bytes(patched[t.file][t.offset : t.offset + t.nbytes]), NUMPY_DTYPES[t.dtype])
         stored = stored.reshape(t.stored_shape)

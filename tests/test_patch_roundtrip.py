@@ -5,6 +5,7 @@ runtime against PyTorch with the same parameters, on real MovieLens-100k histori
 TFLite (ai_edge_litert) and ONNX Runtime outputs must match PyTorch within 1e-5. Core ML cannot
 predict on Linux, so there coremltools' own blob reader must return the patched values exactly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -93,8 +94,11 @@ def runtime_outputs(artifact: Path, histories, files=None) -> np.ndarray:
 
 def random_params(model, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {n: rng.normal(0, 0.3, tuple(p.shape)).astype(np.float32) for n, p in model.named_parameters()
-            if n in model.adaptive_names()}
+    return {
+        n: rng.normal(0, 0.3, tuple(p.shape)).astype(np.float32)
+        for n, p in model.named_parameters()
+        if n in model.adaptive_names()
+    }
 
 
 def copy_artifact(artifact: Path, dest: Path) -> Path:

@@ -3,6 +3,7 @@ rotation through root-signed key lists, the v1 policy, and the update-path defec
 (a key implies a signature; -o copies are independent; in-place applies are exclusive, never
 follow a planted symlink, and write exactly the bytes they verified). Every refusal leaves the
 artifact's tree byte-identical."""
+
 from __future__ import annotations
 
 import os
@@ -125,8 +126,11 @@ def test_revoked_unlisted_and_expired_keys_refused(art, keys):
         signer_for(online, revoking)  # the cloud refuses to build it, so forge the signer
     revoked = build_patch(artifact, random_params(), patch_mod.Signer(online.sign, raw_public(online), revoking))
     refused(artifact, revoked, "is revoked", policy=policy)
-    unlisted = build_patch(artifact, random_params(), patch_mod.Signer(online.sign, raw_public(online),
-                                                                        certify_keys(root, [raw_public(spare)], serial=1)))
+    unlisted = build_patch(
+        artifact,
+        random_params(),
+        patch_mod.Signer(online.sign, raw_public(online), certify_keys(root, [raw_public(spare)], serial=1)),
+    )
     refused(artifact, unlisted, "not in its key list", policy=policy)
     short = certify_keys(root, [raw_public(online)], serial=1, key_ttl_s=10, now=NOW)
     patch = build_patch(artifact, random_params(), signer_for(online, short), now=NOW)
@@ -141,14 +145,20 @@ def test_wrong_verify_key_and_bad_signature(art, keys):
     patch = build_patch(artifact, random_params(), online)
     refused(artifact, patch, "not by the given verify key", policy=TrustPolicy(verify_key=raw_public(spare)))
     forged = patch_mod.Signer(spare.sign, raw_public(online))  # claims online's key, signs with another
-    refused(artifact, build_patch(artifact, random_params(), forged), "does not verify",
-            policy=TrustPolicy(verify_key=raw_public(online)))
+    refused(
+        artifact,
+        build_patch(artifact, random_params(), forged),
+        "does not verify",
+        policy=TrustPolicy(verify_key=raw_public(online)),
+    )
 
 
 def test_every_flipped_bit_of_a_signed_patch_with_key_list_rejected(art, keys):
     artifact, _ = art
     root, online, _ = keys
-    data = build_patch(artifact, random_params(), signer_for(online, certify_keys(root, [raw_public(online)], serial=1)))
+    data = build_patch(
+        artifact, random_params(), signer_for(online, certify_keys(root, [raw_public(online)], serial=1))
+    )
     wm = wmap.load(artifact)
     policy = TrustPolicy(root_key=raw_public(root))
     meta = parse_patch(data).total_size - len(parse_patch(data).payload)
@@ -169,7 +179,9 @@ def test_v1_patches_need_an_explicit_flag(art, keys):
     v1 = pack_patch_v1(wm, stored_tensors(wm, params), online.sign)
     assert parse_patch(v1).version == 1
     refused(artifact, v1, "v1 has no expiry")
-    refused(artifact, v1, "v1 patch carries no key list", policy=TrustPolicy(root_key=raw_public(online), allow_v1=True))
+    refused(
+        artifact, v1, "v1 patch carries no key list", policy=TrustPolicy(root_key=raw_public(online), allow_v1=True)
+    )
     apply_patch_file(artifact, v1, policy=TrustPolicy(verify_key=raw_public(online), allow_v1=True))
     np.testing.assert_array_equal(stored_bytes(artifact, "head.bias"), params["head.bias"])
 
@@ -245,8 +257,10 @@ def test_concurrent_appliers_serialise(art):
     state = read_state(artifact)
     applied = [i for i, r in results.items() if r == "ok"]
     assert state.sequence == max(applied) + 1  # the newest applied patch is the one recorded ...
-    np.testing.assert_array_equal(stored_bytes(artifact, "head.bias"),  # ... and the one whose bytes are active
-                                  random_params(seed=max(applied))["head.bias"])
+    np.testing.assert_array_equal(
+        stored_bytes(artifact, "head.bias"),  # ... and the one whose bytes are active
+        random_params(seed=max(applied))["head.bias"],
+    )
     wmap.load(artifact)
 
 
@@ -267,7 +281,9 @@ def test_a_caller_buffer_changed_after_verification_is_not_written(art, monkeypa
     monkeypatch.setattr(patch_mod, "verify_patch", racing)
     patched = apply_patch_bytes(artifact.read_bytes(), buffer, wm)
     bias = wm.tensor("head.bias")
-    np.testing.assert_array_equal(np.frombuffer(patched[bias.offset : bias.offset + bias.nbytes], np.float32), good["head.bias"])
+    np.testing.assert_array_equal(
+        np.frombuffer(patched[bias.offset : bias.offset + bias.nbytes], np.float32), good["head.bias"]
+    )
 
 
 def test_a_copy_is_made_from_the_bytes_that_were_checked(art, tmp_path, monkeypatch):

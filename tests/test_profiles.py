@@ -1,5 +1,6 @@
 """Device profiles: the catalogue, and that a sandbox really pins, limits and cleans up a child
 process on this host (or says why it could not) while the caller stays unconstrained."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def test_profiles_get_slower_down_the_list():
 
 
 def _run_child(sandbox: ProfileSandbox) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True,
-                         preexec_fn=sandbox.enter_child).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD], capture_output=True, text=True, check=True, preexec_fn=sandbox.enter_child
+    ).stdout
     return json.loads(out)
 
 
@@ -53,8 +55,14 @@ def test_sandbox_constrains_only_the_child(name):
             group = Path(applied.cgroup.split(":", 1)[1])
             assert group.name in child["cgroup"], "the child did not land in the limited cgroup"
             assert applied.cfs_quota_us / applied.cfs_period_us == pytest.approx(profile.cpu_bandwidth, rel=0.01)
-            limit = (group / "cpu.max").read_text().split() if applied.cgroup.startswith("v2") else [
-                (group / "cpu.cfs_quota_us").read_text().strip(), (group / "cpu.cfs_period_us").read_text().strip()]
+            limit = (
+                (group / "cpu.max").read_text().split()
+                if applied.cgroup.startswith("v2")
+                else [
+                    (group / "cpu.cfs_quota_us").read_text().strip(),
+                    (group / "cpu.cfs_period_us").read_text().strip(),
+                ]
+            )
             assert [int(x) for x in limit] == [applied.cfs_quota_us, applied.cfs_period_us]
         else:
             assert applied.notes and "not applied" in applied.notes[-1]

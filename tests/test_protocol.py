@@ -1,5 +1,6 @@
 """The time-shift protocol on the real MovieLens-100k: no future leaks, strict period order,
 never-touched negatives, padding, determinism; plus tie handling on hand-made interactions."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ def test_sizes_and_ids(ml100k_dataset, ml100k_interactions):
         rows = ds.split(s)
         assert len(rows) == rows.n_positives * (1 + CFG.n_negatives)
         assert rows.history.shape == (len(rows), CFG.history_len) and rows.recent.shape == (len(rows), CFG.recent_len)
-        assert rows.history.dtype == rows.recent.dtype == rows.target.dtype == np.int64 and rows.label.dtype == np.float32
+        assert (
+            rows.history.dtype == rows.recent.dtype == rows.target.dtype == np.int64 and rows.label.dtype == np.float32
+        )
         assert np.array_equal(rows.label.reshape(-1, 5), np.tile([1, 0, 0, 0, 0], (rows.n_positives, 1)))
         assert rows.target.min() >= 1 and rows.target.max() <= ds.n_items
     for rank, rows in ((ds.valid_rank, ds.valid), (ds.test_rank, ds.test)):
@@ -69,7 +72,9 @@ def test_device_period_strictly_later_per_user(ml100k_dataset, ml100k_interactio
     np.maximum.at(valid_last, valid.user, valid.timestamp)
     assert (cloud_last < valid_first).all(), "a validation interaction is not later than the cloud period"
     assert (valid_last < test_first).all(), "a test interaction is not later than the validation period"
-    assert np.array_equal(np.unique(valid.user), np.arange(943)) and np.array_equal(np.unique(test.user), np.arange(943))
+    assert np.array_equal(np.unique(valid.user), np.arange(943)) and np.array_equal(
+        np.unique(test.user), np.arange(943)
+    )
 
 
 def test_no_future_interaction_in_history_or_recent(ml100k_dataset, reference):
@@ -184,8 +189,10 @@ def tiny(times: dict[int, list[int]]):
 
 def test_ties_at_a_cut_stay_in_one_period():
     # 10 items; the 70% cut (position 7) falls inside a tie group at t=6 covering positions 5..8.
-    ds = build_dataset(tiny({0: [1, 2, 3, 4, 5, 6, 6, 6, 6, 7], 1: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}),
-                       ProtocolConfig(n_rank_negatives=2, n_negatives=1))
+    ds = build_dataset(
+        tiny({0: [1, 2, 3, 4, 5, 6, 6, 6, 6, 7], 1: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}),
+        ProtocolConfig(n_rank_negatives=2, n_negatives=1),
+    )
     valid, test = positives(ds.valid), positives(ds.test)
     u0 = valid.user == 0
     # Cuts may fall only where time increases (positions 1-5, 9); 5 is nearest to 7 below 9,

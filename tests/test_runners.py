@@ -4,6 +4,7 @@ patched parameters reaching the runtime, weights-as-inputs binding, and `mntool 
 
 The artifacts and patches are session fixtures from conftest.py (built by small_artifacts.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -69,10 +70,17 @@ def test_int64_ids_are_cast_losslessly_to_int32(tflite_artifact):
             runner.run(feeds)
 
 
-@pytest.mark.parametrize("value, dtype, ok", [
-    (np.array([1.0, 2.0]), "int32", True), (np.array([1.5]), "int64", False), (np.array([2**24 + 1]), "float32", False),
-    (np.array([0.1]), "float32", False), (np.array([np.nan]), "float32", True), (np.array([3], np.int32), "int64", True),
-])
+@pytest.mark.parametrize(
+    "value, dtype, ok",
+    [
+        (np.array([1.0, 2.0]), "int32", True),
+        (np.array([1.5]), "int64", False),
+        (np.array([2**24 + 1]), "float32", False),
+        (np.array([0.1]), "float32", False),
+        (np.array([np.nan]), "float32", True),
+        (np.array([3], np.int32), "int64", True),
+    ],
+)
 def test_cast_lossless(value, dtype, ok):
     if ok:
         assert cast_lossless("x", value, dtype).dtype == np.dtype(dtype)
@@ -97,7 +105,9 @@ def test_ids_outside_the_vocabulary_are_a_clean_error(artifact):
 
 
 # ---- configurations and loading routes ------------------------------------------------------
-@pytest.mark.parametrize("config", [RunnerConfig(threads=2), RunnerConfig(xnnpack=False), RunnerConfig(graph_optimization="disable")])
+@pytest.mark.parametrize(
+    "config", [RunnerConfig(threads=2), RunnerConfig(xnnpack=False), RunnerConfig(graph_optimization="disable")]
+)
 def test_configurations_compute_the_same(artifact, config):
     (value,) = run_artifact(artifact, _feeds(), config=config).values()
     np.testing.assert_allclose(value, _torch_output(), atol=1e-5)
@@ -113,7 +123,10 @@ def test_bad_configuration_is_refused():
 def test_memory_and_bytes_loads_equal_the_file_load(artifact):
     wm = find_weight_map(artifact)
     files = weight_maps.read_artifact_files(artifact, wm.files)
-    with open_runner(artifact, weight_map=wm) as from_file, open_runner(artifact, weight_map=wm, files=files) as from_memory:
+    with (
+        open_runner(artifact, weight_map=wm) as from_file,
+        open_runner(artifact, weight_map=wm, files=files) as from_memory,
+    ):
         expected = from_file.run(_feeds())
         assert from_memory.run(_feeds()).keys() == expected.keys()
         for name, value in from_memory.run(_feeds()).items():
@@ -142,8 +155,9 @@ def test_weights_as_inputs_are_bound_from_the_artifact(tflite_inputs_artifact, t
         assert sorted(runner.bound) == sorted(wm.adaptive_names)
         (value,) = runner.run(_feeds()).values()
     np.testing.assert_allclose(value, _torch_output(), atol=1e-5)
-    patched = apply_patch_bytes(weight_maps.read_artifact_files(tflite_inputs_artifact, wm.files),
-                                tflite_inputs_patch.read_bytes(), wm)
+    patched = apply_patch_bytes(
+        weight_maps.read_artifact_files(tflite_inputs_artifact, wm.files), tflite_inputs_patch.read_bytes(), wm
+    )
     with open_runner(tflite_inputs_artifact, weight_map=wm, files=patched) as runner:
         (value,) = runner.run(_feeds()).values()
     np.testing.assert_allclose(value, _torch_output(fresh_params(tflite_inputs_artifact)), atol=1e-5)
@@ -170,11 +184,16 @@ def test_coreml_prediction_needs_macos(tmp_path):
         open_runner(package)
 
 
-@pytest.mark.parametrize("name, content, match", [
-    ("in.csv", "1,2", "must be .npz or .json"), ("in.json", "[1, 2]", "JSON object"),
-    ("in.json", "{", "not valid JSON"), ("in.json", '{"history": [[1, 2], [3]]}', "not a rectangular array"),
-    ("in.npz", "not a zip", "not a readable .npz"),
-])
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("in.csv", "1,2", "must be .npz or .json"),
+        ("in.json", "[1, 2]", "JSON object"),
+        ("in.json", "{", "not valid JSON"),
+        ("in.json", '{"history": [[1, 2], [3]]}', "not a rectangular array"),
+        ("in.npz", "not a zip", "not a readable .npz"),
+    ],
+)
 def test_bad_input_files(tmp_path, name, content, match):
     path = tmp_path / name
     path.write_text(content)

@@ -4,6 +4,7 @@ bad input answered 4xx with a JSON error (never 5xx, never a crash), a failing g
 only its own request (in-process app), /healthz telling nothing but liveness, one /metrics scrape
 counting every worker, and replicas/workers that serve the same parameters. Fixtures `served`
 and `patch_server` live in conftest.py."""
+
 from __future__ import annotations
 
 import asyncio
@@ -120,8 +121,12 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_parameters(patc
 
     async def burst():
         async with httpx.AsyncClient(timeout=30) as client:
-            return await asyncio.gather(*(client.post(f"{patch_server.url}/v1/patches", json=body(served, u), headers=auth(patch_server))
-                                          for u in uploads))
+            return await asyncio.gather(
+                *(
+                    client.post(f"{patch_server.url}/v1/patches", json=body(served, u), headers=auth(patch_server))
+                    for u in uploads
+                )
+            )
 
     answers = asyncio.run(burst())
     assert [a.status_code for a in answers] == [200] * len(uploads)
@@ -147,8 +152,10 @@ def test_metrics_count_requests_by_status(patch_server, served):
     after = httpx.get(f"{patch_server.url}/metrics")
     assert after.headers["content-type"].startswith("text/plain")
     for status in (200, 422):
-        assert metric(after.text, "mntool_requests_total", endpoint="/v1/patches", status=status) == \
-            metric(before, "mntool_requests_total", endpoint="/v1/patches", status=status) + 1
+        assert (
+            metric(after.text, "mntool_requests_total", endpoint="/v1/patches", status=status)
+            == metric(before, "mntool_requests_total", endpoint="/v1/patches", status=status) + 1
+        )
     assert metric(after.text, "mntool_request_seconds_count", endpoint="/v1/patches") >= 2
     assert "# TYPE mntool_batch_size histogram" in after.text
 
@@ -162,7 +169,10 @@ def _bad_requests(server, served) -> dict[str, tuple[int, dict]]:
         "malformed_json": (400, dict(content=good[:-5], headers=ok)),
         "not_an_object": (400, dict(content="[1, 2]", headers=ok)),
         "deeply_nested": (400, dict(content="[" * 2000 + "]" * 2000, headers=ok)),
-        "missing_samples": (400, dict(content=json.dumps({"device_id": "d", "fingerprint": served.fingerprint}), headers=ok)),
+        "missing_samples": (
+            400,
+            dict(content=json.dumps({"device_id": "d", "fingerprint": served.fingerprint}), headers=ok),
+        ),
         "short_fingerprint": (400, dict(content=json.dumps(body(served, [1], fingerprint="abc")), headers=ok)),
         "wrong_content_type": (415, dict(content=good, headers=auth(server, **{"Content-Type": "text/plain"}))),
         "oversized_body": (413, dict(content="{" + " " * server.max_body + "}", headers=ok)),
@@ -174,13 +184,31 @@ def _bad_requests(server, served) -> dict[str, tuple[int, dict]]:
         "float_id": (422, dict(content=json.dumps(body(served, [1.5])), headers=ok)),
         "bool_id": (422, dict(content=json.dumps(body(served, [True])), headers=ok)),
         "missing_token": (401, dict(content=good, headers={"Content-Type": "application/json"})),
-        "invalid_token": (401, dict(content=good, headers={"Content-Type": "application/json", "Authorization": "Bearer nope"})),
+        "invalid_token": (
+            401,
+            dict(content=good, headers={"Content-Type": "application/json", "Authorization": "Bearer nope"}),
+        ),
     }
 
 
-BAD = ["malformed_json", "not_an_object", "deeply_nested", "missing_samples", "short_fingerprint", "wrong_content_type", "oversized_body",
-       "too_many_samples", "unknown_fingerprint", "outside_vocabulary", "negative_id", "huge_id", "float_id", "bool_id",
-       "missing_token", "invalid_token"]
+BAD = [
+    "malformed_json",
+    "not_an_object",
+    "deeply_nested",
+    "missing_samples",
+    "short_fingerprint",
+    "wrong_content_type",
+    "oversized_body",
+    "too_many_samples",
+    "unknown_fingerprint",
+    "outside_vocabulary",
+    "negative_id",
+    "huge_id",
+    "float_id",
+    "bool_id",
+    "missing_token",
+    "invalid_token",
+]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -209,8 +237,10 @@ def _raw(url: str, data: bytes, read: bool) -> bytes:
 
 def test_client_disconnects_do_not_hurt_the_server(patch_server, served):
     payload = json.dumps(body(served, [1, 2, 3])).encode()
-    head = (f"POST /v1/patches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {patch_server.token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/patches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {patch_server.token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
     before = httpx.get(f"{patch_server.url}/metrics").text
     for _ in range(5):
         _raw(patch_server.url, head + payload[:10], read=False)  # gone mid-body
@@ -220,8 +250,10 @@ def test_client_disconnects_do_not_hurt_the_server(patch_server, served):
     valid = httpx.post(f"{patch_server.url}/v1/patches", json=body(served, [4, 5]), headers=auth(patch_server))
     assert valid.status_code == 200
     after = httpx.get(f"{patch_server.url}/metrics").text
-    assert metric(after, "mntool_requests_total", endpoint="/v1/patches", status=499) >= \
-        metric(before, "mntool_requests_total", endpoint="/v1/patches", status=499) + 5
+    assert (
+        metric(after, "mntool_requests_total", endpoint="/v1/patches", status=499)
+        >= metric(before, "mntool_requests_total", endpoint="/v1/patches", status=499) + 5
+    )
     assert patch_server.process.proc.poll() is None
 
 
@@ -260,7 +292,9 @@ def in_process(served):
     clients = []
 
     def start(**options):
-        service = PatchService.load(ServeConfig(str(served.checkpoint), [str(served.artifact)], signing_key=str(served.key), **options))
+        service = PatchService.load(
+            ServeConfig(str(served.checkpoint), [str(served.artifact)], signing_key=str(served.key), **options)
+        )
         test_client = TestClient(create_app(service), raise_server_exceptions=False)
         clients.append(test_client.__enter__())  # runs the lifespan: the batcher
         return service, test_client
@@ -316,8 +350,12 @@ def test_an_unexpected_exception_is_a_json_500(in_process, served):
 def test_bad_artifact_or_busy_port_is_one_line_error(served, tmp_path):
     stray = tmp_path / "stray.onnx"
     stray.write_bytes(served.artifact.read_bytes())
-    done = subprocess.run([MNTOOL, "serve", str(served.checkpoint), "--artifact", str(stray), "--port", "0"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [MNTOOL, "serve", str(served.checkpoint), "--artifact", str(stray), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and done.stderr.strip().startswith("error: no weight map beside")
     assert len(done.stderr.strip().splitlines()) == 1
 
@@ -325,16 +363,29 @@ def test_bad_artifact_or_busy_port_is_one_line_error(served, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = subprocess.run([MNTOOL, "serve", str(served.checkpoint), "--artifact", str(served.artifact), "--port", str(port)],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [MNTOOL, "serve", str(served.checkpoint), "--artifact", str(served.artifact), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 1 and done.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}")
 
 
 @pytest.fixture(scope="module")
 def replica(patch_server, served):
     """A second server like `patch_server`, with two worker processes."""
-    replica = ServerProcess.start(served.checkpoint, [served.artifact], "--signing-key", served.key,
-                                  "--key-list", served.key_list, "--token", patch_server.token, workers=2)
+    replica = ServerProcess.start(
+        served.checkpoint,
+        [served.artifact],
+        "--signing-key",
+        served.key,
+        "--key-list",
+        served.key_list,
+        "--token",
+        patch_server.token,
+        workers=2,
+    )
     yield replica
     replica.stop()
 
@@ -345,7 +396,10 @@ def test_replicas_and_workers_serve_identical_parameters_in_increasing_sequence(
     (time-based, docs/patch-format.md) still increase across replicas and workers."""
     assert len(replica.wait_ready(60)) == 2  # two worker processes, each answering
     request = dict(json=body(served, [9, 8, 7, 6]), headers=auth(patch_server))
-    patches = [parse_patch(httpx.post(f"{url}/v1/patches", **request).content) for url in [patch_server.url] + [replica.url] * 6]
+    patches = [
+        parse_patch(httpx.post(f"{url}/v1/patches", **request).content)
+        for url in [patch_server.url] + [replica.url] * 6
+    ]
     assert len({bytes(p.payload) for p in patches}) == 1 and len(patches[0].payload) > 0
     sequences = [p.freshness.sequence for p in patches]
     assert sequences == sorted(set(sequences))
@@ -359,7 +413,9 @@ def test_one_metrics_scrape_counts_every_worker(patch_server, replica, served):
         asked += 1
     assert set(pids) == replica.wait_ready(10), "both workers answered"
     after = httpx.get(f"{replica.url}{routes.METRICS}").text
-    counted = metric(after, names.REQUESTS, endpoint=routes.STATUS, status=200) - metric(before, names.REQUESTS, endpoint=routes.STATUS, status=200)
+    counted = metric(after, names.REQUESTS, endpoint=routes.STATUS, status=200) - metric(
+        before, names.REQUESTS, endpoint=routes.STATUS, status=200
+    )
     assert counted == asked
     assert metric(after, f"{names.REQUEST_SECONDS}_count", endpoint=routes.STATUS) >= asked
 

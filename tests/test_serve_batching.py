@@ -1,5 +1,6 @@
 """MicroBatcher: items submitted together share one batch call, batches respect max_batch, each
 submitter gets its own result or exception, and timeouts, overload and stop are clean."""
+
 from __future__ import annotations
 
 import asyncio
@@ -85,7 +86,12 @@ def test_a_failing_batch_fails_every_member_and_the_batcher_goes_on():
 
 def test_on_batch_reports_sizes():
     sizes = []
-    run(_submit_all(MicroBatcher(Recorder(), BatchConfig(max_batch=3, max_wait_ms=50), lambda n, s: sizes.append(n)), list(range(7))))
+    run(
+        _submit_all(
+            MicroBatcher(Recorder(), BatchConfig(max_batch=3, max_wait_ms=50), lambda n, s: sizes.append(n)),
+            list(range(7)),
+        )
+    )
     assert sizes == [3, 3, 1]
 
 

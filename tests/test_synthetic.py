@@ -1,4 +1,5 @@
 """The synthetic drift generator: seeded, well-formed, and drift really moves the device period."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,9 +28,7 @@ def cloud_vs_device_shift(drift: float) -> float:
     distances = []
     for u in range(config.n_users):
         cloud = ds.train.target[(ds.train.user == u) & (ds.train.label == 1)]
-        device = np.concatenate(
-            [s.target[(s.user == u) & (s.label == 1)] for s in (ds.valid, ds.test)]
-        )
+        device = np.concatenate([s.target[(s.user == u) & (s.label == 1)] for s in (ds.valid, ds.test)])
         p = np.bincount(config.cluster_of(cloud), minlength=config.n_clusters) / len(cloud)
         q = np.bincount(config.cluster_of(device), minlength=config.n_clusters) / len(device)
         distances.append(0.5 * np.abs(p - q).sum())

@@ -1,4 +1,5 @@
 """Training, evaluation and checkpoints, on the synthetic data (fast) and real ML-100k (slow path)."""
+
 import json
 import subprocess
 import sys
@@ -122,7 +123,10 @@ def test_grouped_candidate_form_equals_scoring_each_row(synthetic_dataset):
     rows, group = synthetic_dataset.train, synthetic_dataset.config.n_negatives + 1
     idx = next(group_batches(rows, 100, group, np.random.default_rng(1)))
     history, target, label = group_inputs(rows, idx, group)
-    assert history.shape == (len(idx) // group, rows.history.shape[1]) and target.shape == label.shape == (len(idx) // group, group)
+    assert history.shape == (len(idx) // group, rows.history.shape[1]) and target.shape == label.shape == (
+        len(idx) // group,
+        group,
+    )
     for name in ("gru4rec", "sasrec", "din"):
         torch.manual_seed(0)
         model = build_model(name, synthetic_dataset.n_items, BackboneConfig()).eval()
@@ -162,7 +166,9 @@ def test_finetune_moves_only_the_adaptive_layers_and_fits_the_upload(tiny_checkp
 
 
 def test_curve_figures():
-    c = Curve(step=[0, 10, 20, 30, 40, 50], loss=[1.0, 0.8, 0.7, 0.72, 0.70, 0.72], uauc=[0.80, 0.85, 0.89, 0.90, 0.90, 0.90])
+    c = Curve(
+        step=[0, 10, 20, 30, 40, 50], loss=[1.0, 0.8, 0.7, 0.72, 0.70, 0.72], uauc=[0.80, 0.85, 0.89, 0.90, 0.90, 0.90]
+    )
     assert c.steps_to_fraction(0.95) == 30
     assert c.steps_to_fraction(0.4) == 10
     assert c.oscillation() == pytest.approx(np.std([-0.02, 0.02]))  # last half: 0.72, 0.70, 0.72
@@ -172,8 +178,14 @@ def test_unknown_method_and_bad_init_are_clear_errors(tiny_checkpoints, syntheti
     with pytest.raises(MntoolError, match="unknown method"):
         TrainConfig(method="maml")
     with pytest.raises(MntoolError, match="must be a static"):
-        train(synthetic_dataset, TrainConfig(method="metanetwork"), tmp_path / "x", init=tiny_checkpoints["metanetwork"],
-              progress=False, log=lambda s: None)
+        train(
+            synthetic_dataset,
+            TrainConfig(method="metanetwork"),
+            tmp_path / "x",
+            init=tiny_checkpoints["metanetwork"],
+            progress=False,
+            log=lambda s: None,
+        )
 
 
 def test_metanetwork_may_read_a_longer_upload_than_its_static_init(tiny_checkpoints, synthetic_dataset_with, tmp_path):
@@ -202,7 +214,9 @@ def test_metanetwork_keeps_the_static_start_when_no_epoch_validates_better(tiny_
 
     cfg = TrainConfig(model="sasrec", method="metanetwork", batch_size=200, probe_every=20)
     static = load_checkpoint(tiny_checkpoints["static"]).model
-    meta = build_metanetwork(load_checkpoint(tiny_checkpoints["static"]).model, cfg, synthetic_dataset.config.recent_len)
+    meta = build_metanetwork(
+        load_checkpoint(tiny_checkpoints["static"]).model, cfg, synthetic_dataset.config.recent_len
+    )
     meta.backbone.requires_grad_(False)
     opt = torch.optim.Adam(meta.generator_parameters(), lr=1e-2)
     rows, group = synthetic_dataset.train, synthetic_dataset.config.n_negatives + 1
@@ -210,16 +224,28 @@ def test_metanetwork_keeps_the_static_start_when_no_epoch_validates_better(tiny_
 
     def ascent(idx):
         history, target, label = group_inputs(rows, idx, group)
-        loss = -F.binary_cross_entropy_with_logits(meta((history, target), (torch.from_numpy(rows.recent[idx[::group]]),)), label)
+        loss = -F.binary_cross_entropy_with_logits(
+            meta((history, target), (torch.from_numpy(rows.recent[idx[::group]]),)), label
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
         meta.update_ema()
         return -loss.item()
 
-    log = _fit_loop(synthetic_dataset, cfg, meta, ascent, lambda: generate_device_params(meta, users, valid_recent),
-                    _Prober(synthetic_dataset, cfg.probe_users, cfg.seed), 2, False, "metanetwork", backbone=meta.backbone,
-                    start_is_candidate=True)
+    log = _fit_loop(
+        synthetic_dataset,
+        cfg,
+        meta,
+        ascent,
+        lambda: generate_device_params(meta, users, valid_recent),
+        _Prober(synthetic_dataset, cfg.probe_users, cfg.seed),
+        2,
+        False,
+        "metanetwork",
+        backbone=meta.backbone,
+        start_is_candidate=True,
+    )
     assert log["best_epoch"] == 0
     assert all(e["valid_uauc"] < log["start_valid_uauc"] for e in log["epochs"])
     params = generate_device_params(meta, users[:5], valid_recent[:5]).params
@@ -237,16 +263,25 @@ def test_checkpoint_of_another_protocol_version_is_refused(tiny_checkpoints, tmp
     (copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MntoolError, match="data protocol 'ts-v0'"):
         load_checkpoint(copy)
-    proc = subprocess.run([sys.executable, "-m", "mntool.cli.main", "evaluate", str(copy)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mntool.cli.main", "evaluate", str(copy)], capture_output=True, text=True
+    )
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "ts-v0" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_train_rejects_unknown_names_and_misplaced_flags():
-    for args in (["--model", "bert"], ["--method", "maml"], ["--method", "static", "--shuffled-uploads"],
-                 ["--method", "finetune", "--frozen-backbone"]):
-        proc = subprocess.run([sys.executable, "-m", "mntool.cli.main", "train", *args, "--out", "/tmp/never"],
-                              capture_output=True, text=True)
+    for args in (
+        ["--model", "bert"],
+        ["--method", "maml"],
+        ["--method", "static", "--shuffled-uploads"],
+        ["--method", "finetune", "--frozen-backbone"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mntool.cli.main", "train", *args, "--out", "/tmp/never"],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
@@ -255,7 +290,12 @@ def test_static_backbones_learn_movielens(ml100k_dataset, tmp_path):
     """One epoch of each backbone on the real data: test AUC clearly above chance."""
     ds = ml100k_dataset
     for name in ("gru4rec", "sasrec", "din"):
-        m = train(ds, TrainConfig(model=name, method="static", epochs=1, probe_every=10_000), tmp_path / name,
-                  progress=False, log=lambda s: None)
+        m = train(
+            ds,
+            TrainConfig(model=name, method="static", epochs=1, probe_every=10_000),
+            tmp_path / name,
+            progress=False,
+            log=lambda s: None,
+        )
         assert m["test"]["auc"] > 0.75, (name, m["test"])
         assert m["test"]["uauc"] > 0.75

@@ -1,6 +1,7 @@
 """`mntool run | bench`: thin click commands over `device_runtime.runners`, `device_runtime.bench`
 and `device_runtime.adb`; the latency figure is `mntool.plots`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,15 +30,29 @@ def _echo_json(obj) -> None:
 # ---- mntool run -----------------------------------------------------------------------------
 @click.command()
 @click.argument("artifact", type=PATH)
-@click.option("--inputs", "inputs_path", type=PATH, required=True,
-              help="An .npz or .json of input arrays keyed by the PyTorch forward() argument names.")
+@click.option(
+    "--inputs",
+    "inputs_path",
+    type=PATH,
+    required=True,
+    help="An .npz or .json of input arrays keyed by the PyTorch forward() argument names.",
+)
 @click.option("-o", "--output", type=PATH, help="Write the outputs to this .npz (keys = output names).")
 @click.option("--runtime", type=RUNTIME, help="Default: the artifact's own (from its weight map or suffix).")
 @click.option("--threads", type=int, default=RUNNER.threads, show_default=True, help="Intra-op threads.")
-@click.option("--xnnpack/--no-xnnpack", default=RUNNER.xnnpack, show_default=True, help="LiteRT: use the XNNPACK delegate.")
+@click.option(
+    "--xnnpack/--no-xnnpack", default=RUNNER.xnnpack, show_default=True, help="LiteRT: use the XNNPACK delegate."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
-def run(artifact: Path, inputs_path: Path, output: Path | None, runtime: str | None, threads: int,
-        xnnpack: bool, as_json: bool) -> None:
+def run(
+    artifact: Path,
+    inputs_path: Path,
+    output: Path | None,
+    runtime: str | None,
+    threads: int,
+    xnnpack: bool,
+    as_json: bool,
+) -> None:
     """Run one inference of ARTIFACT (.tflite, .onnx; .mlpackage on macOS).
 
     Inputs are cast to the artifact's dtypes when that loses nothing (int64 ids -> int32);
@@ -51,8 +66,9 @@ def run(artifact: Path, inputs_path: Path, output: Path | None, runtime: str | N
     """
     from device_runtime.runners import RunnerConfig, load_inputs, run_artifact
 
-    outputs = run_artifact(artifact, load_inputs(inputs_path), runtime=runtime,
-                           config=RunnerConfig(threads=threads, xnnpack=xnnpack))
+    outputs = run_artifact(
+        artifact, load_inputs(inputs_path), runtime=runtime, config=RunnerConfig(threads=threads, xnnpack=xnnpack)
+    )
     if output:
         np.savez(output, **outputs)
     if as_json:
@@ -67,28 +83,73 @@ def run(artifact: Path, inputs_path: Path, output: Path | None, runtime: str | N
 # ---- mntool bench ---------------------------------------------------------------------------
 @click.command()
 @click.argument("artifacts", nargs=-1, required=True, type=PATH)
-@click.option("--patch", "patches", multiple=True, type=PATH,
-              help="Also measure the swap to this patch (repeatable); needs exactly one ARTIFACT.")
-@click.option("--device-id", help="This device's id, to verify patches bound to one device (as mntool generate --device-id makes).")
+@click.option(
+    "--patch",
+    "patches",
+    multiple=True,
+    type=PATH,
+    help="Also measure the swap to this patch (repeatable); needs exactly one ARTIFACT.",
+)
+@click.option(
+    "--device-id",
+    help="This device's id, to verify patches bound to one device (as mntool generate --device-id makes).",
+)
 @click.option("--runtime", type=RUNTIME, help="Default: each artifact's own.")
-@click.option("--threads", type=int, default=RUNNER.threads, show_default=True, help="Intra-op threads (a profile sets its own).")
-@click.option("--xnnpack/--no-xnnpack", default=RUNNER.xnnpack, show_default=True, help="LiteRT: use the XNNPACK delegate.")
-@click.option("--graph-optimization", type=GRAPH_OPT, default=RUNNER.graph_optimization, show_default=True, help="ONNX Runtime graph optimisation level.")
-@click.option("--profile", "profile_name", type=click.Choice(list(PROFILES)),
-              help="Emulate a phone's CPU budget on this host (threads, cores, CPU bandwidth); docs/benchmarking.md.")
+@click.option(
+    "--threads", type=int, default=RUNNER.threads, show_default=True, help="Intra-op threads (a profile sets its own)."
+)
+@click.option(
+    "--xnnpack/--no-xnnpack", default=RUNNER.xnnpack, show_default=True, help="LiteRT: use the XNNPACK delegate."
+)
+@click.option(
+    "--graph-optimization",
+    type=GRAPH_OPT,
+    default=RUNNER.graph_optimization,
+    show_default=True,
+    help="ONNX Runtime graph optimisation level.",
+)
+@click.option(
+    "--profile",
+    "profile_name",
+    type=click.Choice(list(PROFILES)),
+    help="Emulate a phone's CPU budget on this host (threads, cores, CPU bandwidth); docs/benchmarking.md.",
+)
 @click.option("--runs", type=int, default=BENCH.runs, show_default=True, help="Timed steady-state runs per variant.")
 @click.option("--warmup", type=int, default=BENCH.warmup, show_default=True, help="Untimed runs before timing.")
-@click.option("--loads", type=int, default=BENCH.loads, show_default=True, help="Fresh loads timed for load, first-inference and swap figures.")
-@click.option("--inputs", "inputs_path", type=PATH, help="Inputs (.npz/.json); default: generated from the artifact's signature.")
+@click.option(
+    "--loads",
+    type=int,
+    default=BENCH.loads,
+    show_default=True,
+    help="Fresh loads timed for load, first-inference and swap figures.",
+)
+@click.option(
+    "--inputs", "inputs_path", type=PATH, help="Inputs (.npz/.json); default: generated from the artifact's signature."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full results (with per-run samples) as JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print one CSV row per artifact and variant.")
 @click.option("--plot", type=PATH, help="Write the latency distributions to this PNG.")
 @click.option("--device", help="Run on an Android phone instead: adb:SERIAL (see `adb devices`).")
 @click.option("--benchmark-binary", type=PATH, help="With --device: LiteRT's benchmark_model built for the phone.")
-def bench(artifacts: tuple[Path, ...], patches: tuple[Path, ...], device_id: str | None, runtime: str | None, threads: int, xnnpack: bool,
-          graph_optimization: str, profile_name: str | None, runs: int, warmup: int, loads: int,
-          inputs_path: Path | None, as_json: bool, as_csv: bool, plot: Path | None, device: str | None,
-          benchmark_binary: Path | None) -> None:
+def bench(
+    artifacts: tuple[Path, ...],
+    patches: tuple[Path, ...],
+    device_id: str | None,
+    runtime: str | None,
+    threads: int,
+    xnnpack: bool,
+    graph_optimization: str,
+    profile_name: str | None,
+    runs: int,
+    warmup: int,
+    loads: int,
+    inputs_path: Path | None,
+    as_json: bool,
+    as_csv: bool,
+    plot: Path | None,
+    device: str | None,
+    benchmark_binary: Path | None,
+) -> None:
     """Benchmark load, latency, memory and weight-swap time of compiled models.
 
     Each artifact is measured in a fresh worker process (under --profile if given): model load
@@ -111,11 +172,18 @@ def bench(artifacts: tuple[Path, ...], patches: tuple[Path, ...], device_id: str
     if patches and len(artifacts) != 1:
         raise BenchError("--patch needs exactly one ARTIFACT (a patch is built for one artifact)")
     if device:
-        _bench_on_device(artifacts, patches, benchmark_binary, device, threads, xnnpack, runs, warmup, as_json, plot,
-                         device_id)
+        _bench_on_device(
+            artifacts, patches, benchmark_binary, device, threads, xnnpack, runs, warmup, as_json, plot, device_id
+        )
         return
-    config = BenchConfig(runs=runs, warmup=warmup, loads=loads, runtime=runtime, device_id=device_id,
-                         runner=RunnerConfig(threads=threads, xnnpack=xnnpack, graph_optimization=graph_optimization))
+    config = BenchConfig(
+        runs=runs,
+        warmup=warmup,
+        loads=loads,
+        runtime=runtime,
+        device_id=device_id,
+        runner=RunnerConfig(threads=threads, xnnpack=xnnpack, graph_optimization=graph_optimization),
+    )
     reports = measure(list(artifacts), list(patches), inputs_path, config, profile_name)
     if plot:
         plot_latency(report_series(reports), plot, report_title(reports))
@@ -133,7 +201,9 @@ def bench(artifacts: tuple[Path, ...], patches: tuple[Path, ...], device_id: str
         click.echo(f"wrote {plot}")
 
 
-def measure(artifacts: list[Path], patches: list[Path], inputs: Path | None, config: BenchConfig, profile_name: str | None) -> list[BenchReport]:
+def measure(
+    artifacts: list[Path], patches: list[Path], inputs: Path | None, config: BenchConfig, profile_name: str | None
+) -> list[BenchReport]:
     """Benchmark each artifact in its own worker process, with a progress bar on stderr."""
     from tqdm import tqdm
 
@@ -142,8 +212,14 @@ def measure(artifacts: list[Path], patches: list[Path], inputs: Path | None, con
 
     profile = get_profile(profile_name) if profile_name else None
     reports = []
-    with tqdm(total=len(artifacts) * config.work_units(len(patches)), desc="bench", unit="run",
-              file=sys.stderr, disable=None, leave=False) as bar:
+    with tqdm(
+        total=len(artifacts) * config.work_units(len(patches)),
+        desc="bench",
+        unit="run",
+        file=sys.stderr,
+        disable=None,
+        leave=False,
+    ) as bar:
         for artifact in artifacts:
             bar.set_postfix_str(artifact.name)
             reports.append(benchmark_isolated(artifact, patches, inputs, config, profile, progress=bar.update))
@@ -157,11 +233,15 @@ def _ms(value: float) -> str:
 def describe(r: BenchReport) -> str:
     """A human-readable summary of one report."""
     runner = r.config["runner"]
-    engine = {"litert": f"XNNPACK {'on' if runner['xnnpack'] else 'off'}",
-              "onnxruntime": f"graph opt {runner['graph_optimization']}"}.get(r.runtime, "")
+    engine = {
+        "litert": f"XNNPACK {'on' if runner['xnnpack'] else 'off'}",
+        "onnxruntime": f"graph opt {runner['graph_optimization']}",
+    }.get(r.runtime, "")
     load = r.host.get("load_average_1min")
-    lines = [f"{r.artifact}  [{r.runtime} {r.runtime_version}, {runner['threads']} thread(s), {engine}, "
-             f"{r.artifact_bytes / 1e3:.1f} kB; host load average {load:.1f} on {r.host.get('cpu_count')} CPUs]"]
+    lines = [
+        f"{r.artifact}  [{r.runtime} {r.runtime_version}, {runner['threads']} thread(s), {engine}, "
+        f"{r.artifact_bytes / 1e3:.1f} kB; host load average {load:.1f} on {r.host.get('cpu_count')} CPUs]"
+    ]
     if r.profile:
         p = r.profile
         limit = f"{p['cpu_bandwidth']:.0%} CPU bandwidth" if p["bandwidth_applied"] else "no bandwidth limit"
@@ -184,8 +264,9 @@ def describe(r: BenchReport) -> str:
     return "\n".join(lines)
 
 
-def _bench_on_device(artifacts, patches, benchmark_binary, device, threads, xnnpack, runs, warmup, as_json, plot,
-                     device_id) -> None:
+def _bench_on_device(
+    artifacts, patches, benchmark_binary, device, threads, xnnpack, runs, warmup, as_json, plot, device_id
+) -> None:
     from device_runtime.adb import AdbError, DeviceBenchConfig, benchmark_on_device
 
     if benchmark_binary is None:
@@ -202,5 +283,7 @@ def _bench_on_device(artifacts, patches, benchmark_binary, device, threads, xnnp
         for v in r.variants:
             res = v.result
             std = f" +- {res.steady.std_us / 1e3:.3f}" if res.steady else ""
-            click.echo(f"  {Path(v.variant).name}: init {res.init_us / 1e3:.2f} ms, first inference "
-                       f"{(res.first_inference_us or 0) / 1e3:.3f} ms, steady {res.inference_avg_us / 1e3:.3f}{std} ms")
+            click.echo(
+                f"  {Path(v.variant).name}: init {res.init_us / 1e3:.2f} ms, first inference "
+                f"{(res.first_inference_us or 0) / 1e3:.3f} ms, steady {res.inference_avg_us / 1e3:.3f}{std} ms"
+            )

@@ -2,6 +2,7 @@
 
 Thin over `mntool.data` (fetch, load, build) and `mntool.metrics.evaluate_popularity`.
 """
+
 from __future__ import annotations
 
 import json

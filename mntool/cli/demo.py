@@ -1,4 +1,5 @@
 """`mntool demo`: the whole cloud -> device loop on MovieLens-100k; thin over `mntool.demo.run_demo`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,14 +12,31 @@ import click
 
 
 @click.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
-              help="Directory for checkpoints, artifacts, patches and the report (reused by later runs).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+    help="Directory for checkpoints, artifacts, patches and the report (reused by later runs).",
+)
 @click.option("--quick", is_flag=True, help="Smoke-test settings: 120 training users, 1 epoch each, 24 scored users.")
-@click.option("--fresh", is_flag=True, help="Retrain and re-export instead of reusing OUT's caches (the verified data cache stays).")
-@click.option("--users", type=click.IntRange(min=0), default=None,
-              help="Device users to personalise and score with the compiled models [default: 200; --quick: 24; 0 = all].")
-@click.option("--data", "data_dir", type=click.Path(exists=True, path_type=Path),
-              help="MovieLens files (u.data or RecBole .inter) [default: the fetched cache, fetched if missing].")
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Retrain and re-export instead of reusing OUT's caches (the verified data cache stays).",
+)
+@click.option(
+    "--users",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Device users to personalise and score with the compiled models [default: 200; --quick: 24; 0 = all].",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(exists=True, path_type=Path),
+    help="MovieLens files (u.data or RecBole .inter) [default: the fetched cache, fetched if missing].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout (progress still goes to stderr).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def demo(out, quick, fresh, users, data_dir, as_json, quiet):

@@ -1,4 +1,5 @@
 """`mntool export`: compile a trained checkpoint's device model; thin over `exporters.export`."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,41 @@ from exporters.options import PRECISIONS, TARGETS
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--target", type=click.Choice([*TARGETS, "all"]), default="all", show_default=True,
-              help="Format to compile to; all = one artifact per format, side by side.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the artifacts.")
-@click.option("--name", default="model", show_default=True, help="Artifact file stem (NAME.tflite, NAME.onnx, NAME.mlpackage).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Static batch size of the artifact's inputs (rows scored per call).")
-@click.option("--adaptive-as-inputs", is_flag=True,
-              help="Adaptive tensors become model inputs (fed from NAME.<ext>.adaptive.bin) instead of swappable buffers.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
-              help="Core ML weight precision (TFLite and ONNX are float32).")
-@click.option("--no-verify", is_flag=True, help="Skip the export-time proof (patch fresh values, compare with PyTorch).")
+@click.option(
+    "--target",
+    type=click.Choice([*TARGETS, "all"]),
+    default="all",
+    show_default=True,
+    help="Format to compile to; all = one artifact per format, side by side.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the artifacts."
+)
+@click.option(
+    "--name", default="model", show_default=True, help="Artifact file stem (NAME.tflite, NAME.onnx, NAME.mlpackage)."
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Static batch size of the artifact's inputs (rows scored per call).",
+)
+@click.option(
+    "--adaptive-as-inputs",
+    is_flag=True,
+    help="Adaptive tensors become model inputs (fed from NAME.<ext>.adaptive.bin) instead of swappable buffers.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="float32",
+    show_default=True,
+    help="Core ML weight precision (TFLite and ONNX are float32).",
+)
+@click.option(
+    "--no-verify", is_flag=True, help="Skip the export-time proof (patch fresh values, compare with PyTorch)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per artifact (a list) on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, no_verify, as_json, quiet):
@@ -47,9 +72,17 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
     summaries = []
     for t in targets:
         artifact = run_export(
-            ckpt.model, ckpt.example_inputs(batch=batch), ckpt.adaptive, t, out, name=name, verify=not no_verify,
-            adaptive_as_inputs=adaptive_as_inputs, precision=precision if t == "coreml" or target != "all" else "float32",
-            output_names=("logits",), progress=not quiet,
+            ckpt.model,
+            ckpt.example_inputs(batch=batch),
+            ckpt.adaptive,
+            t,
+            out,
+            name=name,
+            verify=not no_verify,
+            adaptive_as_inputs=adaptive_as_inputs,
+            precision=precision if t == "coreml" or target != "all" else "float32",
+            output_names=("logits",),
+            progress=not quiet,
         )
         summaries.append(summarize(artifact))
         if not as_json:

@@ -3,6 +3,7 @@
 Each verb lives in its own module under `mntool.cli` and is imported only when used, so
 `mntool --help` stays fast and a verb's heavy dependencies (torch, converters) load on demand.
 """
+
 from __future__ import annotations
 
 import importlib

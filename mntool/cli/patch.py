@@ -2,6 +2,7 @@
 over `mntool.patches` (cloud) and `device_runtime.patch` / `device_runtime.install` (device).
 Format: docs/patch-format.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,11 +46,23 @@ def parse_duration(value: str) -> float:
 
 def freshness_options(f):
     """The v2 options every patch-building verb takes."""
-    f = click.option("--ttl", default=days(DEFAULT_TTL_S), show_default=True, help="How long the patch stays valid (s/m/h/d).")(f)
-    f = click.option("--sequence", type=click.IntRange(0), help="Sequence number (default: microseconds since the epoch, always increasing).")(f)
+    f = click.option(
+        "--ttl", default=days(DEFAULT_TTL_S), show_default=True, help="How long the patch stays valid (s/m/h/d)."
+    )(f)
+    f = click.option(
+        "--sequence",
+        type=click.IntRange(0),
+        help="Sequence number (default: microseconds since the epoch, always increasing).",
+    )(f)
     f = click.option("--device-id", help="Bind the patch to this device (default: any device).")(f)
-    f = click.option("--key-list", type=PATH, help="Key list (from mntool certify) that certifies the --sign key; ships inside the patch.")(f)
-    f = click.option("--sign", "sign_key", type=PATH, help="Sign with this Ed25519 private key (from mntool keygen).")(f)
+    f = click.option(
+        "--key-list",
+        type=PATH,
+        help="Key list (from mntool certify) that certifies the --sign key; ships inside the patch.",
+    )(f)
+    f = click.option("--sign", "sign_key", type=PATH, help="Sign with this Ed25519 private key (from mntool keygen).")(
+        f
+    )
     return f
 
 
@@ -72,12 +85,16 @@ def _write_patch(data: bytes, out: Path, as_json: bool, source: str) -> None:
         _echo_json(_summary(patch, out))
     else:
         signed = "signed" if patch.signed else "unsigned"
-        click.echo(f"wrote {out} ({len(data)} B, {len(patch.tensors)} tensors, {signed}, sequence "
-                   f"{patch.freshness.sequence}) from {source}")
+        click.echo(
+            f"wrote {out} ({len(data)} B, {len(patch.tensors)} tensors, {signed}, sequence "
+            f"{patch.freshness.sequence}) from {source}"
+        )
 
 
 @click.command()
-@click.option("-o", "--out", "keybase", type=PATH, required=True, help="Key base name: writes KEYBASE.key and KEYBASE.pub.")
+@click.option(
+    "-o", "--out", "keybase", type=PATH, required=True, help="Key base name: writes KEYBASE.key and KEYBASE.pub."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the written paths as JSON.")
 def keygen(keybase: Path, as_json: bool) -> None:
     """Make an Ed25519 key pair for signing patches (an online key) or key lists (a root key).
@@ -103,16 +120,37 @@ def keygen(keybase: Path, as_json: bool) -> None:
 
 
 @click.command()
-@click.option("--root", "root_key", type=PATH, required=True, help="The root private key (from mntool keygen) that devices trust.")
-@click.option("--key", "keys", type=PATH, multiple=True, required=True, help="An online public key (.pub) allowed to sign patches; repeatable.")
+@click.option(
+    "--root", "root_key", type=PATH, required=True, help="The root private key (from mntool keygen) that devices trust."
+)
+@click.option(
+    "--key",
+    "keys",
+    type=PATH,
+    multiple=True,
+    required=True,
+    help="An online public key (.pub) allowed to sign patches; repeatable.",
+)
 @click.option("--revoke", type=PATH, multiple=True, help="A public key (.pub) to list as revoked; repeatable.")
-@click.option("--serial", type=click.IntRange(1), required=True, help="This list's serial: larger than every earlier list's.")
-@click.option("--ttl", default=days(DEFAULT_KEYLIST_TTL_S), show_default=True, help="How long the list is valid (s/m/h/d).")
+@click.option(
+    "--serial", type=click.IntRange(1), required=True, help="This list's serial: larger than every earlier list's."
+)
+@click.option(
+    "--ttl", default=days(DEFAULT_KEYLIST_TTL_S), show_default=True, help="How long the list is valid (s/m/h/d)."
+)
 @click.option("--key-ttl", help="How long the listed keys may sign (default: the list's ttl).")
 @click.option("-o", "--out", type=PATH, required=True, help="Where to write the key list (.mnkeys).")
 @click.option("--json", "as_json", is_flag=True, help="Print the key list as JSON.")
-def certify(root_key: Path, keys: tuple[Path, ...], revoke: tuple[Path, ...], serial: int, ttl: str,
-            key_ttl: str | None, out: Path, as_json: bool) -> None:
+def certify(
+    root_key: Path,
+    keys: tuple[Path, ...],
+    revoke: tuple[Path, ...],
+    serial: int,
+    ttl: str,
+    key_ttl: str | None,
+    out: Path,
+    as_json: bool,
+) -> None:
     """Sign a key list: the online keys that ROOT lets sign patches.
 
     Devices ship only the root public key. Each patch carries the key list that certifies its
@@ -130,8 +168,11 @@ def certify(root_key: Path, keys: tuple[Path, ...], revoke: tuple[Path, ...], se
     from mntool.patches import certify_keys, load_signing_key
 
     data = certify_keys(
-        load_signing_key(root_key), [load_public_key(k) for k in keys], serial=serial,
-        revoked=[load_public_key(k) for k in revoke], ttl_s=parse_duration(ttl),
+        load_signing_key(root_key),
+        [load_public_key(k) for k in keys],
+        serial=serial,
+        revoked=[load_public_key(k) for k in revoke],
+        ttl_s=parse_duration(ttl),
         key_ttl_s=parse_duration(key_ttl) if key_ttl else None,
     )
     write_atomic(out, data)
@@ -143,13 +184,27 @@ def certify(root_key: Path, keys: tuple[Path, ...], revoke: tuple[Path, ...], se
 
 @click.command("make-patch")
 @click.argument("artifact", type=PATH)
-@click.option("--params", "params_path", type=PATH, required=True,
-              help="An .npz: one float array per adaptive parameter, keyed by its PyTorch name, in PyTorch shape.")
+@click.option(
+    "--params",
+    "params_path",
+    type=PATH,
+    required=True,
+    help="An .npz: one float array per adaptive parameter, keyed by its PyTorch name, in PyTorch shape.",
+)
 @freshness_options
 @click.option("-o", "--out", type=PATH, required=True, help="Where to write the patch (.mnpatch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the patch header as JSON.")
-def make_patch(artifact: Path, params_path: Path, sign_key: Path | None, key_list: Path | None, device_id: str | None,
-               sequence: int | None, ttl: str, out: Path, as_json: bool) -> None:
+def make_patch(
+    artifact: Path,
+    params_path: Path,
+    sign_key: Path | None,
+    key_list: Path | None,
+    device_id: str | None,
+    sequence: int | None,
+    ttl: str,
+    out: Path,
+    as_json: bool,
+) -> None:
     """Build a patch for ARTIFACT from explicit parameters.
 
     The parameters are cast and transposed here to exactly the bytes the artifact stores; the
@@ -163,20 +218,37 @@ def make_patch(artifact: Path, params_path: Path, sign_key: Path | None, key_lis
     from mntool.patches import build_patch, load_params
 
     signer = _signer(sign_key, key_list)
-    data = build_patch(artifact, load_params(params_path), signer, device_id=device_id, sequence=sequence, ttl_s=parse_duration(ttl))
+    data = build_patch(
+        artifact, load_params(params_path), signer, device_id=device_id, sequence=sequence, ttl_s=parse_duration(ttl)
+    )
     _write_patch(data, out, as_json, str(params_path))
 
 
 @click.command()
 @click.argument("checkpoint", type=PATH)
 @click.argument("artifact", type=PATH)
-@click.option("--samples", "samples_path", type=PATH, required=True,
-              help='The device\'s recent items: JSON {"items": [ids, most recent last]} or an .npz with key "items".')
+@click.option(
+    "--samples",
+    "samples_path",
+    type=PATH,
+    required=True,
+    help='The device\'s recent items: JSON {"items": [ids, most recent last]} or an .npz with key "items".',
+)
 @freshness_options
 @click.option("-o", "--out", type=PATH, required=True, help="Where to write the patch (.mnpatch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the patch header as JSON.")
-def generate(checkpoint: Path, artifact: Path, samples_path: Path, sign_key: Path | None, key_list: Path | None,
-             device_id: str | None, sequence: int | None, ttl: str, out: Path, as_json: bool) -> None:
+def generate(
+    checkpoint: Path,
+    artifact: Path,
+    samples_path: Path,
+    sign_key: Path | None,
+    key_list: Path | None,
+    device_id: str | None,
+    sequence: int | None,
+    ttl: str,
+    out: Path,
+    as_json: bool,
+) -> None:
     """Build a patch for ARTIFACT from a device's recent samples (MetaNetwork).
 
     The generator in CHECKPOINT maps the recent item ids (in the checkpoint's item space) to the
@@ -190,7 +262,9 @@ def generate(checkpoint: Path, artifact: Path, samples_path: Path, sign_key: Pat
 
     signer = _signer(sign_key, key_list)
     recent = load_recent(samples_path)
-    data = generate_patch(checkpoint, artifact, recent, signer, device_id=device_id, sequence=sequence, ttl_s=parse_duration(ttl))
+    data = generate_patch(
+        checkpoint, artifact, recent, signer, device_id=device_id, sequence=sequence, ttl_s=parse_duration(ttl)
+    )
     _write_patch(data, out, as_json, f"{len(recent)} recent items")
 
 
@@ -198,7 +272,9 @@ def generate(checkpoint: Path, artifact: Path, samples_path: Path, sign_key: Pat
 @click.argument("artifact", type=PATH)
 @click.argument("patch", type=PATH)
 @click.option("-o", "--out", type=PATH, help="Write a patched copy here (same kind as ARTIFACT, plus its weight map).")
-@click.option("--in-place", is_flag=True, help="Patch ARTIFACT itself (crash-safe A/B slots; records the patch's sequence).")
+@click.option(
+    "--in-place", is_flag=True, help="Patch ARTIFACT itself (crash-safe A/B slots; records the patch's sequence)."
+)
 @click.option("--root-key", type=PATH, help="Trust online keys that this root public key certifies (patch format v2).")
 @click.option("--verify-key", type=PATH, help="Trust this Ed25519 public key directly.")
 @click.option("--device-id", help="This device's id (needed for patches bound to a device).")
@@ -206,8 +282,16 @@ def generate(checkpoint: Path, artifact: Path, samples_path: Path, sign_key: Pat
 @click.option("--allow-v1", is_flag=True, help="Accept format-v1 patches (no expiry, sequence or device binding).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was applied as JSON.")
 def patch_weights(
-    artifact: Path, patch: Path, out: Path | None, in_place: bool, root_key: Path | None, verify_key: Path | None,
-    device_id: str | None, allow_unsigned: bool, allow_v1: bool, as_json: bool,
+    artifact: Path,
+    patch: Path,
+    out: Path | None,
+    in_place: bool,
+    root_key: Path | None,
+    verify_key: Path | None,
+    device_id: str | None,
+    allow_unsigned: bool,
+    allow_v1: bool,
+    as_json: bool,
 ) -> None:
     """Verify PATCH and write it into the compiled model ARTIFACT.
 
@@ -228,18 +312,28 @@ def patch_weights(
     policy = device_patch.TrustPolicy(
         verify_key=load_public_key(verify_key) if verify_key else None,
         root_key=load_public_key(root_key) if root_key else None,
-        device_id=device_id, allow_unsigned=allow_unsigned, allow_v1=allow_v1,
+        device_id=device_id,
+        allow_unsigned=allow_unsigned,
+        allow_v1=allow_v1,
     )
     applied = apply_patch_file(artifact, patch, out=out, policy=policy)
     target = artifact if out is None else out
     verified = applied.signed and policy.keyed
     signature = "signature verified" if verified else "signed, not verified" if applied.signed else "unsigned"
     if as_json:
-        _echo_json({"artifact": str(target), "in_place": out is None, "signature_verified": verified,
-                    **_summary(applied, patch)})
+        _echo_json(
+            {
+                "artifact": str(target),
+                "in_place": out is None,
+                "signature_verified": verified,
+                **_summary(applied, patch),
+            }
+        )
     else:
         where = "in place" if out is None else f"to {out}"
-        click.echo(f"patched {artifact} {where}: {len(applied.tensors)} tensors, {len(applied.payload)} B ({signature})")
+        click.echo(
+            f"patched {artifact} {where}: {len(applied.tensors)} tensors, {len(applied.payload)} B ({signature})"
+        )
 
 
 @click.command()
@@ -256,13 +350,21 @@ def inspect(path: Path, as_json: bool) -> None:
     data = path.read_bytes() if path.is_file() else b""
     if data.startswith(device_patch.MAGIC):
         info = device_patch.parse_patch(data).to_dict()
-        rows = [(t["name"], t["dtype"], t["stored_shape"], t["layout"], t["file"], t["offset"], t["nbytes"]) for t in info["tensors"]]
-        head = [f"patch {path}: v{info['version']} for a {info['target']} artifact, "
-                f"{'signed' if info['signed'] else 'unsigned'}, {info['total_bytes']} B",
-                f"  base fingerprint {info['fingerprint']}", f"  payload {info['payload_bytes']} B, {info['payload_hash']}"]
+        rows = [
+            (t["name"], t["dtype"], t["stored_shape"], t["layout"], t["file"], t["offset"], t["nbytes"])
+            for t in info["tensors"]
+        ]
+        head = [
+            f"patch {path}: v{info['version']} for a {info['target']} artifact, "
+            f"{'signed' if info['signed'] else 'unsigned'}, {info['total_bytes']} B",
+            f"  base fingerprint {info['fingerprint']}",
+            f"  payload {info['payload_bytes']} B, {info['payload_hash']}",
+        ]
         if info["version"] >= 2:
-            head.append(f"  sequence {info['sequence']}, issued {info['issued_at']}, expires {info['expires_at']}, "
-                        f"device {info['device'] or 'any'}")
+            head.append(
+                f"  sequence {info['sequence']}, issued {info['issued_at']}, expires {info['expires_at']}, "
+                f"device {info['device'] or 'any'}"
+            )
             if info["signing_key"]:
                 serial = f"key list serial {info['keylist']['serial']}" if info["keylist"] else "no key list"
                 head.append(f"  signing key {info['signing_key']} ({serial})")
@@ -270,13 +372,17 @@ def inspect(path: Path, as_json: bool) -> None:
         wm = wmap.load(path)
         info = wm.to_dict()
         rows = [(t.name, t.dtype, list(t.stored_shape), t.layout, t.file, t.offset, t.nbytes) for t in wm.tensors]
-        head = [f"artifact {path}: {wm.target}, {len(wm.files)} files, {len(wm.tensors)} adaptive tensors",
-                f"  fingerprint {wm.fingerprint} (matches the files)"]
+        head = [
+            f"artifact {path}: {wm.target}, {len(wm.files)} files, {len(wm.tensors)} adaptive tensors",
+            f"  fingerprint {wm.fingerprint} (matches the files)",
+        ]
     if as_json:
         _echo_json(info)
         return
     click.echo("\n".join(head))
-    table = [("tensor", "dtype", "stored shape", "layout", "file", "offset", "bytes")] + [tuple(map(str, r)) for r in rows]
+    table = [("tensor", "dtype", "stored shape", "layout", "file", "offset", "bytes")] + [
+        tuple(map(str, r)) for r in rows
+    ]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

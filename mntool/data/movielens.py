@@ -5,6 +5,7 @@ RecBole atomic `*.inter` (tab separated, a header of `name:type` fields). Files 
 known (the MovieLens-100k release files) are verified against recorded SHA-256 digests before
 they are read; see docs/data-protocol.md ("Files and hashes").
 """
+
 from __future__ import annotations
 
 import hashlib

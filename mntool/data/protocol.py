@@ -5,6 +5,7 @@ period cut into validation and test. Every sample carries the device's `recent` 
 request time of its period, so the generator sees the same lagged input in training as in
 deployment. The exact rules (version `PROTOCOL_VERSION`) are in docs/data-protocol.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,7 +67,9 @@ class _Rows:
         """The rows of the given user codes; MntoolError when none is left."""
         kept = self.take(np.isin(self.user, np.asarray(users, dtype=np.int64)))
         if len(kept) == 0:
-            raise MntoolError(f"empty split {self.split!r}: none of the {len(np.atleast_1d(users))} selected users has rows in it")
+            raise MntoolError(
+                f"empty split {self.split!r}: none of the {len(np.atleast_1d(users))} selected users has rows in it"
+            )
         return kept
 
 
@@ -146,7 +149,7 @@ class DeviceDataset:
             raise MntoolError(f"devices request parameters for 'valid' or 'test', not {split!r}")
         return self.device_users, self.valid_request if split == "valid" else self.test_request
 
-    def for_users(self, users) -> "DeviceDataset":
+    def for_users(self, users) -> DeviceDataset:
         """The same dataset restricted to some user codes (popularity stays cloud-wide)."""
         users = np.asarray(users, dtype=np.int64)
         keep = np.isin(self.device_users, users)
@@ -162,7 +165,7 @@ class DeviceDataset:
             test_request=self.test_request[keep],
         )
 
-    def with_shuffled_uploads(self, seed: int = 0) -> "DeviceDataset":
+    def with_shuffled_uploads(self, seed: int = 0) -> DeviceDataset:
         """An experimental control: every upload swapped for a random other one of its period
         (cloud samples: another sample group's; device periods: another device's, in its rows
         too). Uploads keep their distribution but no longer describe the device they come with, so
@@ -181,9 +184,15 @@ class DeviceDataset:
             return dataclasses.replace(r, recent=request[device_index[r.user]])
 
         return dataclasses.replace(
-            self, train=train, valid=rows(self.valid, valid_request), test=rows(self.test, test_request),
-            valid_rank=rows(self.valid_rank, valid_request), test_rank=rows(self.test_rank, test_request),
-            valid_request=valid_request, test_request=test_request)
+            self,
+            train=train,
+            valid=rows(self.valid, valid_request),
+            test=rows(self.test, test_request),
+            valid_rank=rows(self.valid_rank, valid_request),
+            test_rank=rows(self.test_rank, test_request),
+            valid_request=valid_request,
+            test_request=test_request,
+        )
 
     def summary(self) -> dict:
         return {
@@ -337,7 +346,9 @@ def _repeats(a: np.ndarray) -> np.ndarray:
     return repeat
 
 
-def _pointwise(split: str, rows: tuple, touched: np.ndarray, config: ProtocolConfig, rng: np.random.Generator) -> SampleSet:
+def _pointwise(
+    split: str, rows: tuple, touched: np.ndarray, config: ProtocolConfig, rng: np.random.Generator
+) -> SampleSet:
     user, target, history, recent, ts = rows
     if len(user) == 0:
         raise MntoolError(f"empty split {split!r}: no user has interactions in this period")
@@ -356,7 +367,9 @@ def _pointwise(split: str, rows: tuple, touched: np.ndarray, config: ProtocolCon
     )
 
 
-def _ranking(split: str, rows: tuple, touched: np.ndarray, config: ProtocolConfig, rng: np.random.Generator) -> RankingSet:
+def _ranking(
+    split: str, rows: tuple, touched: np.ndarray, config: ProtocolConfig, rng: np.random.Generator
+) -> RankingSet:
     user, target, history, recent, ts = rows
     if len(user) == 0:
         raise MntoolError(f"empty split {split!r}: no user has interactions in this period")

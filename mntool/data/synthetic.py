@@ -5,6 +5,7 @@ After the first `shift_at` of a user's interactions the taste moves `drift` of t
 fresh random taste, so drift=0 keeps the device period like the cloud period and drift=1 makes
 it independent. Timestamps strictly increase per user, so protocol cuts land exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,7 +54,12 @@ def synthetic_interactions(config: SyntheticConfig = SyntheticConfig()) -> Inter
         drifted = (1 - config.drift) * taste + config.drift * fresh
         before = _draw(rng, items, taste[cluster] / cluster_size[cluster], n_before)
         left = np.setdiff1d(items, before)
-        after = _draw(rng, left, drifted[config.cluster_of(left)] / cluster_size[config.cluster_of(left)], config.per_user - n_before)
+        after = _draw(
+            rng,
+            left,
+            drifted[config.cluster_of(left)] / cluster_size[config.cluster_of(left)],
+            config.per_user - n_before,
+        )
         chosen.append(np.concatenate([before, after]))
 
     gaps = rng.integers(1, 3600, size=(config.n_users, config.per_user))  # seconds between interactions

@@ -8,13 +8,20 @@
 
 Names load on first use, so importing the package (or `mntool.serve.config`) does not load torch.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _HOMES = {
-    "PatchJob": "app", "PatchService": "app", "RequestError": "app", "ServeError": "app", "create_app": "app",
-    "serve": "app", "ServeConfig": "config", "ServerProcess": "process",
+    "PatchJob": "app",
+    "PatchService": "app",
+    "RequestError": "app",
+    "ServeError": "app",
+    "create_app": "app",
+    "serve": "app",
+    "ServeConfig": "config",
+    "ServerProcess": "process",
 }
 __all__ = sorted(_HOMES)
 

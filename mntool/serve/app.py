@@ -6,6 +6,7 @@ alone. `create_app` wraps it in a Starlette ASGI app (endpoints, limits, auth, J
 metrics); `serve` binds the socket and runs uvicorn with one or more worker processes. The
 service is stateless, so replicas scale out behind any load balancer (docs/serving.md).
 """
+
 from __future__ import annotations
 
 import gc
@@ -16,10 +17,10 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ class PatchService:
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
     @classmethod
-    def load(cls, config: ServeConfig) -> "PatchService":
+    def load(cls, config: ServeConfig) -> PatchService:
         """Artifacts and key first (cheap), then the checkpoint, then their agreement."""
         if not config.artifacts:
             raise ServeError("give at least one --artifact to serve patches for")
@@ -99,11 +100,17 @@ class PatchService:
         for path in map(Path, config.artifacts):
             wm = wmap.load(path)
             if wm.fingerprint in artifacts:
-                raise ServeError(f"{path} and {artifacts[wm.fingerprint].path} are the same artifact (fingerprint {wm.fingerprint[:12]})")
+                raise ServeError(
+                    f"{path} and {artifacts[wm.fingerprint].path} are the same artifact (fingerprint {wm.fingerprint[:12]})"
+                )
             artifacts[wm.fingerprint] = ServedArtifact(path, wm)
         if config.key_list and not config.signing_key:
             raise ServeError("--key-list certifies a signing key: give --signing-key too")
-        key = load_signer(Path(config.signing_key), Path(config.key_list) if config.key_list else None) if config.signing_key else None
+        key = (
+            load_signer(Path(config.signing_key), Path(config.key_list) if config.key_list else None)
+            if config.signing_key
+            else None
+        )
         torch.set_num_threads(config.torch_threads)
         generator = Generator.load(config.checkpoint)
         for served in artifacts.values():
@@ -115,7 +122,9 @@ class PatchService:
                 )
         max_samples = config.max_samples if config.max_samples is not None else generator.recent_len
         if not 1 <= max_samples <= generator.recent_len:
-            raise ServeError(f"max samples must be 1..{generator.recent_len} (what {config.checkpoint} reads), got {max_samples}")
+            raise ServeError(
+                f"max samples must be 1..{generator.recent_len} (what {config.checkpoint} reads), got {max_samples}"
+            )
         return cls(config, generator, artifacts, key, max_samples)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -135,20 +144,32 @@ class PatchService:
             raise RequestError(400, "malformed_request", f"device_id must be a string of 1..{MAX_DEVICE_ID} characters")
         artifact = self.artifacts.get(fingerprint) if type(fingerprint) is str else None  # a served one is well-formed
         if artifact is None and (type(fingerprint) is not str or len(fingerprint) != 64 or not set(fingerprint) <= HEX):
-            raise RequestError(400, "malformed_request", "fingerprint must be 64 lowercase hex digits (the artifact's weight-map fingerprint)")
+            raise RequestError(
+                400,
+                "malformed_request",
+                "fingerprint must be 64 lowercase hex digits (the artifact's weight-map fingerprint)",
+            )
         items = samples.get("items") if type(samples) is dict else None
         if type(items) is not list:
             raise RequestError(400, "malformed_request", 'samples must be {"items": [item ids, most recent last]}')
         if len(items) > self.max_samples:
-            raise RequestError(422, "too_many_samples", f"{len(items)} samples; this service takes at most {self.max_samples}")
+            raise RequestError(
+                422, "too_many_samples", f"{len(items)} samples; this service takes at most {self.max_samples}"
+            )
         if not all(type(i) is int for i in items):
             raise RequestError(422, "bad_item_id", "samples.items must hold integer item ids only")
         if artifact is None:
-            raise RequestError(404, "unknown_fingerprint", f"no artifact with fingerprint {fingerprint[:12]}... is served here (GET {routes.ARTIFACTS})")
+            raise RequestError(
+                404,
+                "unknown_fingerprint",
+                f"no artifact with fingerprint {fingerprint[:12]}... is served here (GET {routes.ARTIFACTS})",
+            )
         n_items = self.generator.n_items
         if items and (min(items) < 0 or max(items) > n_items):
             bad = next(i for i in items if not 0 <= i <= n_items)
-            raise RequestError(422, "bad_item_id", f"item id {bad} is outside the vocabulary 1..{n_items} (0 = padding)")
+            raise RequestError(
+                422, "bad_item_id", f"item id {bad} is outside the vocabulary 1..{n_items} (0 = padding)"
+            )
         return PatchJob(artifact, [0] * (self.generator.recent_len - len(items)) + items, device_id)
 
     def build_patches(self, jobs: list[PatchJob]) -> list[bytes | Exception]:
@@ -164,8 +185,15 @@ class PatchService:
         patches: list[bytes | Exception] = []
         for i, job in enumerate(jobs):
             try:
-                patches.append(build_patch(job.artifact.weight_map, {n: p[i] for n, p in params.items()}, self.signer,
-                                           device_id=job.device_id, ttl_s=self.config.patch_ttl_s))
+                patches.append(
+                    build_patch(
+                        job.artifact.weight_map,
+                        {n: p[i] for n, p in params.items()},
+                        self.signer,
+                        device_id=job.device_id,
+                        ttl_s=self.config.patch_ttl_s,
+                    )
+                )
             except Exception as err:
                 patches.append(_internal("patch_failed", "building this upload's patch failed", err))
         return patches
@@ -240,7 +268,12 @@ class _PatchRoute:
             await _send(send, 499, "text/plain", b"")  # nobody reads it; counted in the metrics
         except Exception as err:
             log.error("POST %s failed", routes.PATCHES, exc_info=err)
-            await _send(send, 500, "application/json", _error_json("internal_error", f"the server failed on this request ({type(err).__name__}; see its log)"))
+            await _send(
+                send,
+                500,
+                "application/json",
+                _error_json("internal_error", f"the server failed on this request ({type(err).__name__}; see its log)"),
+            )
         else:
             await _send(send, 200, "application/octet-stream", patch)
 
@@ -280,7 +313,9 @@ def create_app(service: PatchService):
     body ourselves, and the OpenAPI document is written out in `openapi`. Every answer that is
     not a patch is JSON, unexpected exceptions included (500)."""
     cfg = service.config
-    batcher: MicroBatcher[PatchJob, bytes] = MicroBatcher(service.build_patches, cfg.batching, service.metrics.observe_batch)
+    batcher: MicroBatcher[PatchJob, bytes] = MicroBatcher(
+        service.build_patches, cfg.batching, service.metrics.observe_batch
+    )
     service.metrics.queue_waiting = lambda: batcher.waiting
     document = openapi_document(service.generator.n_items, service.max_samples, MAX_DEVICE_ID, auth=bool(cfg.token))
     expected = cfg.token.encode() if cfg.token else None
@@ -299,7 +334,9 @@ def create_app(service: PatchService):
         authorize(headers.get(b"authorization", b"").decode("latin-1"))
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         if content_type.split(";")[0].strip().lower() != "application/json":
-            raise RequestError(415, "unsupported_media_type", f"content type must be application/json, got {content_type or 'none'!r}")
+            raise RequestError(
+                415, "unsupported_media_type", f"content type must be application/json, got {content_type or 'none'!r}"
+            )
         job = service.parse(await _read_body(headers.get(b"content-length"), receive, cfg.max_body_bytes))
         try:
             return await batcher.submit(job, cfg.request_timeout_s)
@@ -314,9 +351,17 @@ def create_app(service: PatchService):
 
     async def status(request: Request) -> JSONResponse:
         authorize(request.headers.get("authorization", ""))
-        return JSONResponse({"status": "ok", "pid": service.metrics.pid, "checkpoint": str(cfg.checkpoint),
-                             "method": service.generator.method, "artifacts": len(service.artifacts),
-                             "signed": service.signer is not None, "auth": bool(cfg.token)})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "pid": service.metrics.pid,
+                "checkpoint": str(cfg.checkpoint),
+                "method": service.generator.method,
+                "artifacts": len(service.artifacts),
+                "signed": service.signer is not None,
+                "auth": bool(cfg.token),
+            }
+        )
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})  # liveness only, for anyone: the details are at /v1/status
@@ -335,7 +380,9 @@ def create_app(service: PatchService):
 
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
         # Starlette logs the traceback after this answer is sent.
-        return _error_response(500, "internal_error", f"the server failed on this request ({type(err).__name__}; see its log)")
+        return _error_response(
+            500, "internal_error", f"the server failed on this request ({type(err).__name__}; see its log)"
+        )
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -404,7 +451,9 @@ def serve(
     bound_host, bound_port = sock.getsockname()[:2]
     if on_listening is not None:
         on_listening(f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}")
-    options = dict(loop="auto", http="auto", access_log=access_log, log_level="warning", timeout_keep_alive=30, lifespan="on")
+    options = dict(
+        loop="auto", http="auto", access_log=access_log, log_level="warning", timeout_keep_alive=30, lifespan="on"
+    )
     if workers == 1:
         uvicorn.Server(uvicorn.Config(create_app(service), **options)).run(sockets=[sock])
         return

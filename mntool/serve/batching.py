@@ -5,14 +5,16 @@
 worker thread so the event loop keeps reading requests meanwhile, and hands each submitter its own
 result or its own exception. Torch-free: the batch function is whatever the caller gives.
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 from device_runtime.errors import MntoolError
 

@@ -1,5 +1,6 @@
 """The service's configuration: every knob of `mntool serve` with its default (the CLI's defaults
 are these), handed to worker processes as JSON. Light on purpose: no torch, so `--help` is fast."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ class ServeConfig:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "ServeConfig":
+    def from_json(cls, text: str) -> ServeConfig:
         return cls(**json.loads(text))
 
     @property

@@ -6,13 +6,22 @@ processes `serve` points $PROMETHEUS_MULTIPROC_DIR at a directory of its own and
 multi-process mode sums the workers' counts, so one scrape of /metrics, whichever worker answers
 it, sees the whole server. Only the start time keeps a `pid` label (one series per worker).
 """
+
 from __future__ import annotations
 
 import glob
 import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 
 from mntool.serve import routes
 
@@ -42,15 +51,31 @@ class ServiceMetrics:
             _forget_dead_workers(shared)
             multiprocess.MultiProcessCollector(self.registry, shared)
         own = None if shared else self.registry  # multi-process values are read back from the files
-        self.requests = Counter(REQUESTS, "HTTP requests answered, by endpoint and status (499: client went away).",
-                                ["endpoint", "status"], registry=own)
-        self.latency = Histogram(REQUEST_SECONDS, "Time from request start to the end of the response.", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, registry=own)
-        self.batch_size = Histogram(BATCH_SIZE, "Patch requests served by one generator call.", buckets=BATCH_BUCKETS, registry=own)
-        self.batch_seconds = Histogram(BATCH_SECONDS, "Time to generate and build the patches of one batch.",
-                                       buckets=LATENCY_BUCKETS, registry=own)
-        self.queue = Gauge(QUEUE_WAITING, "Patch requests waiting for a batch, when the last batch was taken.",
-                           multiprocess_mode="livesum", registry=own)
+        self.requests = Counter(
+            REQUESTS,
+            "HTTP requests answered, by endpoint and status (499: client went away).",
+            ["endpoint", "status"],
+            registry=own,
+        )
+        self.latency = Histogram(
+            REQUEST_SECONDS,
+            "Time from request start to the end of the response.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=own,
+        )
+        self.batch_size = Histogram(
+            BATCH_SIZE, "Patch requests served by one generator call.", buckets=BATCH_BUCKETS, registry=own
+        )
+        self.batch_seconds = Histogram(
+            BATCH_SECONDS, "Time to generate and build the patches of one batch.", buckets=LATENCY_BUCKETS, registry=own
+        )
+        self.queue = Gauge(
+            QUEUE_WAITING,
+            "Patch requests waiting for a batch, when the last batch was taken.",
+            multiprocess_mode="livesum",
+            registry=own,
+        )
         about = "When each worker started (Unix time)."
         if shared:  # the library adds the pid label itself
             Gauge(START_TIME, about, multiprocess_mode="all", registry=None).set(time.time())

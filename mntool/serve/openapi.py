@@ -3,6 +3,7 @@
 Served at /openapi.json. The limits in it (max samples, vocabulary size) are the running
 service's own, and the bearer security scheme appears when auth is on.
 """
+
 from __future__ import annotations
 
 from mntool.serve import routes
@@ -33,20 +34,35 @@ STATUS = {
     "type": "object",
     "required": ["status", "pid", "checkpoint", "method", "artifacts", "signed", "auth"],
     "properties": {
-        "status": {"const": "ok"}, "pid": {"type": "integer"}, "checkpoint": {"type": "string"},
-        "method": {"type": "string"}, "artifacts": {"type": "integer"}, "signed": {"type": "boolean"}, "auth": {"type": "boolean"},
+        "status": {"const": "ok"},
+        "pid": {"type": "integer"},
+        "checkpoint": {"type": "string"},
+        "method": {"type": "string"},
+        "artifacts": {"type": "integer"},
+        "signed": {"type": "boolean"},
+        "auth": {"type": "boolean"},
     },
 }
 
 
 def _errors(*statuses: int) -> dict:
-    why = {400: "malformed request", 401: "missing or invalid bearer token", 404: "unknown fingerprint",
-           413: "body too large", 415: "content type is not application/json",
-           422: "too many samples or an item id outside the vocabulary",
-           500: "this request's patch could not be made (the server logs why); other requests are not affected",
-           503: "overloaded or timed out; retry"}
-    return {str(s): {"description": why[s], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-            for s in statuses}
+    why = {
+        400: "malformed request",
+        401: "missing or invalid bearer token",
+        404: "unknown fingerprint",
+        413: "body too large",
+        415: "content type is not application/json",
+        422: "too many samples or an item id outside the vocabulary",
+        500: "this request's patch could not be made (the server logs why); other requests are not affected",
+        503: "overloaded or timed out; retry",
+    }
+    return {
+        str(s): {
+            "description": why[s],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for s in statuses
+    }
 
 
 def openapi_document(n_items: int, max_samples: int, max_device_id: int, auth: bool) -> dict:
@@ -56,54 +72,103 @@ def openapi_document(n_items: int, max_samples: int, max_device_id: int, auth: b
         "required": ["device_id", "fingerprint", "samples"],
         "properties": {
             "device_id": {"type": "string", "minLength": 1, "maxLength": max_device_id},
-            "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{64}$",
-                            "description": "weight-map fingerprint of the device's artifact (GET /v1/artifacts)"},
+            "fingerprint": {
+                "type": "string",
+                "pattern": "^[0-9a-f]{64}$",
+                "description": "weight-map fingerprint of the device's artifact (GET /v1/artifacts)",
+            },
             "samples": {
                 "type": "object",
                 "required": ["items"],
-                "properties": {"items": {
-                    "type": "array", "maxItems": max_samples, "description": "item ids, most recent last (0 = padding)",
-                    "items": {"type": "integer", "minimum": 0, "maximum": n_items},
-                }},
+                "properties": {
+                    "items": {
+                        "type": "array",
+                        "maxItems": max_samples,
+                        "description": "item ids, most recent last (0 = padding)",
+                        "items": {"type": "integer", "minimum": 0, "maximum": n_items},
+                    }
+                },
             },
         },
     }
-    json_ok = lambda description, schema: {"200": {"description": description, "content": {"application/json": {"schema": schema}}}}  # noqa: E731
+
+    def json_ok(description: str, schema: dict) -> dict:
+        return {"200": {"description": description, "content": {"application/json": {"schema": schema}}}}
+
     document = {
         "openapi": "3.1.0",
-        "info": {"title": "mntool patch service", "version": "1",
-                 "description": "Devices upload their recent samples and receive a signed patch for their compiled "
-                                "model (docs/serving.md, docs/patch-format.md)."},
+        "info": {
+            "title": "mntool patch service",
+            "version": "1",
+            "description": "Devices upload their recent samples and receive a signed patch for their compiled "
+            "model (docs/serving.md, docs/patch-format.md).",
+        },
         "paths": {
-            routes.PATCHES: {"post": {
-                "summary": "A patch for the device's artifact, generated from its recent samples",
-                "operationId": "create_patch",
-                "security": security,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PatchRequest"}}}},
-                "responses": {
-                    "200": {"description": "the patch (docs/patch-format.md)",
-                            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                    **_errors(400, 401, 404, 413, 415, 422, 500, 503),
-                },
-            }},
-            routes.ARTIFACTS: {"get": {
-                "summary": "The artifacts served: fingerprint, target, weight map", "operationId": "list_artifacts",
-                "security": security,
-                "responses": {**json_ok("served artifacts", {"type": "array", "items": {"$ref": "#/components/schemas/Artifact"}}),
-                              **_errors(401)},
-            }},
-            routes.STATUS: {"get": {
-                "summary": "What the answering worker serves: pid, checkpoint, method, artifacts, signed, auth",
-                "operationId": "status", "security": security,
-                "responses": {**json_ok("worker status", STATUS), **_errors(401)},
-            }},
-            routes.HEALTHZ: {"get": {"summary": "Liveness: 200 once the answering worker has loaded its checkpoint",
-                                     "operationId": "health", "responses": json_ok("alive", HEALTH)}},
-            routes.METRICS: {"get": {"summary": "Prometheus metrics of the whole server (every worker)", "operationId": "metrics",
-                                     "responses": {"200": {"description": "exposition format 0.0.4",
-                                                           "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            routes.OPENAPI: {"get": {"summary": "This document", "operationId": "openapi",
-                                     "responses": json_ok("OpenAPI 3.1", {"type": "object"})}},
+            routes.PATCHES: {
+                "post": {
+                    "summary": "A patch for the device's artifact, generated from its recent samples",
+                    "operationId": "create_patch",
+                    "security": security,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PatchRequest"}}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "the patch (docs/patch-format.md)",
+                            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                        },
+                        **_errors(400, 401, 404, 413, 415, 422, 500, 503),
+                    },
+                }
+            },
+            routes.ARTIFACTS: {
+                "get": {
+                    "summary": "The artifacts served: fingerprint, target, weight map",
+                    "operationId": "list_artifacts",
+                    "security": security,
+                    "responses": {
+                        **json_ok(
+                            "served artifacts", {"type": "array", "items": {"$ref": "#/components/schemas/Artifact"}}
+                        ),
+                        **_errors(401),
+                    },
+                }
+            },
+            routes.STATUS: {
+                "get": {
+                    "summary": "What the answering worker serves: pid, checkpoint, method, artifacts, signed, auth",
+                    "operationId": "status",
+                    "security": security,
+                    "responses": {**json_ok("worker status", STATUS), **_errors(401)},
+                }
+            },
+            routes.HEALTHZ: {
+                "get": {
+                    "summary": "Liveness: 200 once the answering worker has loaded its checkpoint",
+                    "operationId": "health",
+                    "responses": json_ok("alive", HEALTH),
+                }
+            },
+            routes.METRICS: {
+                "get": {
+                    "summary": "Prometheus metrics of the whole server (every worker)",
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "exposition format 0.0.4",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            routes.OPENAPI: {
+                "get": {
+                    "summary": "This document",
+                    "operationId": "openapi",
+                    "responses": json_ok("OpenAPI 3.1", {"type": "object"}),
+                }
+            },
         },
         "components": {"schemas": {"PatchRequest": patch_request, "Error": ERROR, "Artifact": ARTIFACT}},
     }

@@ -4,6 +4,7 @@
 reads the address it printed, and returns once every worker process has loaded the checkpoint
 (each reports its start time to the server's /metrics).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO
 
 from device_runtime.errors import MntoolError
 from mntool.serve import routes
@@ -38,12 +40,25 @@ class ServerProcess:
         env: dict | None = None,
         stderr: IO | None = None,
         ready_timeout_s: float = 120.0,
-    ) -> "ServerProcess":
+    ) -> ServerProcess:
         """Start `mntool serve CHECKPOINT --artifact ... OPTIONS --workers N` on 127.0.0.1:0."""
-        args = [sys.executable, "-m", "mntool.cli.main", "serve", str(checkpoint), "--port", "0", "--json",
-                "--workers", str(workers), *[a for path in artifacts for a in ("--artifact", str(path))], *map(str, options)]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr if stderr is not None else subprocess.PIPE,
-                                text=True, env=env)
+        args = [
+            sys.executable,
+            "-m",
+            "mntool.cli.main",
+            "serve",
+            str(checkpoint),
+            "--port",
+            "0",
+            "--json",
+            "--workers",
+            str(workers),
+            *[a for path in artifacts for a in ("--artifact", str(path))],
+            *map(str, options),
+        ]
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=stderr if stderr is not None else subprocess.PIPE, text=True, env=env
+        )
         line = proc.stdout.readline()
         if not line:
             proc.wait()
@@ -64,7 +79,9 @@ class ServerProcess:
                 raise MntoolError(f"mntool serve at {self.url}: {len(pids)} of {self.workers} workers became ready")
             try:
                 with urllib.request.urlopen(f"{self.url}{routes.METRICS}", timeout=timeout_s) as answer:
-                    pids = {int(pid) for pid in re.findall(rf'^{START_TIME}\{{pid="(\d+)"\}}', answer.read().decode(), re.M)}
+                    pids = {
+                        int(pid) for pid in re.findall(rf'^{START_TIME}\{{pid="(\d+)"\}}', answer.read().decode(), re.M)
+                    }
             except (urllib.error.URLError, ConnectionError):
                 pass
             if len(pids) < self.workers:
@@ -80,7 +97,7 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
