@@ -190,7 +190,7 @@ def refresh(
         server_url, weight_map.fingerprint, items, device_id=device_id, token=token, config=config
     )
     fetched = time.perf_counter()
-    patch = apply_patch_file(artifact, data, policy=policy)
+    patch = apply_patch_file(artifact, data, policy=policy, weight_map=weight_map)
     runner = open_runner(artifact, weight_map=weight_map, config=runner_config)
     if on_reload is not None:
         on_reload(runner)

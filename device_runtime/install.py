@@ -54,6 +54,7 @@ def apply_patch_file(
     out: Path | None = None,
     policy: TrustPolicy = TrustPolicy(),
     check_artifact: bool = True,
+    weight_map: WeightMap | None = None,
 ) -> Patch:
     """Verify `patch` and write it into the artifact on disk; returns the verified patch.
 
@@ -61,12 +62,13 @@ def apply_patch_file(
     checks the patch's sequence against the artifact's state. `out` writes a complete patched
     artifact of the same kind there (plus its weight-map sidecar), independent of every other
     file, and leaves the original untouched: a new artifact, with no state yet (the sequence is
-    not checked; expiry, device and signature are). The bytes
-    verified are the bytes written: the patch is read once, the artifact's bytes are checked
-    where they are written. On any error no artifact byte has changed.
+    not checked; expiry, device and signature are). The bytes verified are the bytes written:
+    the patch is read once, the artifact's bytes are checked where they are written. On any
+    error no artifact byte has changed. `weight_map`: the artifact's, if the caller holds it
+    already (a device keeps it loaded), else read from its sidecar.
     """
     artifact = Path(artifact)
-    wm = wmap.load(artifact, check_fingerprint=False)
+    wm = weight_map if weight_map is not None else wmap.load(artifact, check_fingerprint=False)
     data = frozen_bytes(_read_patch(patch))
     if out is None:
         return _apply_in_place(artifact, wm, data, policy, check_artifact)
