@@ -2,8 +2,9 @@
 device's freshness state, and complete independent copies. Torch-free.
 
 In place, the file that holds the adaptive tensors becomes two slots beside it
-(`.<name>.mnslot-<a|b>-<sequence>-<keys serial>`) and `<name>` a symlink to the active one. An
-apply writes only the patch's bytes into the inactive slot, fsyncs it, then renames a new
+(`.<name>.mnslot-<a|b>-<fingerprint prefix>-<sequence>-<keys serial>`) and `<name>` a symlink to
+the active one. An apply writes only the patch's bytes into the inactive slot, fdatasyncs it,
+then renames a new
 symlink over `<name>`: one atomic step that switches the model and records the new state (the
 slot's name carries the sequence and key-list serial), so a crash leaves the old model with the
 old state or the new model with the new state. O(patch), not O(artifact); the first apply makes
@@ -34,12 +35,16 @@ from device_runtime.patch import (
 )
 from device_runtime.weight_map import TensorEntry, WeightMap
 
-SLOT = re.compile(r"\.(?P<name>.+)\.mnslot-(?P<slot>[ab])-(?P<sequence>[0-9]{1,20})-(?P<serial>[0-9]{1,20})")
+SLOT = re.compile(
+    r"\.(?P<name>.+)\.mnslot-(?P<slot>[ab])-(?P<fingerprint>[0-9a-f]{12})-(?P<sequence>[0-9]{1,20})-(?P<serial>[0-9]{1,20})"
+)
 OPEN_NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-def _slot_name(name: str, slot: str, state: DeviceState) -> str:
-    return f".{name}.mnslot-{slot}-{state.sequence}-{state.keys_serial}"
+def _slot_name(name: str, slot: str, fingerprint: str, state: DeviceState) -> str:
+    """A slot's file name: whose artifact it is (the fingerprint's first 12 hex digits) and the
+    state that came with its bytes."""
+    return f".{name}.mnslot-{slot}-{fingerprint[:12]}-{state.sequence}-{state.keys_serial}"
 
 
 def _temp_name(name: str) -> str:
@@ -80,7 +85,7 @@ def read_state(artifact: Path) -> DeviceState:
     artifact = Path(artifact)
     wm = wmap.load(artifact, check_fingerprint=False)
     path = wmap.artifact_root(artifact) / _adaptive_file(wm)
-    return _active(path).state
+    return _active(path, wm.fingerprint).state
 
 
 def _read_patch(patch: Path | bytes) -> bytes:
@@ -112,7 +117,9 @@ class _Active:
     state: DeviceState
 
 
-def _active(path: Path) -> _Active:
+def _active(path: Path, fingerprint: str) -> _Active:
+    """The active slot of `path` and its state. The state belongs to one artifact: a slot named
+    for another fingerprint (the artifact was replaced under the slots) starts afresh."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -128,7 +135,7 @@ def _active(path: Path) -> _Active:
             f"artifact file {path} is a symlink mntool did not make (to {target!r}); refusing to write through it"
         )
     state = DeviceState(int(match["sequence"]), int(match["serial"]))
-    return _Active(path, match["slot"], target, state)
+    return _Active(path, match["slot"], target, state if match["fingerprint"] == fingerprint[:12] else DeviceState())
 
 
 @contextlib.contextmanager
@@ -151,14 +158,14 @@ def _apply_in_place(
     directory, name = path.parent, path.name
     try:
         with _locked(directory):
-            active = _active(path)
+            active = _active(path, wm.fingerprint)
             mode = os.stat(path).st_mode
             sizes = {f: (root / f).stat().st_size for f in wm.files}
             p = verify_patch(data, wm, sizes, policy, active.state)
             if not mode & 0o222 or not os.access(path, os.W_OK):
                 raise PatchError(f"artifact file {path} is read-only")
             inactive = "b" if active.slot in (None, "a") else "a"
-            fd, current = _open_inactive(directory, name, active, inactive)
+            fd, current = _open_inactive(directory, name, active, inactive, wm.fingerprint)
             if fd >= 0 and check_artifact and not _matches(wm, root, adaptive_file, _read_fd(fd)):
                 os.close(fd)
                 fd = -1
@@ -176,8 +183,8 @@ def _apply_in_place(
                 os.close(fd)
             if active.slot is None:
                 # keep the plain file's bytes as slot "a" (a hard link: no copy), the next apply's inactive slot
-                os.link(path, directory / _slot_name(name, "a", active.state), follow_symlinks=False)
-            new_name = _slot_name(name, inactive, active.state.after(p))
+                os.link(path, directory / _slot_name(name, "a", wm.fingerprint, active.state), follow_symlinks=False)
+            new_name = _slot_name(name, inactive, wm.fingerprint, active.state.after(p))
             os.replace(directory / current, directory / new_name)
             link = directory / _temp_name(name)
             os.symlink(new_name, link)
@@ -187,16 +194,18 @@ def _apply_in_place(
     return p
 
 
-def _open_inactive(directory: Path, name: str, active: _Active, slot: str) -> tuple[int, str | None]:
+def _open_inactive(directory: Path, name: str, active: _Active, slot: str, fingerprint: str) -> tuple[int, str | None]:
     """(fd, file name) of the inactive slot opened for writing, or (-1, None) if there is none.
-    On the way, removes what interrupted applies left: temporary files, and slots that are
-    neither the active one nor the one inactive slot (stale slots beside a plain file, or a
-    duplicate from a crash between renames)."""
+    On the way, removes what interrupted applies or a replaced artifact left: temporary files,
+    and slots that are neither the active one nor the one inactive slot of this artifact (stale
+    slots beside a plain file, slots of another fingerprint, a duplicate from a crash between
+    renames)."""
     found = None
     for entry in sorted(os.listdir(directory)):
         match = SLOT.fullmatch(entry)
         if match and match["name"] == name and entry != active.file:
-            if active.slot is not None and match["slot"] == slot and found is None:
+            ours = match["slot"] == slot and match["fingerprint"] == fingerprint[:12]
+            if active.slot is not None and ours and found is None:
                 found = entry
             else:
                 os.unlink(directory / entry)

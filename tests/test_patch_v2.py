@@ -316,3 +316,26 @@ def test_finite_check_is_exact(tmp_path, dtype):
         data = patch_mod.pack_patch(wm, {"w": stored}, patch_mod.Freshness(1, 1, 2**40))
         with pytest.raises(PatchError, match="NaN or Inf"):
             apply_patch_bytes(artifact.read_bytes(), data, wm)
+
+
+def test_an_artifact_replaced_under_its_slots_gets_fresh_slots_and_state(tmp_path):
+    """`cp new.tflite model.tflite` writes through the symlink into the active slot; the other
+    slot still holds the old artifact. Even with the artifact check off, the next apply must not
+    make that stale slot active: slots are named for their artifact's fingerprint."""
+    artifact = synthetic_artifact(tmp_path / "a", seed=0)
+    for sequence in (1, 2):
+        apply_patch_file(artifact, build_patch(artifact, random_params(seed=sequence), sequence=sequence))
+    new = synthetic_artifact(tmp_path / "new", seed=5)
+    artifact.write_bytes(new.read_bytes())  # follows the symlink, as cp does
+    wmap.sidecar_path(artifact).write_bytes(wmap.sidecar_path(new).read_bytes())
+    assert read_state(artifact).sequence == 0  # the state was the old artifact's
+    params = random_params(seed=7)
+    apply_patch_file(artifact, build_patch(new, params, sequence=1), check_artifact=False)
+    wmap.load(artifact)  # every non-adaptive byte is the new artifact's
+    np.testing.assert_array_equal(stored_bytes(artifact, "head.bias"), params["head.bias"])
+    fingerprint = wmap.load(artifact).fingerprint[:12]
+    assert fingerprint in os.readlink(artifact) and read_state(artifact).sequence == 1
+    apply_patch_file(artifact, build_patch(new, params, sequence=2), check_artifact=False)
+    wmap.load(artifact)
+    slots = [e for e in os.listdir(tmp_path / "a") if install.SLOT.fullmatch(e)]
+    assert len(slots) == 2 and all(fingerprint in e for e in slots)
