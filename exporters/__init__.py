@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporters.options import TARGETS, ExportOptions
+from exporters.options import ExportOptions
+from exporters.targets import TARGETS
 
 __all__ = ["TARGETS", "ExportOptions", "export"]
 

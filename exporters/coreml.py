@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,11 +20,11 @@ import numpy as np
 
 from device_runtime.layout import ALIGNMENT, stored_values
 from device_runtime.weight_map import IOSpec, TensorEntry, WeightMap
-from exporters import prepare
 from exporters.errors import ConversionFailed, ExportError, first_line
 from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
 from exporters.locate import Constant, locate
 from exporters.quiet import quiet
+from exporters.target import ReadBack, Target
 
 METADATA_KEY = "mntool.weightmap"
 MANIFEST_FILE = "Manifest.json"
@@ -88,6 +89,8 @@ def convert(job: ExportJob) -> None:
     """torch.export -> coremltools; models whose ops its torch.export frontend lacks (GRU) are
     traced with torch.jit.trace instead (the frontend choice is recorded in `extra`)."""
     import torch
+
+    from exporters import prepare
 
     ct = _ct()
     module, kwargs = job.conversion_inputs()
@@ -237,6 +240,8 @@ def read_back(weight_map: WeightMap, files: Mapping[str, bytes | bytearray], wor
     """The adaptive tensors of a Core ML artifact held in `files`, as coremltools reads them, in
     PyTorch order: the package (written to a scratch copy under `workdir`) must load, and each
     adaptive const (buffers mode) or input (inputs mode) must be where the weight map says."""
+    from exporters import prepare
+
     ct = _ct()
     copy = Path(workdir) / ".proof" / weight_map.artifact
     shutil.rmtree(copy.parent, ignore_errors=True)
@@ -287,3 +292,29 @@ def passes(options) -> list[Pass]:
         Pass("move adaptive consts to blobs", move_to_blobs),
         Pass("embed weight map", embed),
     ]
+
+
+def _runs_here() -> bool:
+    return sys.platform == "darwin"  # Core ML predicts on macOS only (`device_runtime.runners.CoreMLRunner`)
+
+
+TARGET = Target(
+    name="coreml",
+    suffix=".mlpackage",
+    directory=True,
+    precisions=("float32", "float16"),
+    passes=passes,
+    adaptive_file="Data/mntool/adaptive.bin",  # inside the package, beside Data/com.apple.CoreML
+    runs_here=_runs_here,
+    read_back=ReadBack(
+        read=read_back,
+        reader="coremltools",
+        why="no Core ML runtime on this OS",
+        checked={
+            "buffers": "the patched blobs were read with coremltools at the offsets the model spec gives, "
+            "independently of the weight map",
+            "inputs": "the values file was read back through the weight map itself and the model's inputs "
+            "matched by name and shape",
+        },
+    ),
+)

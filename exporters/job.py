@@ -1,8 +1,9 @@
 """The state one export's passes share (`ExportJob`), the `Pass` type, and what every target's
 passes build on: the weight map copy embedded in the artifact and the "weights as inputs" layout.
 
-Target modules (`tflite`, `onnx`, `coreml`) build their passes from this and the proof reads a
-job; `pipeline` runs the passes.
+Target modules build their passes from this and the proof reads a job; `pipeline` runs the
+passes. A job knows its target only through the target's declaration (`job.target`, a `Target`).
+Importing this is cheap: `prepare` (torch) loads inside the functions that use it.
 """
 
 from __future__ import annotations
@@ -11,23 +12,26 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch.nn as nn
 
 from device_runtime import weight_map as weight_maps
 from device_runtime.layout import ALIGNMENT, align
 from device_runtime.weight_map import IOSpec, TensorEntry, WeightMap
-from exporters import prepare
 from exporters.locate import Placement
 from exporters.options import ExportOptions
+from exporters.target import Target
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 @dataclass
 class ExportJob:
     """The state the passes of one export share; each pass reads some fields and fills others."""
 
-    target: str
+    target: Target  # the target module's declaration
     model: nn.Module  # the caller's model (static values); never modified
     example_inputs: tuple
     adaptive: list[str]
@@ -51,7 +55,7 @@ class ExportJob:
 
     @property
     def artifact_name(self) -> str:
-        return self.options.name + {"tflite": ".tflite", "onnx": ".onnx", "coreml": ".mlpackage"}[self.target]
+        return self.target.artifact_name(self.options.name)
 
     @property
     def artifact(self) -> Path:
@@ -65,14 +69,14 @@ class ExportJob:
     def adaptive_file(self) -> str:
         """Name of the flat file holding adaptive values outside the model file (ONNX external
         data, and every target's "weights as inputs" values), relative to the artifact root."""
-        if self.target == "coreml":
-            return "Data/mntool/adaptive.bin"
-        return f"{self.artifact_name}.adaptive.bin"
+        return self.target.adaptive_file_of(self.artifact_name)
 
     def conversion_inputs(self) -> tuple[nn.Module, dict]:
         """What a converter sees: the model holding fingerprint values (buffers mode), or wrapped
         so its adaptive tensors are inputs (inputs mode); and keyword example inputs."""
         import torch
+
+        from exporters import prepare
 
         kwargs = dict(zip(self.input_names, self.example_inputs))
         if self.mode == "buffers":
@@ -83,7 +87,7 @@ class ExportJob:
     def draft_weight_map(self) -> WeightMap:
         """The weight map as far as the passes so far know it (fingerprint not yet computed)."""
         return WeightMap(
-            target=self.target,
+            target=self.target.name,
             artifact=self.artifact_name,
             files=tuple(self.files),
             fingerprint="",

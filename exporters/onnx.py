@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from device_runtime.layout import ALIGNMENT, align
 from device_runtime.weight_map import IOSpec, TensorEntry
-from exporters import prepare
 from exporters.errors import ConversionFailed, first_line
 from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
 from exporters.locate import Constant, locate
 from exporters.quiet import quiet
+from exporters.target import Target
 
 METADATA_KEY = "mntool.weightmap"
 
@@ -46,6 +46,8 @@ def _save(job: ExportJob, proto) -> None:
 # ---- passes ---------------------------------------------------------------------------------
 def convert(job: ExportJob) -> None:
     import torch
+
+    from exporters import prepare
 
     module, kwargs = job.conversion_inputs()
     with quiet():
@@ -167,3 +169,6 @@ def passes(options) -> list[Pass]:
         Pass("externalise adaptive initializers", externalise),
         Pass("embed weight map", embed),
     ]
+
+
+TARGET = Target(name="onnx", suffix=".onnx", directory=False, precisions=("float32",), passes=passes)

@@ -1,6 +1,7 @@
-"""The knobs of one export (`ExportOptions`) and the list of targets; imports nothing heavy.
+"""The knobs of one export (`ExportOptions`); imports nothing heavy.
 
-Every target takes the same options, so `export(..., **options)` is one signature for all.
+Every target takes the same options, so `export(..., **options)` is one signature for all. The
+targets are listed in `exporters.targets` (`TARGETS`); each declares which `PRECISIONS` it exports.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 
 from exporters.errors import ExportError
 
-TARGETS = ("tflite", "onnx", "coreml")
 PRECISIONS = ("float32", "float16")
 PROOF_ATOL = 1e-5  # max abs error between a float32 artifact and PyTorch that the proof accepts
 
@@ -20,7 +20,7 @@ class ExportOptions:
     name: str = "model"  # artifact stem: model.tflite, model.onnx (+ model.onnx.adaptive.bin), model.mlpackage
     verify: bool = True  # run the export-time proof (patch fresh values through the weight map, compare)
     adaptive_as_inputs: bool = False  # adaptive tensors become model inputs instead of swappable buffers
-    precision: str = "float32"  # Core ML only: "float16" stores (and computes) weights in fp16
+    precision: str = "float32"  # one the target declares; Core ML's "float16" stores (and computes) weights in fp16
     output_names: tuple[str, ...] | None = None  # default: "output", or output_0.. for several outputs
     atol: float = PROOF_ATOL  # proof tolerance (max abs error)
     seed: int = 0  # seeds the fingerprint values and the proof's fresh values

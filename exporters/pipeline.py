@@ -1,9 +1,11 @@
 """Running one export: the target's passes, then the passes every target shares (seal, write
 base values, prove, write the weight map), over an `ExportJob` in a staging directory.
 
-Each target module contributes its passes (convert, locate, relocate, embed). The artifact is
-built in a hidden staging directory inside `out_dir` and moved into place only after the last
-pass, so a failed export leaves nothing behind and an earlier artifact of the same name untouched.
+Each target module contributes its passes (convert, locate, relocate, embed) through its
+declaration (`exporters.target.Target`, looked up in `exporters.targets`); nothing here names a
+target. The artifact is built in a hidden staging directory inside `out_dir` and moved into place
+only after the last pass, so a failed export leaves nothing behind and an earlier artifact of the
+same name untouched.
 """
 
 from __future__ import annotations
@@ -18,12 +20,10 @@ from tqdm import tqdm
 
 from device_runtime import weight_map as weight_maps
 from device_runtime.weight_map import WeightMap
-from exporters import coreml, onnx, prepare, proof, tflite
-from exporters.errors import ExportError, UnknownTarget
+from exporters import prepare, proof, targets
+from exporters.errors import ExportError
 from exporters.job import ExportJob, Pass
-from exporters.options import TARGETS, ExportOptions
-
-TARGET_MODULES = {"tflite": tflite, "onnx": onnx, "coreml": coreml}
+from exporters.options import ExportOptions
 
 
 # ---- passes every target shares -------------------------------------------------------------
@@ -62,19 +62,22 @@ COMMON_PASSES = [
 
 # ---- running an export ----------------------------------------------------------------------
 def run_export(model, example_inputs, adaptive, target: str, out_dir: Path, options: ExportOptions) -> Path:
-    if target not in TARGETS:
-        raise UnknownTarget(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if options.precision != "float32" and target != "coreml":
-        raise ExportError(f"precision {options.precision!r} is supported for coreml only ({target} exports float32)")
+    declared = targets.get(target)
+    if options.precision not in declared.precisions:
+        supported = [t.name for t in targets.declarations() if options.precision in t.precisions]
+        raise ExportError(
+            f"precision {options.precision!r} is supported for {', '.join(supported) or 'no target'} only "
+            f"({target} exports {', '.join(declared.precisions)})"
+        )
     adaptive = list(adaptive) if not isinstance(adaptive, str) else adaptive
     prepare.check_arguments(model, example_inputs, adaptive)
     names = prepare.input_names(model, len(example_inputs))
     outputs = prepare.run_model(model, example_inputs)
-    target_passes = TARGET_MODULES[target].passes(options)
+    target_passes = declared.passes(options)
     passes = target_passes + [p for p in COMMON_PASSES if options.verify or p.name != "prove"]
     with staging(Path(out_dir)) as stage:
         job = ExportJob(
-            target=target,
+            target=declared,
             model=model,
             example_inputs=example_inputs,
             adaptive=adaptive,
@@ -118,7 +121,7 @@ def staging(out_dir: Path) -> Iterator[Path]:
 def publish(job: ExportJob, out_dir: Path) -> None:
     """Move the artifact, the files beside it, then its weight map from the stage into `out_dir`."""
     sidecar = weight_maps.sidecar_path(job.artifact).name
-    top_level = {Path(f).parts[0] for f in job.files} if job.target != "coreml" else {job.artifact_name}
+    top_level = {job.artifact_name} if job.target.directory else {Path(f).parts[0] for f in job.files}
     for name in sorted(top_level) + [sidecar]:
         src, dst = job.stage / name, out_dir / name
         if dst.is_dir() and not dst.is_symlink():

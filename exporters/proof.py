@@ -8,13 +8,14 @@ and compared with `torch.func.functional_call`, on the example inputs and a few 
 like them. Checked, each within `atol`: the artifact with its static values; per adaptive tensor,
 the artifact with only that tensor patched, whose output must also move by more than `atol` (a
 tensor whose bytes are misplaced, or which does not reach the output, cannot pass vacuously); and
-every tensor patched at once. Core ML cannot run off macOS: its copy is read back with coremltools
-(`exporters.coreml.read_back`) and the figures say that this is a read-back, not a proof.
+every tensor patched at once. An artifact no runtime can run on this machine is read back instead,
+with the reader its target declares (`Target.read_back`), and the figures say that this is a
+read-back, not a proof. What a target is comes from its declaration (`job.target`):
+nothing here names one.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,6 @@ from device_runtime.layout import stored_tensors
 from device_runtime.patch import Freshness, apply_patch_bytes, pack_patch
 from device_runtime.weight_map import WeightMap
 from exporters import prepare
-from exporters.coreml import read_back
 from exporters.errors import AdaptiveTensorNoEffect, ExportError, ProofMismatch
 from exporters.job import ExportJob
 from exporters.quiet import quiet
@@ -85,10 +85,6 @@ def input_sets(model, example_inputs: tuple, seed: int) -> list[tuple]:
     return sets
 
 
-def can_run(target: str) -> bool:
-    return target != "coreml" or sys.platform == "darwin"
-
-
 def prove(job: ExportJob) -> dict:
     """Run the proof for a sealed job; returns the figures recorded as `extra["proof"]`."""
     atol = job.options.atol
@@ -108,15 +104,20 @@ def prove(job: ExportJob) -> dict:
                 f"{name}: changing it changes the model's output by {effect:.3g} (<= {atol:g}) on the example inputs and "
                 f"{len(sets) - 1} random input set(s): it does not reach the output, so no patch can personalise it"
             )
-    if can_run(job.target):
+    if job.target.runs_here():
         return _prove_by_running(job, sets, fresh, want_base, want_one)
+    if job.target.read_back is None:
+        raise ExportError(
+            f"{job.target.name} artifacts cannot be run on this machine and have no read-back: nothing can check "
+            "the export here (export with verify=False, or on a machine with its runtime)"
+        )
     return _read_back(job, fresh)
 
 
 def _prove_by_running(
     job: ExportJob, sets: list[tuple], fresh: dict[str, np.ndarray], want_base: Outputs, want_one: dict[str, Outputs]
 ) -> dict:
-    wm, atol, target = job.weight_map, job.options.atol, job.target
+    wm, atol, target = job.weight_map, job.options.atol, job.target.name
     got_base = _compiled_outputs(job, weight_maps.read_artifact_files(job.artifact, wm.files), sets)
     for spec, actual, expected in zip(wm.outputs, got_base[0], want_base[0]):
         if actual.shape != expected.shape:
@@ -169,7 +170,7 @@ def _prove_by_running(
     return {
         "method": "run",
         "proven": True,
-        "runtime": _runtime(target),
+        "runtime": _runtime(job),
         "max_abs_error": max(error, all_error),
         "base_max_abs_error": base_error,
         "atol": atol,
@@ -179,41 +180,35 @@ def _prove_by_running(
 
 
 def _read_back(job: ExportJob, fresh: dict[str, np.ndarray]) -> dict:
-    """Core ML off macOS: the patched copy read back with coremltools, labelled as not a proof."""
-    wm = job.weight_map
+    """No runtime on this machine: the patched copy read back with the format's own reader,
+    labelled as not a proof."""
+    wm, how = job.weight_map, job.target.read_back
     errors = {}
     for label, vals in (("base", job.base), ("patched", fresh)):
-        read = read_back(wm, patched_files(job.artifact, wm, vals), job.stage)
+        read = how.read(wm, patched_files(job.artifact, wm, vals), job.stage)
         for name, value in vals.items():
             expected = value.astype(wm.tensor(name).dtype).astype(np.float32)
             if read[name].shape != value.shape or not np.array_equal(read[name], expected):
-                raise ProofMismatch(f"coreml: {name} read back through coremltools is not what the {label} patch wrote")
+                raise ProofMismatch(
+                    f"{job.target.name}: {name} read back through {how.reader} is not what the {label} patch wrote"
+                )
         errors[label] = max(float(np.max(np.abs(read[n] - v), initial=0.0)) for n, v in vals.items())
-    if wm.mode == "inputs":
-        note = (
-            "read-back, not a proof: nothing ran (no Core ML runtime on this OS); the values file was read back "
-            "through the weight map itself and the model's inputs matched by name and shape"
-        )
-    else:
-        note = (
-            "read-back, not a proof: nothing ran (no Core ML runtime on this OS); the patched blobs were read with "
-            "coremltools at the offsets the model spec gives, independently of the weight map"
-        )
     return {
         "method": "read-back",
         "proven": False,
-        "note": note,
-        "runtime": "coremltools (no Core ML runtime on this OS)",
+        "note": f"read-back, not a proof: nothing ran ({how.why}); {how.checked[wm.mode]}",
+        "runtime": f"{how.reader} ({how.why})",
         "max_abs_error": errors["patched"],
         "base_max_abs_error": errors["base"],
         "atol": job.options.atol,
     }
 
 
-def _runtime(target: str) -> str:
-    from device_runtime.runners import RUNTIME_OF_TARGET
+def _runtime(job: ExportJob) -> str:
+    """The runtime `device_runtime.runners.open_runner` runs the artifact with (as `_compiled_outputs` did)."""
+    from device_runtime.runners import runtime_for
 
-    return RUNTIME_OF_TARGET[target]
+    return runtime_for(job.artifact, job.weight_map)
 
 
 def _torch_outputs(job: ExportJob, sets: list[tuple], values: dict[str, np.ndarray]) -> Outputs:

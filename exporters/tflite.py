@@ -13,11 +13,11 @@ import numpy as np
 
 from device_runtime.layout import ALIGNMENT, align
 from device_runtime.weight_map import IOSpec, TensorEntry
-from exporters import prepare
 from exporters.errors import ConversionFailed, first_line
 from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
 from exporters.locate import Constant, locate
 from exporters.quiet import quiet
+from exporters.target import Target
 
 METADATA_NAME = "mntool.weightmap"
 PLACEHOLDER = 1  # a non-default offset/size so packing reserves the fields, rewritten afterwards
@@ -66,6 +66,8 @@ def _fenced(model, adaptive: list[str]):
     import torch
     from litert_torch.backend.optimization_barrier import optimization_barrier
 
+    from exporters import prepare
+
     def fence(x):
         return optimization_barrier(x, x)[0] if isinstance(x, torch.Tensor) else x
 
@@ -78,6 +80,8 @@ def _fenced(model, adaptive: list[str]):
 def _read_signature(job: ExportJob, model) -> None:
     """Inputs/outputs from the default signature. The runtime name is the tensor name (what
     `Interpreter.get_input_details()` reports); the signature's own names are kept in `extra`."""
+    from exporters import prepare
+
     dtypes = _dtypes()
     signature = model.signatureDefs[0]
     tensors = model.subgraphs[signature.subgraphIndex].tensors
@@ -219,3 +223,6 @@ def passes(options) -> list[Pass]:
         Pass("lay out tail", lay_out_tail),
         Pass("embed weight map", embed),
     ]
+
+
+TARGET = Target(name="tflite", suffix=".tflite", directory=False, precisions=("float32",), passes=passes)

@@ -58,16 +58,17 @@ def shift_a_bias(tensors: list) -> tuple[list, str]:
 @pytest.mark.parametrize("target", ["tflite", "onnx"])
 def test_weight_map_with_a_corrupted_offset_fails_the_proof(target, corrupt, tmp_path, monkeypatch):
     module = {"tflite": tflite, "onnx": onnx}[target]
-    target_passes = module.passes
+    declared = module.TARGET
     culprit = []
 
     def corrupt_offsets(job) -> None:
         job.tensors, name = corrupt(job.tensors)
         culprit.append(name)
 
-    monkeypatch.setattr(
-        module, "passes", lambda options: target_passes(options) + [Pass("corrupt offsets", corrupt_offsets)]
-    )
+    def passes(options) -> list:
+        return declared.passes(options) + [Pass("corrupt offsets", corrupt_offsets)]
+
+    monkeypatch.setattr(module, "TARGET", dataclasses.replace(declared, passes=passes))
     torch.manual_seed(0)
     with pytest.raises(ProofMismatch) as err:
         export(TwoBranches().eval(), (torch.randn(2, 8),), ADAPTIVE, target, tmp_path)

@@ -3,7 +3,8 @@
 torch/mntool/exporters fails; and no source line of `device_runtime/` imports them, not even
 lazily inside a function. From the source, the other directions too: `exporters` imports no
 `mntool` module; no library module (nor a benchmark script) imports the CLI (`mntool.cli`); and
-the modules of `exporters` import each other without a cycle."""
+the modules of `exporters` import each other without a cycle, and the shared export code
+(`pipeline`, `proof`) knows no target by name: it reads each target's declaration."""
 
 from __future__ import annotations
 
@@ -190,3 +191,68 @@ def test_exporters_modules_import_each_other_without_a_cycle():
     assert _cycle(graph) == []
     dynamic = [p.name for p in sources if re.search(r"\b(import_module|__import__)\(", p.read_text())]
     assert dynamic == [], "dynamic imports would hide edges from this check"
+
+
+SHARED_EXPORT_CODE = ("pipeline.py", "proof.py")
+
+
+def _target_words() -> set[str]:
+    """Every target's name and artifact suffix (without the dot), from the registry and as of
+    writing, so the check below cannot pass vacuously if the registry changes."""
+    from exporters.targets import declarations
+
+    return {"tflite", "onnx", "coreml", "mlpackage"} | {w for t in declarations() for w in (t.name, t.suffix[1:])}
+
+
+def _target_mentions(source: str, words: set[str]) -> list[str]:
+    """String constants (docstrings and f-string parts included) and identifiers that contain one
+    of `words` (case-insensitively), and imports of target modules."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+        elif isinstance(node, ast.Name):
+            text = node.id
+        elif isinstance(node, ast.Attribute):
+            text = node.attr
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            text = " ".join([getattr(node, "module", None) or ""] + [a.name for a in node.names])
+        else:
+            continue
+        found += [f"line {node.lineno}: {text!r}" for w in sorted(words) if w in text.lower()][:1]
+    return found
+
+
+def test_target_mention_finder_finds_names_in_strings_identifiers_and_imports():
+    source = 'from exporters import coreml\nx = f"{a}.TFLite"\nif t != "onnx":\n    y = m.mlpackage_dir\n'
+    assert [m.split(":")[0] for m in _target_mentions(source, _target_words())] == [
+        "line 1",
+        "line 2",
+        "line 3",
+        "line 4",
+    ]
+    assert _target_mentions('"""runs the target\'s passes"""\nx = job.target.suffix\n', _target_words()) == []
+
+
+def test_shared_export_code_names_no_target():
+    """Adding a target is its module and one registry entry: the pipeline and the proof read a
+    target's suffix, precisions, passes and read-back from its declaration, never branch on names."""
+    words = _target_words()
+    offenders = {
+        name: found
+        for name in SHARED_EXPORT_CODE
+        if (found := _target_mentions((ROOT / "exporters" / name).read_text(), words))
+    }
+    assert offenders == {}
+
+
+def test_every_declared_target_is_known_to_the_device_side():
+    """What a target's module cannot declare for `device_runtime` (which never imports exporters):
+    the weight map accepts its name and a runner exists for its name and its suffix."""
+    from device_runtime.runners import RUNTIME_OF_SUFFIX, RUNTIME_OF_TARGET
+    from device_runtime.weight_map import TARGETS as WEIGHT_MAP_TARGETS
+    from exporters.targets import TARGETS, declarations
+
+    assert set(TARGETS) == set(WEIGHT_MAP_TARGETS) and len(TARGETS) == len(declarations())
+    for target in declarations():
+        assert RUNTIME_OF_SUFFIX[target.suffix] == RUNTIME_OF_TARGET[target.name], target.name

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from exporters.options import PRECISIONS, TARGETS
+from exporters.options import PRECISIONS
+from exporters.targets import TARGETS
 
 
 @click.command()
