@@ -44,6 +44,7 @@ def _echo_json(obj) -> None:
     "--xnnpack/--no-xnnpack", default=RUNNER.xnnpack, show_default=True, help="LiteRT: use the XNNPACK delegate."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
+@click.option("--device", type=click.Choice(["qemu-arm64"]), help="Run on the emulated arm64 device instead.")
 def run(
     artifact: Path,
     inputs_path: Path,
@@ -52,6 +53,7 @@ def run(
     threads: int,
     xnnpack: bool,
     as_json: bool,
+    device: str | None,
 ) -> None:
     """Run one inference of ARTIFACT (.tflite, .onnx; .mlpackage on macOS).
 
@@ -66,9 +68,14 @@ def run(
     """
     from device_runtime.runners import RunnerConfig, load_inputs, run_artifact
 
-    outputs = run_artifact(
-        artifact, load_inputs(inputs_path), runtime=runtime, config=RunnerConfig(threads=threads, xnnpack=xnnpack)
-    )
+    if device:  # qemu-arm64: the same runners, in the arm64 Python under qemu-aarch64
+        from device_runtime.qemu import run_artifact as run_emulated
+
+        outputs = run_emulated(artifact, load_inputs(inputs_path), runner={"threads": threads, "xnnpack": xnnpack})
+    else:
+        outputs = run_artifact(
+            artifact, load_inputs(inputs_path), runtime=runtime, config=RunnerConfig(threads=threads, xnnpack=xnnpack)
+        )
     if output:
         np.savez(output, **outputs)
     if as_json:
@@ -129,7 +136,11 @@ def run(
 @click.option("--json", "as_json", is_flag=True, help="Print the full results (with per-run samples) as JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print one CSV row per artifact and variant.")
 @click.option("--plot", type=PATH, help="Write the latency distributions to this PNG.")
-@click.option("--device", help="Run on an Android phone instead: adb:SERIAL (see `adb devices`).")
+@click.option(
+    "--device",
+    help="adb:SERIAL: an Android phone (see `adb devices`); qemu-arm64: instruction counts on the emulated "
+    "arm64 device (`mntool device setup qemu-arm64`; --runs = inferences per counted round).",
+)
 @click.option("--benchmark-binary", type=PATH, help="With --device: LiteRT's benchmark_model built for the phone.")
 def bench(
     artifacts: tuple[Path, ...],
@@ -171,6 +182,9 @@ def bench(
         raise BenchError("--json and --csv are exclusive")
     if patches and len(artifacts) != 1:
         raise BenchError("--patch needs exactly one ARTIFACT (a patch is built for one artifact)")
+    if device == "qemu-arm64":
+        _bench_on_qemu(artifacts, patches, inputs_path, runs, device_id, threads, xnnpack, graph_optimization, as_json)
+        return
     if device:
         _bench_on_device(
             artifacts, patches, benchmark_binary, device, threads, xnnpack, runs, warmup, as_json, plot, device_id
@@ -287,3 +301,17 @@ def _bench_on_device(
                 f"  {Path(v.variant).name}: init {res.init_us / 1e3:.2f} ms, first inference "
                 f"{(res.first_inference_us or 0) / 1e3:.3f} ms, steady {res.inference_avg_us / 1e3:.3f}{std} ms"
             )
+
+
+def _bench_on_qemu(artifacts, patches, inputs, runs, device_id, threads, xnnpack, graph_optimization, as_json) -> None:
+    from device_runtime import qemu
+
+    runner = {"threads": threads, "xnnpack": xnnpack, "graph_optimization": graph_optimization}
+    explicit = click.get_current_context().get_parameter_source("runs") != click.core.ParameterSource.DEFAULT
+    runs = runs if explicit else qemu.QemuBenchConfig.runs  # counts are exact: 20 inferences x 3 rounds suffice
+    config = qemu.QemuBenchConfig(runs=runs, device_id=device_id, runner=runner)
+    reports = [qemu.bench(a, list(patches), inputs, config) for a in artifacts]
+    if as_json:
+        _echo_json(reports)
+    else:
+        click.echo("\n".join(qemu.describe(r) for r in reports))

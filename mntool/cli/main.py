@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("mntool.cli.patch:inspect", "Show an artifact's weight map or a patch's header."),
     "run": ("mntool.cli.bench:run", "Run one inference of a compiled model on a mobile runtime."),
     "bench": ("mntool.cli.bench:bench", "Benchmark load, latency and weight-swap time of a compiled model."),
+    "device": ("mntool.cli.device:device", "Set up and inspect emulated devices (arm64 under QEMU)."),
     "serve": ("mntool.cli.serve:serve", "Serve fresh parameters (patches) to devices over HTTP."),
     "demo": ("mntool.cli.demo:demo", "Run the whole cloud -> device loop on MovieLens-100k and write a report."),
 }
