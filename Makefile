@@ -15,7 +15,7 @@ $(BIN)/python:
 # else can ask the index for a newer (multi-GB CUDA) one.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,peers]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,5 +1,6 @@
 """Side by side: the default SASRec device model and a larger variant on PyTorch eager, LiteRT,
-ONNX Runtime and ExecuTorch-XNNPACK, batch 1, one thread each, timed in one process by the same
+ONNX Runtime, ExecuTorch-XNNPACK (everything delegated) and mntool's ExecuTorch target (XNNPACK
+backbone, adaptive head on portable kernels, `.ptd`), batch 1, one thread each, timed in one process by the same
 interleaved loop (`device_runtime.bench.time_interleaved`), so every ratio compares runs that
 shared the host's conditions. Writes a markdown table and a PNG.
 
@@ -25,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from device_runtime.bench import LatencyStats, empty_call, time_interleaved
-from device_runtime.runners import RunnerConfig, open_runner
+from device_runtime.runners import PACKAGE_OF_RUNTIME, RunnerConfig, open_runner
 from exporters import export
+from exporters.executorch import available as executorch_available
 from mntool.models import BackboneConfig, build_model
 from mntool.plots import plot_latency
 
@@ -72,10 +74,12 @@ def runner_peer(artifact: Path, example, runtime: str) -> Peer:
     runner = open_runner(artifact, weight_map=find_weight_map(artifact), config=RunnerConfig(threads=1))
     feeds = {"history": example[0].numpy(), "target": example[1].numpy()}
     arrays = runner.prepare(feeds)
-    size = sum(p.stat().st_size for p in artifact.parent.glob(artifact.name + "*") if not p.name.endswith(".json"))
-    package = {"litert": "ai-edge-litert", "onnxruntime": "onnxruntime"}[runtime]
+    wm = find_weight_map(artifact)
+    size = sum((artifact.parent / f).stat().st_size for f in wm.files)
+    package = PACKAGE_OF_RUNTIME[runtime]
+    label = "executorch (mntool target)" if runtime == "executorch" else runtime
     return Peer(
-        runtime, lambda: runner.invoke(arrays), runner.run(feeds)["output"], size, f"{package} {version(package)}"
+        label, lambda: runner.invoke(arrays), runner.run(feeds)["output"], size, f"{package} {version(package)}"
     )
 
 
@@ -116,6 +120,9 @@ def peers_for(name: str, work: Path) -> tuple[list[Peer], dict]:
         runner_peer(onnx, example, "onnxruntime"),
         executorch_peer(model, example, out),
     ]
+    if executorch_available():  # the .pte + .ptd mntool exports: XNNPACK backbone, portable adaptive head
+        pte = export(model, example, model.adaptive_names(), "executorch", out)
+        peers.append(runner_peer(pte, example, "executorch"))
     params = sum(p.numel() for p in model.parameters())
     facts = {"n_items": n_items, "dim": config.dim, "history": config.max_history, "params": params}
     return peers, facts

@@ -1,7 +1,8 @@
 """Swap figures: patch bytes in hand -> first output with the new parameters (`HotSwap`: verify,
 write the patch into the idle in-memory slot, new interpreter/session, first run), against the
 reference measured in the same run, interleaved: a cold load of the artifact from memory + first
-run, plus the patch's own verification alone. Target: swap <= 1.1x that reference.
+run, plus the patch's own verification alone. Target: swap <= 1.1x that reference. For ExecuTorch
+the cold load is ExecuTorch's own way to change weights: load the program with a new `.ptd`.
 
 On the default SASRec device model (MovieLens-100k vocabulary) and the large variant that
 `benchmarks/compare.py` uses, exported to LiteRT and ONNX Runtime, 1 thread, in a fresh worker
@@ -24,10 +25,11 @@ from compare import MODELS, _inputs
 from device_runtime import weight_map as wmap
 from device_runtime.bench import BenchConfig, benchmark_isolated
 from exporters import export
+from exporters.targets import get
 from mntool.models import build_model
 from mntool.patches import build_patch
 
-TARGETS = ("tflite", "onnx")
+TARGETS = ("tflite", "onnx", "executorch")  # executorch: when installed (the peers extra)
 
 
 def exported(root: Path, name: str, target: str) -> Path:
@@ -56,7 +58,7 @@ def main(loads: int, runs: int, as_json: bool) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODELS:
-            for target in TARGETS:
+            for target in (t for t in TARGETS if get(t).converter_available()):
                 artifact = exported(Path(tmp), name, target)
                 report = benchmark_isolated(artifact, [patch_for(artifact)], config=config)
                 p = report.patches[0]

@@ -31,7 +31,14 @@ from device_runtime.errors import MntoolError
 from device_runtime.hotswap import HotSwap
 from device_runtime.patch import DeviceState, TrustPolicy, apply_patch_bytes, verify_patch
 from device_runtime.profiles import DeviceProfile, ProfileSandbox
-from device_runtime.runners import RunnerConfig, find_weight_map, load_inputs, open_runner, runtime_for
+from device_runtime.runners import (
+    PACKAGE_OF_RUNTIME,
+    RunnerConfig,
+    find_weight_map,
+    load_inputs,
+    open_runner,
+    runtime_for,
+)
 from device_runtime.weight_map import IOSpec, WeightMap
 
 SAFE_ID_HIGH = 2  # ids drawn from [0, 2) when the vocabulary size is unknown: valid for any embedding
@@ -287,9 +294,8 @@ def _host() -> dict:
 def _runtime_version(runtime: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    package = {"litert": "ai-edge-litert", "onnxruntime": "onnxruntime", "coreml": "coremltools"}[runtime]
     try:
-        return version(package)
+        return version(PACKAGE_OF_RUNTIME[runtime])
     except PackageNotFoundError:
         return "unknown"
 

@@ -46,7 +46,7 @@ FLAG_SIGNED = 1
 ANY_DEVICE = bytes(HASH_SIZE)
 DEVICE_DOMAIN = b"mntool-device-id\0"
 
-TARGET_CODES = {"tflite": 1, "onnx": 2, "coreml": 3}
+TARGET_CODES = {"tflite": 1, "onnx": 2, "coreml": 3, "executorch": 4}
 DTYPE_CODES = {"float32": 1, "float16": 2}
 LAYOUT_CODES = {"identity": 0, "transpose": 1}
 # v1 hashes with SHA-256; v2 with BLAKE3 (one pass near memory bandwidth: the floor of a verified apply)

@@ -20,10 +20,22 @@ from device_runtime import weight_map as weight_maps
 from device_runtime.errors import MntoolError
 from device_runtime.weight_map import IOSpec, WeightMap, WeightMapError
 
-RUNTIMES = ("litert", "onnxruntime", "coreml")
-RUNTIME_OF_TARGET = {"tflite": "litert", "onnx": "onnxruntime", "coreml": "coreml"}
-RUNTIME_OF_SUFFIX = {".tflite": "litert", ".onnx": "onnxruntime", ".mlpackage": "coreml", ".mlmodel": "coreml"}
+RUNTIMES = ("litert", "onnxruntime", "coreml", "executorch")
+RUNTIME_OF_TARGET = {"tflite": "litert", "onnx": "onnxruntime", "coreml": "coreml", "executorch": "executorch"}
+RUNTIME_OF_SUFFIX = {
+    ".tflite": "litert",
+    ".onnx": "onnxruntime",
+    ".mlpackage": "coreml",
+    ".mlmodel": "coreml",
+    ".pte": "executorch",
+}
 ORT_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+PACKAGE_OF_RUNTIME = {  # the distribution whose version a report names
+    "litert": "ai-edge-litert",
+    "onnxruntime": "onnxruntime",
+    "coreml": "coremltools",
+    "executorch": "executorch",
+}
 
 
 class RunnerError(MntoolError):
@@ -370,6 +382,10 @@ def open_runner(
         main = None if isinstance(artifact, (bytes, bytearray)) else Path(artifact).name
         external = {name: data for name, data in (files or {}).items() if name != main}
         runner = OnnxRuntimeRunner(model, config, weight_map, external, root)
+    elif runtime == "executorch":
+        from device_runtime.executorch_runner import ExecuTorchRunner  # imports torch: see its docstring
+
+        runner = ExecuTorchRunner(model, config, weight_map, files or {}, root)
     else:
         runner = CoreMLRunner(model, config, weight_map, in_memory=bool(files))
     runner.bound = bound

@@ -19,7 +19,7 @@ from device_runtime.errors import MntoolError
 
 FORMAT_NAME = "mntool-weight-map"
 FORMAT_VERSION = 1
-TARGETS = ("tflite", "onnx", "coreml")
+TARGETS = ("tflite", "onnx", "coreml", "executorch")
 DTYPES = {"float32": 4, "float16": 2}
 LAYOUTS = ("identity", "transpose")
 # "buffers": adaptive tensors are constants compiled into the artifact's files (patch = memcpy);

@@ -54,6 +54,9 @@ class Target:
     # falls back to `read_back` (and fails if there is none)
     runs_here: Callable[[], bool] = _anywhere
     read_back: ReadBack | None = None
+    # whether this machine has the target's converter (an optional package may be missing)
+    converter_available: Callable[[], bool] = _anywhere
+    inputs_mode: bool = True  # supports --adaptive-as-inputs
 
     def __post_init__(self) -> None:
         if not self.precisions or not set(self.precisions) <= set(PRECISIONS):

@@ -8,11 +8,11 @@ module at each lookup, so replacing `module.TARGET` (as a test may) takes effect
 
 from __future__ import annotations
 
-from exporters import coreml, onnx, tflite
+from exporters import coreml, executorch, onnx, tflite
 from exporters.errors import UnknownTarget
 from exporters.target import Target
 
-MODULES = (tflite, onnx, coreml)
+MODULES = (tflite, onnx, coreml, executorch)
 
 TARGETS: tuple[str, ...] = tuple(m.TARGET.name for m in MODULES)
 

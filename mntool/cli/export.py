@@ -66,22 +66,31 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
     """
     from exporters import export as run_export
     from exporters.report import summarize
+    from exporters.targets import declarations
     from mntool.train import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    targets = list(TARGETS) if target == "all" else [target]
+    if target == "all":  # every target this machine can export these options to; the others are named
+        chosen = [d for d in declarations() if d.converter_available() and (d.inputs_mode or not adaptive_as_inputs)]
+        skipped = [d.name for d in declarations() if d not in chosen]
+        if skipped and not quiet:
+            click.echo(
+                f"skipping {', '.join(skipped)} (converter not installed, or no --adaptive-as-inputs mode)", err=True
+            )
+    else:
+        chosen = [d for d in declarations() if d.name == target]
     summaries = []
-    for t in targets:
+    for decl in chosen:
         artifact = run_export(
             ckpt.model,
             ckpt.example_inputs(batch=batch),
             ckpt.adaptive,
-            t,
+            decl.name,
             out,
             name=name,
             verify=not no_verify,
             adaptive_as_inputs=adaptive_as_inputs,
-            precision=precision if t == "coreml" or target != "all" else "float32",
+            precision=precision if precision in decl.precisions or target != "all" else "float32",
             output_names=("logits",),
             progress=not quiet,
         )

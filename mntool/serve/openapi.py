@@ -6,6 +6,7 @@ service's own, and the bearer security scheme appears when auth is on.
 
 from __future__ import annotations
 
+from device_runtime.weight_map import TARGETS
 from mntool.serve import routes
 
 ERROR = {
@@ -22,7 +23,7 @@ ARTIFACT = {
     "required": ["fingerprint", "target", "artifact", "weight_map"],
     "properties": {
         "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-        "target": {"type": "string", "enum": ["tflite", "onnx", "coreml"]},
+        "target": {"type": "string", "enum": list(TARGETS)},
         "artifact": {"type": "string", "description": "the artifact's file (or .mlpackage) name"},
         "weight_map": {"type": "object", "description": "the artifact's weight map (docs/weight-map.md)"},
     },
