@@ -295,9 +295,14 @@ def ensure_plugin(lay: Layout, log: Log) -> None:
     _write_stamp(lay.stamp("plugin"), {"sources": digest, "compiler": gcc})
 
 
+DISTRIBUTION = Path(__file__).parent.parent / "packaging" / "device"  # the device-side wheel's project
+
+
 def sync_app(lay: Layout) -> Path:
-    """Copy device_runtime (its .py files and nothing else of this repository) to the device
-    folder when it changed: the guest imports exactly what a device ships."""
+    """Install device_runtime alone into the device folder when its sources changed: from a
+    source checkout, as the `mntool-device-runtime` wheel (packaging/device: device_runtime and
+    nothing else of this repository; its dependencies are the aarch64 wheels already there);
+    from an installed copy, its .py files. The guest imports exactly what a device ships."""
     package = Path(__file__).parent
     files = sorted(package.glob("*.py"))
     digest = _sources_digest(files)
@@ -306,10 +311,32 @@ def sync_app(lay: Layout) -> Path:
     if stamp and stamp.get("sources") == digest and target.is_dir():
         return lay.app
     shutil.rmtree(lay.app, ignore_errors=True)
-    target.mkdir(parents=True)
-    for f in files:
-        shutil.copy2(f, target / f.name)
-    _write_stamp(lay.stamp("app"), {"sources": digest, "files": [f.name for f in files]})
+    lay.app.mkdir(parents=True)
+    if (DISTRIBUTION / "pyproject.toml").is_file():
+        with tempfile.TemporaryDirectory() as wheels:
+            pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+            built = subprocess.run(
+                [*pip, "wheel", "--no-deps", "-w", wheels, str(DISTRIBUTION)], capture_output=True, text=True
+            )
+            wheel = next(Path(wheels).glob("*.whl"), None)
+            if built.returncode != 0 or wheel is None:
+                raise DeviceError(f"building the device_runtime wheel failed: {built.stderr.strip().splitlines()[-1:]}")
+            done = subprocess.run(
+                [*pip, "install", "--no-deps", "--no-compile", "--target", str(lay.app), str(wheel)],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                raise DeviceError(
+                    f"installing the device_runtime wheel failed: {done.stderr.strip().splitlines()[-1:]}"
+                )
+        how = "wheel"
+    else:
+        target.mkdir()
+        for f in files:
+            shutil.copy2(f, target / f.name)
+        how = "copy"
+    _write_stamp(lay.stamp("app"), {"sources": digest, "installed_as": how})
     return lay.app
 
 
