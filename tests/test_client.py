@@ -9,13 +9,13 @@ import hashlib
 import json
 import shutil
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
 import pytest
+from loopback import LoopbackServer
 
 from device_runtime import weight_map as wmap
 from device_runtime.client import ClientConfig, ClientError, fetch_patch, refresh
@@ -35,7 +35,7 @@ def tree_hash(artifact: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(artifact.parent.iterdir())}
 
 
-class Rogue(ThreadingHTTPServer):
+class Rogue(LoopbackServer):
     """A stand-in server on loopback answering POSTs from a script of (status, body, delay_s);
     the last entry repeats."""
 
@@ -62,16 +62,7 @@ class Rogue(ThreadingHTTPServer):
             def log_message(self, *args) -> None:
                 pass
 
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        super().__exit__(*exc)
+        super().__init__(Handler)
 
 
 def error(status: int, message: str) -> tuple[int, bytes, float]:

@@ -6,10 +6,10 @@ connection is made."""
 from __future__ import annotations
 
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from loopback import LoopbackServer
 
 from device_runtime.client import ClientConfig, ClientError, fetch_patch
 
@@ -17,7 +17,7 @@ ONE_TRY = ClientConfig(timeout_s=5.0, retries=0, backoff_s=0.01)
 FINGERPRINT = "0" * 64
 
 
-class Recorder(ThreadingHTTPServer):
+class Recorder(LoopbackServer):
     """A server on loopback that answers every GET and POST with `status`, a `Location` header
     when given, and a few body bytes; `.requests` keeps (method, path, Authorization header)."""
 
@@ -41,16 +41,7 @@ class Recorder(ThreadingHTTPServer):
             def log_message(self, *args) -> None:
                 pass
 
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        super().__exit__(*exc)
+        super().__init__(Handler)
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
