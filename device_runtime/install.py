@@ -18,6 +18,7 @@ import fcntl
 import os
 import re
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -328,8 +329,6 @@ def _write_package(out: Path, contents: dict[str, bytes | bytearray], wm: Weight
         wmap.save(_renamed(wm, {}, out.name), out)
         os.rename(tmp, out)  # fails if `out` appeared meanwhile (a non-empty directory)
     except OSError as err:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise PatchError(f"cannot write {out}: {err.strerror or err}") from None
 
