@@ -48,7 +48,7 @@ def stored_tensors(weight_map: WeightMap, params: Mapping[str, np.ndarray]) -> d
         if t.layout == "transpose":
             value = value.T
         with np.errstate(over="ignore"):
-            cast = np.ascontiguousarray(value, dtype=NUMPY_DTYPES[t.dtype])
+            cast = np.ascontiguousarray(value, dtype=NUMPY_DTYPES[t.dtype]).reshape(t.stored_shape)
         if not np.isfinite(cast).all():
             raise LayoutError(f"{t.name}: values overflow the artifact's {t.dtype}")
         stored[t.name] = cast

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,8 @@ class TensorEntry:
     """One adaptive tensor: PyTorch name/shape and its exact bytes in the artifact.
 
     `file` is relative to the artifact root (see `artifact_root`). `stored_shape` is the shape in
-    the artifact after `layout` (for "transpose": the reverse of `shape`, 2-D only). The bytes are
+    the artifact after `layout` (for "transpose": the reverse of `shape`, 2-D only; for "identity"
+    any shape of as many elements, the same C-order bytes, e.g. (1, C, 1, 1) for (C,)). The bytes are
     little-endian `dtype`, C order, `nbytes` long, starting at `offset`, which is a multiple of
     `alignment`.
     """
@@ -193,10 +195,16 @@ class WeightMap:
                 raise WeightMapError(f"{t.name}: dtype {t.dtype!r} is not one of {sorted(DTYPES)}")
             if t.layout not in LAYOUTS:
                 raise WeightMapError(f"{t.name}: layout {t.layout!r} is not one of {LAYOUTS}")
-            expect_stored = tuple(reversed(t.shape)) if t.layout == "transpose" else t.shape
             if t.layout == "transpose" and len(t.shape) != 2:
                 raise WeightMapError(f"{t.name}: transpose layout needs a 2-D tensor, got shape {t.shape}")
-            if t.stored_shape != expect_stored:
+            # identity: the same elements in the same order, so any reshape (a converter may store a
+            # (C,) per-channel scale as (1, C, 1, 1)); transpose: exactly the reversed 2-D shape
+            follows = (
+                t.stored_shape == tuple(reversed(t.shape))
+                if t.layout == "transpose"
+                else math.prod(t.stored_shape) == math.prod(t.shape)
+            )
+            if not follows:
                 raise WeightMapError(
                     f"{t.name}: stored_shape {t.stored_shape} does not follow from {t.shape} + {t.layout}"
                 )
@@ -259,7 +267,7 @@ def read_tensor(entry: TensorEntry, data: bytes | bytearray | memoryview) -> np.
     PyTorch order (the layout transform undone). A read-only view where no transpose is needed."""
     stored = np.frombuffer(data, np.dtype(entry.dtype).newbyteorder("<"), entry.numel, entry.offset)
     stored = stored.reshape(entry.stored_shape)
-    return stored.T if entry.layout == "transpose" else stored
+    return stored.T if entry.layout == "transpose" else stored.reshape(entry.shape)
 
 
 # ---- artifact paths and fingerprint ---------------------------------------------------------

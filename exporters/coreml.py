@@ -95,7 +95,16 @@ def convert(job: ExportJob) -> None:
     ct = _ct()
     module, kwargs = job.conversion_inputs()
     pipeline = ct.PassPipeline.DEFAULT
-    pipeline.remove_passes(["common::const_deduplication"])  # it would merge equal tensors
+    # const_deduplication would merge equal tensors; the conv scale/bias and elementwise-to-BatchNorm
+    # fusions would fold an adaptive per-channel affine after a convolution into its weights
+    pipeline.remove_passes(
+        [
+            "common::const_deduplication",
+            "common::fuse_conv_scale",
+            "common::fuse_conv_bias",
+            "common::fuse_elementwise_to_batchnorm",
+        ]
+    )
     options = dict(
         outputs=[ct.TensorType(name=n) for n in job.output_names],
         convert_to="mlprogram",
@@ -273,7 +282,7 @@ def read_back(weight_map: WeightMap, files: Mapping[str, bytes | bytearray], wor
                 else reader.read_fp16_data(offset).view(np.float16)
             )
             stored = np.asarray(data).reshape(t.stored_shape)
-            out[t.name] = (stored.T if t.layout == "transpose" else stored).astype(np.float32)
+            out[t.name] = (stored.T if t.layout == "transpose" else stored.reshape(t.shape)).astype(np.float32)
         return out
     finally:
         shutil.rmtree(copy.parent, ignore_errors=True)
