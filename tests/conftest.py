@@ -168,3 +168,28 @@ def tflite_inputs_patch(tflite_inputs_artifact) -> Path:
 @pytest.fixture(params=["tflite", "onnx"])
 def artifact(request) -> Path:
     return request.getfixturevalue(f"{request.param}_artifact")
+
+
+# ---- MNIST and the image shift protocol (img-v1) -------------------------------------------
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """A verified MNIST: the gzipped IDX files at ../shared/data/mnist (see its SOURCE.md), else
+    mntool's cached copy; under `make test` or CI fetched when missing, never skipped."""
+    from data_sources import mnist_copy
+
+    return mnist_copy(os.environ)
+
+
+@pytest.fixture(scope="session")
+def mnist_data(mnist_dir):
+    from mntool.data.mnist import load_mnist
+
+    return load_mnist(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def mnist_dataset(mnist_data):
+    """The image shift protocol on MNIST with 12 devices (default sizes per device), built once."""
+    from mntool.data.images import ImageProtocolConfig, build_image_dataset
+
+    return build_image_dataset(mnist_data, ImageProtocolConfig(n_devices=12))

@@ -3,6 +3,7 @@
 Routes, in order: the GroupLens zip, then the RecBole 1.2.1 wheel from the Python package index
 (it ships the data as `recbole/dataset_example/ml-100k/`). Files land in a cache directory only
 after they verify, so a failed fetch leaves the cache as it was. See docs/data-protocol.md.
+The route machinery (`fetch_by_routes`, `download`, `pip_download`) is shared with mnist.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,52 +88,99 @@ def fetch_movielens_100k(
     if not force and is_cached(dest):
         log(f"{dest}: cached copy verifies; nothing to fetch")
         return dest
+    routes = (("grouplens", _from_grouplens), ("package index", _from_recbole_wheel))
+    return fetch_by_routes(dest, DATASET, routes, verify_dir, staging_prefix=".ml-100k-", timeout=timeout, log=log)
+
+
+Route = Callable[[Path, float, Log], str]  # (staging dir, timeout, log) -> source; files land in staging
+
+
+def fetch_by_routes(
+    dest: Path,
+    dataset: str,
+    routes: tuple[tuple[str, Route], ...],
+    verify: Callable[[Path], dict[str, str]],
+    *,
+    staging_prefix: str,
+    timeout: float,
+    log: Log,
+    manifest: Callable[[str, dict[str, str]], dict] | None = None,
+) -> Path:
+    """Try `routes` in order; the first that delivers files into a staging directory beside
+    `dest` which pass `verify` is installed into `dest` (one rename per file, `source.json` last).
+
+    A route raising `RouteUnavailable` falls through to the next; any other error (for example
+    a corrupt delivery, `FetchError`) stops the fetch. Nothing in `dest` changes unless a route
+    succeeds. `manifest(source, verified)` gives the record to write (default: dataset, source,
+    the verified names); `_install` adds per-file SHA-256 and the time.
+    """
     failures = []
-    for name, route in (("grouplens", _from_grouplens), ("package index", _from_recbole_wheel)):
+    for name, route in routes:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".ml-100k-", dir=dest.parent))
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=dest.parent))
         try:
             source = route(staging, timeout, log)
             try:
-                verified = verify_dir(staging)
+                verified = verify(staging)
             except DataFileError as err:
                 raise FetchError(f"{name} route delivered a corrupt copy: {err}") from None
-            _install(staging, dest, {"dataset": DATASET, "source": source, "verified": sorted(verified)})
+            record = (
+                manifest(source, verified)
+                if manifest
+                else {"dataset": dataset, "source": source, "verified": sorted(verified)}
+            )
+            _install(staging, dest, record)
             log(f"{dest}: {', '.join(sorted(verified))} verified ({source})")
             return dest
-        except _RouteUnavailable as err:
+        except RouteUnavailable as err:
             log(f"{name} route unavailable: {err}")
             failures.append(f"{name}: {err}")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    raise FetchError(f"could not fetch {DATASET} ({'; '.join(failures)})")
+    raise FetchError(f"could not fetch {dataset} ({'; '.join(failures)})")
 
 
-class _RouteUnavailable(Exception):
+class RouteUnavailable(Exception):
     """A route could not deliver (network, index); the next route is tried."""
 
 
 def _from_grouplens(staging: Path, timeout: float, log: Log) -> str:
-    log(f"downloading {GROUPLENS_URL}")
+    _extract(io.BytesIO(download(GROUPLENS_URL, timeout, log)), "ml-100k/", GROUPLENS_FILES, staging, "ml-100k.zip")
+    return GROUPLENS_URL
+
+
+def download(url: str, timeout: float, log: Log) -> bytes:
+    """The body at `url` (progress on stderr); RouteUnavailable when it cannot be had."""
+    log(f"downloading {url}")
     try:
-        with urllib.request.urlopen(GROUPLENS_URL, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             buffer = io.BytesIO()
-            with tqdm(total=total, unit="B", unit_scale=True, desc="ml-100k.zip", disable=None) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=None) as bar:
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     buffer.write(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as err:
-        raise _RouteUnavailable(f"HTTP {err.code} {err.reason}") from None
+        raise RouteUnavailable(f"HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError) as err:
-        raise _RouteUnavailable(getattr(err, "reason", err)) from None
-    _extract(buffer, "ml-100k/", GROUPLENS_FILES, staging, "ml-100k.zip")
-    return GROUPLENS_URL
+        raise RouteUnavailable(getattr(err, "reason", err)) from None
+    return buffer.getvalue()
 
 
 def _from_recbole_wheel(staging: Path, timeout: float, log: Log) -> str:
-    log(f"downloading the {RECBOLE_REQUIREMENT} wheel from the package index (pip)")
     wheel_dir = staging / "wheel"
+    wheel = pip_download(RECBOLE_REQUIREMENT, wheel_dir, log)
+    with open(wheel, "rb") as f:
+        _extract(f, RECBOLE_MEMBER_DIR, tuple(RECBOLE_SHA256), staging, wheel.name)
+    shutil.rmtree(wheel_dir)
+    return f"pypi:{RECBOLE_REQUIREMENT}"
+
+
+def pip_download(requirement: str, wheel_dir: Path, log: Log, timeout: float = 300) -> Path:
+    """`python -m pip download --no-deps --only-binary=:all: REQUIREMENT` into `wheel_dir` (the
+    interpreter running mntool, so its index settings apply); the wheel's path. RouteUnavailable
+    when pip fails or brings no wheel of that project."""
+    log(f"downloading the {requirement} wheel from the package index (pip)")
     command = [
         sys.executable,
         "-m",
@@ -141,22 +190,20 @@ def _from_recbole_wheel(staging: Path, timeout: float, log: Log) -> str:
         "--only-binary=:all:",
         "--disable-pip-version-check",
         "--quiet",
-        RECBOLE_REQUIREMENT,
+        requirement,
         "-d",
         str(wheel_dir),
     ]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise _RouteUnavailable("pip download timed out after 300 s") from None
-    wheels = sorted(wheel_dir.glob("recbole-*.whl"))
+        raise RouteUnavailable(f"pip download timed out after {timeout:g} s") from None
+    project = re.split(r"[=<>!~\[; ]", requirement, maxsplit=1)[0]
+    wheels = sorted(wheel_dir.glob(f"{re.sub(r'[-_.]+', '_', project)}-*.whl"))
     if done.returncode != 0 or not wheels:
         lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
-        raise _RouteUnavailable(f"pip download failed: {lines[-1]}")
-    with open(wheels[0], "rb") as f:
-        _extract(f, RECBOLE_MEMBER_DIR, tuple(RECBOLE_SHA256), staging, wheels[0].name)
-    shutil.rmtree(wheel_dir)
-    return f"pypi:{RECBOLE_REQUIREMENT}"
+        raise RouteUnavailable(f"pip download failed: {lines[-1]}")
+    return wheels[0]
 
 
 def _extract(archive, member_dir: str, names: tuple[str, ...], staging: Path, label: str) -> None:
