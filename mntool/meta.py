@@ -81,40 +81,57 @@ def _batched_linear_forward(weight: torch.Tensor | LowRank, bias: torch.Tensor |
     return forward
 
 
-def _linear_owners(module: nn.Module, names: list[str]) -> dict[str, nn.Linear] | None:
-    """Map each adaptive name's Linear module path -> module, or None if some adaptive tensor is
-    not the weight/bias of an nn.Linear (then the generic vmap path is used)."""
-    owners: dict[str, nn.Linear] = {}
+class GroupedParameters:
+    """Mixin for a module that runs one parameter set per group of input rows itself.
+
+    `grouped_forward(params)` gets `{leaf name: (U, *shape)}` for some of the module's own
+    parameters (the others stay static) and returns a forward() for inputs whose rows come in U
+    contiguous equal groups, group u using set u. `per_sample_call` uses it instead of `vmap`, so
+    such a module may sit anywhere in a backbone (e.g. a per-channel affine inside a CNN, with
+    BatchNorm around it in training mode, which `vmap` cannot run)."""
+
+    def grouped_forward(self, params: dict[str, torch.Tensor]):
+        raise NotImplementedError
+
+
+def _grouped_owners(module: nn.Module, names: list[str]) -> dict[str, nn.Module] | None:
+    """Map each adaptive name's owning module path -> module when every owner runs grouped
+    parameters natively (an `nn.Linear` weight/bias, or a `GroupedParameters` module), else None
+    (then the generic vmap path is used)."""
+    owners: dict[str, nn.Module] = {}
     modules = dict(module.named_modules())
     for name in names:
         path, _, leaf = name.rpartition(".")
         owner = modules.get(path)
-        if not isinstance(owner, nn.Linear) or leaf not in ("weight", "bias"):
+        linear = isinstance(owner, nn.Linear) and leaf in ("weight", "bias")
+        if not (linear or isinstance(owner, GroupedParameters)):
             return None
         owners[path] = owner
     return owners
 
 
+def _linear_grouped_forward(lin: nn.Linear, weight, bias):
+    B = weight.left.shape[0] if isinstance(weight, LowRank) else (weight if weight is not None else bias).shape[0]
+    if weight is None:
+        weight = lin.weight.unsqueeze(0).expand(B, *lin.weight.shape)
+    if bias is None and lin.bias is not None:
+        bias = lin.bias.unsqueeze(0).expand(B, *lin.bias.shape)
+    return _batched_linear_forward(weight, bias)
+
+
 @contextlib.contextmanager
-def _patched_linears(owners: dict[str, nn.Linear], params: dict[str, torch.Tensor]):
+def _patched_owners(owners: dict[str, nn.Module], params: dict[str, torch.Tensor]):
     try:
-        for path, lin in owners.items():
-            weight = params.get(f"{path}.weight")
-            bias = params.get(f"{path}.bias")
-            B = (
-                weight.left.shape[0]
-                if isinstance(weight, LowRank)
-                else (weight if weight is not None else bias).shape[0]
-            )
-            if weight is None:
-                weight = lin.weight.unsqueeze(0).expand(B, *lin.weight.shape)
-            if bias is None and lin.bias is not None:
-                bias = lin.bias.unsqueeze(0).expand(B, *lin.bias.shape)
-            lin.forward = _batched_linear_forward(weight, bias)  # instance attribute shadows the method
+        for path, owner in owners.items():
+            own = {name.rpartition(".")[2]: p for name, p in params.items() if name.rpartition(".")[0] == path}
+            if isinstance(owner, GroupedParameters):
+                owner.forward = owner.grouped_forward(own)  # instance attribute shadows the method
+            else:
+                owner.forward = _linear_grouped_forward(owner, own.get("weight"), own.get("bias"))
         yield
     finally:
-        for lin in owners.values():
-            lin.__dict__.pop("forward", None)
+        for owner in owners.values():
+            owner.__dict__.pop("forward", None)
 
 
 def per_sample_call(
@@ -127,16 +144,17 @@ def per_sample_call(
     Without `index`, the B input rows come in U contiguous groups of B / U rows, group u using set
     u: the cheap layout (a batch of a few devices' rows is run without copying any parameter per
     row). With `index`, sets are gathered per row first. Adaptive tensors owned by `nn.Linear`
-    layers (the common case: heads) run as batched matmuls; anything else falls back to
-    `torch.func.vmap` over `functional_call`.
+    layers (the common case: heads) run as batched matmuls, those of `GroupedParameters` modules
+    through their own `grouped_forward`; anything else falls back to `torch.func.vmap` over
+    `functional_call`.
     """
-    owners = _linear_owners(module, list(params))
+    owners = _grouped_owners(module, list(params))
     if owners is None or index is not None:
         params = {n: p.materialise() if isinstance(p, LowRank) else p for n, p in params.items()}
     if index is not None:
         params = {n: p.index_select(0, index) for n, p in params.items()}  # (B, *shape)
     if owners is not None:
-        with _patched_linears(owners, params):
+        with _patched_owners(owners, params):
             return module(*args)
     group = args[0].shape[0] // next(iter(params.values())).shape[0]
     if group > 1:

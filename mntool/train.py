@@ -491,6 +491,7 @@ class Checkpoint:
     protocol: dict
     model: Backbone  # eval mode, static adaptive parameters
     meta: MetaNetwork | None  # the trained generator (method metanetwork)
+    task: str = "movielens"
 
     @property
     def adaptive(self) -> list[str]:
@@ -524,7 +525,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path | str) -> Checkpoint:
-    """Rebuild a trained model (and generator) from a checkpoint directory."""
+    """Rebuild a trained model (and generator) from a checkpoint directory, of any task (the
+    task named in its config.json loads it: `mntool.tasks`)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -533,10 +535,18 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:
         raise MntoolError(f"{cfg_file} is not valid JSON: {err}") from None
-    if config.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
         raise MntoolError(
-            f"{path}: checkpoint format {config.get('format')!r} is not supported (expected {CHECKPOINT_FORMAT})"
+            f"{path}: checkpoint format {config.get('format') if isinstance(config, dict) else None!r} is not "
+            f"supported (expected {CHECKPOINT_FORMAT})"
         )
+    from mntool import tasks
+
+    return tasks.get(tasks.of_config(config)).load_checkpoint(path, config)
+
+
+def load_recommender_checkpoint(path: Path, config: dict) -> Checkpoint:
+    """`load_checkpoint` for a recommender (task `movielens`) checkpoint."""
     if config.get("protocol_version") != PROTOCOL_VERSION:
         raise MntoolError(
             f"{path} was trained under data protocol {config.get('protocol_version')!r}, this mntool uses {PROTOCOL_VERSION!r}; retrain it"

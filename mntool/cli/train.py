@@ -7,33 +7,35 @@ from pathlib import Path
 
 import click
 
-from mntool.models import BACKBONES
+from mntool import tasks
 
-METRICS = ("auc", "uauc", "ndcg@10", "hr@10")
-
-
-def _metrics_table(metrics: dict) -> str:
-    lines = [f"{'':12s}" + "".join(f"{m:>10s}" for m in METRICS)]
-    for label, row in (
-        ("valid", metrics["valid"]),
-        ("test", metrics["test"]),
-        ("popularity", metrics["popularity"]["test"]),
-    ):
-        lines.append(f"{label:12s}" + "".join(f"{row[m]:10.4f}" for m in METRICS))
-    return "\n".join(lines)
+MODELS = sorted({m for name in tasks.TASKS for m in tasks.get(name).MODELS})
+METHODS = list(dict.fromkeys(m for name in tasks.TASKS for m in tasks.get(name).METHODS))
 
 
 @click.command()
 @click.option(
-    "--model", type=click.Choice(list(BACKBONES)), default="sasrec", show_default=True, help="Device backbone."
+    "--task",
+    type=click.Choice(list(tasks.TASKS)),
+    default=tasks.DEFAULT_TASK,
+    show_default=True,
+    help="movielens: recommenders on MovieLens-100k (docs/metanetwork.md); mnist: image classifiers on "
+    "per-device MNIST (docs/vision.md).",
+)
+@click.option(
+    "--model",
+    type=click.Choice(MODELS),
+    default=None,
+    help="Device model: gru4rec, sasrec, din (movielens; default sasrec) or lenet, mobilenet (mnist; default lenet).",
 )
 @click.option(
     "--method",
-    type=click.Choice(["static", "finetune", "metanetwork"]),
+    type=click.Choice(METHODS),
     default="static",
     show_default=True,
-    help="static: one model for all devices; finetune: per-device gradient steps on recent samples; "
-    "metanetwork: generated per-device parameters.",
+    help="static: one model for all devices; finetune: per-device gradient steps on labelled recent samples; "
+    "metanetwork: generated per-device parameters; bn-adapt, tent (mnist): label-free test-time adaptation "
+    "on the device's upload.",
 )
 @click.option("--no-stabilizer", is_flag=True, help="metanetwork without MetaStabilizer (ablation).")
 @click.option(
@@ -66,6 +68,12 @@ def _metrics_table(metrics: dict) -> str:
     help="Items a device uploads when it asks for parameters (what the MetaGenerator reads).",
 )
 @click.option(
+    "--upload-len",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="mnist: images a device uploads when it asks for parameters [default: 32].",
+)
+@click.option(
     "--init",
     "init",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -84,6 +92,7 @@ def _metrics_table(metrics: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(
+    task,
     model,
     method,
     no_stabilizer,
@@ -93,17 +102,19 @@ def train(
     seed,
     history_len,
     recent_len,
+    upload_len,
     init,
     data_dir,
     out,
     as_json,
     quiet,
 ):
-    """Train a device backbone on MovieLens-100k under the time-shift protocol.
+    """Train a device model: a recommender on MovieLens-100k (time-shift protocol), or with
+    --task mnist an image classifier on per-device MNIST (img-v1).
 
-    Writes OUT/config.json, OUT/weights.pt and OUT/metrics.json (AUC, UAUC, NDCG@10, HR@10 on the
-    validation and test periods; the test period is scored once, with the epoch chosen on
-    validation).
+    Writes OUT/config.json, OUT/weights.pt and OUT/metrics.json (recommender: AUC, UAUC, NDCG@10,
+    HR@10; mnist: per-device mean accuracy, accuracy, macro-F1, NLL, ECE; on the validation and
+    test periods; the test period is scored once, with choices made on validation).
 
     \b
     Examples:
@@ -114,17 +125,16 @@ def train(
       mntool train --model sasrec --history-len 10 --method metanetwork --out runs/sasrec-l10
       mntool train --model sasrec --history-len 10 --recent-len 100 --method metanetwork --out runs/sasrec-l10-r100
       mntool train --model sasrec --history-len 10 --method metanetwork --shuffled-uploads --out runs/sasrec-l10-control
+      mntool train --task mnist --model lenet --method metanetwork --out runs/mnist-mn
+      mntool train --task mnist --model mobilenet --method tent --init runs/mnist-static --out runs/mnist-tent
     """
-    from mntool.data import ProtocolConfig
-    from mntool.data.datasets import load_dataset
-    from mntool.meta import MetaConfig
-    from mntool.models import BackboneConfig
-    from mntool.train import TrainConfig
-    from mntool.train import train as run_train
+    from device_runtime.errors import MntoolError
 
-    cfg = TrainConfig(model=model, method=method, seed=seed, backbone=BackboneConfig(max_history=history_len))
-    if epochs is not None:
-        cfg.epochs = epochs
+    spec = tasks.get(task)
+    model = model or spec.DEFAULT_MODEL
+    for kind, value, allowed in (("model", model, spec.MODELS), ("method", method, spec.METHODS)):
+        if value not in allowed:
+            raise click.UsageError(f"--{kind} {value} is not one of --task {task}'s: {', '.join(allowed)}")
     for flag, on in (
         ("--no-stabilizer", no_stabilizer),
         ("--frozen-backbone", frozen_backbone),
@@ -132,27 +142,39 @@ def train(
     ):
         if on and method != "metanetwork":
             raise click.UsageError(f"{flag} only applies to --method metanetwork")
-    if no_stabilizer:
-        cfg.meta = MetaConfig(gate=False, ema=False)
-    cfg.meta_train_backbone = not (frozen_backbone or init is not None)
-    cfg.shuffled_uploads = shuffled_uploads
+    if upload_len is not None and task != "mnist":
+        raise click.UsageError("--upload-len applies to --task mnist (the recommender's upload is --recent-len)")
+    options = dict(
+        model=model,
+        method=method,
+        seed=seed,
+        epochs=epochs,
+        no_stabilizer=no_stabilizer,
+        meta_train_backbone=not (frozen_backbone or init is not None),
+        shuffled_uploads=shuffled_uploads,
+        history_len=history_len,
+        recent_len=recent_len,
+        upload_len=upload_len,
+    )
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
-    dataset = load_dataset(data_dir, ProtocolConfig(history_len=history_len, recent_len=recent_len), log=log)
-    metrics = run_train(dataset, cfg, out, init=init, progress=not quiet, log=log)
+    try:
+        metrics = spec.train(options, out, init, data_dir, progress=not quiet, log=log)
+    except MntoolError as err:
+        raise click.ClickException(str(err)) from None
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
     else:
         variant = "".join(
             f" ({v})"
             for v, on in (
-                ("frozen backbone", not cfg.meta_train_backbone and method == "metanetwork"),
+                ("frozen backbone", not options["meta_train_backbone"] and method == "metanetwork"),
                 ("no stabilizer", no_stabilizer),
                 ("shuffled uploads", shuffled_uploads),
             )
             if on
         )
         click.echo(f"{model} {method}{variant}, seed {seed} -> {out}")
-        click.echo(_metrics_table(metrics))
+        click.echo(spec.metrics_table(metrics))
 
 
 @click.command()
@@ -171,16 +193,17 @@ def evaluate(ckpt, data_dir, as_json):
     Example:
       mntool evaluate runs/sasrec-static --json
     """
-    from mntool.data.datasets import load_dataset
-    from mntool.train import experiment_dataset, load_checkpoint, report_metrics
+    from device_runtime.errors import MntoolError
+    from mntool.train import load_checkpoint
 
     ck = load_checkpoint(ckpt)
-    dataset = load_dataset(data_dir, ck.protocol)
-    if dataset.n_items != ck.n_items:
-        raise click.ClickException(f"{ckpt} was trained on {ck.n_items} items, the data has {dataset.n_items}")
-    metrics = report_metrics(ck.model, experiment_dataset(dataset, ck.config), ck.config, ck.meta, progress=False)
+    spec = tasks.get(ck.task)
+    try:
+        metrics = spec.evaluate(ck, data_dir)
+    except MntoolError as err:
+        raise click.ClickException(str(err)) from None
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
     else:
         click.echo(f"{ck.config.model} {ck.config.method} ({ckpt})")
-        click.echo(_metrics_table(metrics))
+        click.echo(spec.metrics_table(metrics))
