@@ -46,7 +46,7 @@ def train_cell(out: Path, model: str, seed: int, method: str, epochs: int, data:
     if (target / "metrics.json").is_file():
         return target
     args = [a.replace(STATIC, str(run_dir(out, model, seed, "static"))) for a in METHODS[method]]
-    cmd = [sys.executable, "-m", "mntool", "train", "--task", "mnist", "--model", model, "--seed", str(seed)]
+    cmd = [sys.executable, "-m", "mntool.cli.main", "train", "--task", "mnist", "--model", model, "--seed", str(seed)]
     cmd += args + ["--epochs", str(epochs), "--out", str(target), "--quiet"] + (["--data", data] if data else [])
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
