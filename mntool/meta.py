@@ -33,6 +33,8 @@ class MetaConfig:
     bound: float = 1.0  # stabilizer: max |residual| per element, in units of the static tensor's RMS
     ema: bool = True  # stabilizer: evaluate and generate with an exponential moving average
     ema_decay: float = 0.995  # stabilizer: EMA decay per optimisation step
+    scale_floor: float = 0.0  # stabilizer: a residual's scale is max(rms(static), scale_floor), so a tensor
+    # that trains to near zero (a classifier's bias) can still move by up to `bound * scale_floor`
 
     @property
     def stabilizer(self) -> bool:
@@ -233,8 +235,9 @@ class MetaStabilizer(nn.Module):
       tanh saturated here: with the gate small, Adam pushes the residual far out, tanh flattens
       every device to the same +-1 pattern and its gradient vanishes; measured across-device std
       of generated weights 0.0002 against a static RMS of 0.24.)
-    - rms(theta_k - static_k) <= bound * rms(static_k) for every device: the generator cannot
-      blow a device's model up.
+    - rms(theta_k - static_k) <= bound * max(rms(static_k), scale_floor) for every device: the
+      generator cannot blow a device's model up. (`scale_floor`, 0 by default, lets a tensor that
+      trained to near zero, such as a classifier's bias, move at all: the image task sets it.)
     Without the gate (ablation) theta_k = static_k + residual_k.
     """
 
@@ -246,7 +249,7 @@ class MetaStabilizer(nn.Module):
 
     def _coefficient(self, i: int, static: torch.Tensor, residual_ms: torch.Tensor) -> torch.Tensor:
         """(B,) factor of tensor i's residual from its mean square per device (a constant to autograd, as before)."""
-        scale = static.detach().pow(2).mean().sqrt().clamp_min(1e-6)
+        scale = static.detach().pow(2).mean().sqrt().clamp_min(max(1e-6, self.config.scale_floor))
         return self.config.bound * torch.tanh(self.gates[i]) * scale / residual_ms.sqrt().clamp_min(1.0)
 
     def _full(self, i: int, static: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

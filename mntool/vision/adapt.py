@@ -37,10 +37,10 @@ class AdaptConfig:
     bn_priors: list[float] = field(default_factory=lambda: [0.0, 16.0, 64.0, 256.0, 1024.0])  # N, chosen on validation
     bn_prior: float = 16.0  # the chosen one (set by selection; used by generation)
     tent_steps: int = 10
-    tent_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])  # chosen on validation
+    tent_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3])  # chosen on validation
     tent_lr: float = 3e-3
     finetune_steps: int = 20
-    finetune_lrs: list[float] = field(default_factory=lambda: [3e-3, 1e-2, 3e-2])  # chosen on validation
+    finetune_lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])  # chosen on validation
     finetune_lr: float = 1e-2
 
     def to_dict(self) -> dict:

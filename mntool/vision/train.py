@@ -49,9 +49,11 @@ class VisionTrainConfig:
     meta_train_backbone: bool = True  # backbone and generator together from scratch (False: frozen --init)
     shuffled_uploads: bool = False  # control: every device reads another device's upload
     encoder_width: int = 32
+    encoder_probe: bool = True  # the encoder also reads the device model's predictions on the upload
     seed: int = 0
     backbone: CNNConfig = field(default_factory=CNNConfig)
-    meta: MetaConfig = field(default_factory=MetaConfig)
+    # a classifier's bias trains to near zero: the stabilizer's floor lets a device's label mix move it
+    meta: MetaConfig = field(default_factory=lambda: MetaConfig(scale_floor=1.0))
     adapt: adapt.AdaptConfig = field(default_factory=adapt.AdaptConfig)
 
     def __post_init__(self) -> None:
@@ -100,7 +102,7 @@ def evaluate_split(model: CNN, dataset, split: str, params: dict | None) -> dict
 
 # ---- the MetaNetwork -----------------------------------------------------------------------------
 def build_metanetwork(model: CNN, cfg: VisionTrainConfig) -> MetaNetwork:
-    encoder = ImageSetEncoder(cfg.meta.cond_dim, cfg.encoder_width)
+    encoder = ImageSetEncoder(cfg.meta.cond_dim, cfg.encoder_width, probe=model if cfg.encoder_probe else None)
     return MetaNetwork(model, model.adaptive_names(), encoder, cfg.meta)
 
 
@@ -235,6 +237,8 @@ def train_metanetwork(dataset, cfg: VisionTrainConfig, init: CNN, progress: bool
         return out
 
     def step(rows):
+        # a frozen backbone is the deployed static model: its BatchNorm statistics stay as they are
+        meta.backbone.train(cfg.meta_train_backbone)
         blocks, index = np.unique(train.block[rows], return_inverse=True)
         cond = torch.from_numpy(dataset.train_uploads[blocks])
         x = adapt.images_tensor(train.images[rows])
