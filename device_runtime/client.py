@@ -1,5 +1,8 @@
 """The device's client of `mntool serve`: upload recent samples, get a patch, apply it, reload.
 
+The upload is the device's recent item ids (a recommender) or its recent images (an image
+classifier: a (K, 28, 28) uint8 array or nested lists, sent as base64; `samples_json`).
+
 `refresh` asks the service for a patch for the local artifact (by its weight-map fingerprint),
 verifies it (signature through the root key's key list, or the server's key; expiry, device,
 sequence), writes it into the artifact crash-safely (`install.apply_patch_file`: A/B slots) and
@@ -13,6 +16,7 @@ loopback host), and redirects are not followed (a 3xx answer is a ClientError na
 
 from __future__ import annotations
 
+import base64
 import http.client
 import ipaddress
 import json
@@ -25,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from device_runtime import weight_map as wmap
 from device_runtime.errors import MntoolError
 from device_runtime.install import apply_patch_file
@@ -33,6 +39,8 @@ from device_runtime.runners import Runner, RunnerConfig, open_runner
 from device_runtime.signing import load_public_key
 
 PATCHES_PATH = "/v1/patches"
+IMAGE_SHAPE = (28, 28)  # the image task's images (mntool.tasks.mnist.IMAGE_SHAPE; the server checks it too)
+Upload = Sequence[int] | Sequence[Sequence[Sequence[int]]] | np.ndarray  # item ids, or (K, 28, 28) images
 
 
 class ClientError(MntoolError):
@@ -96,21 +104,47 @@ class Refresh:
     apply_seconds: float  # verify + crash-safe write + runner reload
 
 
+def samples_json(upload: Upload) -> dict:
+    """The request's `samples` for a device's upload: `{"items": [ids]}` for recent item ids (a
+    1-D sequence of integers, most recent last), `{"images_b64": "..."}` for recent images (a
+    (K, 28, 28) array or nested lists of integer pixels 0..255, most recent last: the C-order
+    uint8 bytes, base64). Images of another shape, non-integer or out-of-range pixels are a
+    ClientError here, before anything is sent."""
+    if isinstance(upload, np.ndarray):
+        arr = upload
+    elif isinstance(upload, (list, tuple)) and len(upload) and isinstance(upload[0], (list, tuple, np.ndarray)):
+        try:
+            arr = np.asarray(upload)
+        except ValueError as err:
+            raise ClientError(f"images must be a (K, 28, 28) array of pixels: {err}".splitlines()[0]) from None
+    else:
+        return {"items": [int(i) for i in upload]}
+    if arr.ndim == 1:
+        return {"items": [int(i) for i in arr]}
+    if arr.ndim != 3 or arr.shape[1:] != IMAGE_SHAPE:
+        raise ClientError(f"images must be a (K, 28, 28) array (K images, most recent last), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise ClientError(f"image pixels must be integers 0..255 (uint8), got {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ClientError(f"image pixels must be 0..255, got {arr.min()}..{arr.max()}")
+    pixels = np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+    return {"images_b64": base64.b64encode(pixels).decode("ascii")}
+
+
 def fetch_patch(
     server_url: str,
     fingerprint: str,
-    items: Sequence[int],
+    upload: Upload,
     *,
     device_id: str,
     token: str | None = None,
     config: ClientConfig = ClientConfig(),
 ) -> tuple[bytes, int]:
-    """POST the upload to `server_url`/v1/patches; returns (patch bytes, attempts). Unverified:
-    the caller must verify before use (`refresh` does)."""
+    """POST the upload (item ids or images, see `samples_json`) to `server_url`/v1/patches;
+    returns (patch bytes, attempts). Unverified: the caller must verify before use (`refresh` does)."""
     _check_server_url(server_url)
-    body = json.dumps(
-        {"device_id": device_id, "fingerprint": fingerprint, "samples": {"items": [int(i) for i in items]}}
-    ).encode()
+    body = json.dumps({"device_id": device_id, "fingerprint": fingerprint, "samples": samples_json(upload)}).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/octet-stream"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -163,7 +197,7 @@ def _retry_after(err: urllib.error.HTTPError) -> float | None:
 def refresh(
     server_url: str,
     artifact: Path | str,
-    items: Sequence[int],
+    upload: Upload,
     *,
     verify_key: bytes | Path | str | None = None,
     root_key: bytes | Path | str | None = None,
@@ -173,8 +207,8 @@ def refresh(
     runner_config: RunnerConfig = RunnerConfig(),
     on_reload: Callable[[Runner], None] | None = None,
 ) -> Refresh:
-    """Fetch a patch for `artifact` from the device's recent `items` (most recent last), verify
-    it (`root_key`: the root public key whose key list certifies the server's online key; or
+    """Fetch a patch for `artifact` from the device's `upload` (its recent item ids, or its
+    recent images as a (K, 28, 28) uint8 array or nested lists; most recent last), verify it (`root_key`: the root public key whose key list certifies the server's online key; or
     `verify_key`: the server's own public key; each raw 32 bytes or a .pub/raw key file), check
     it is fresh, for `device_id` and newer than the last one applied, write it into `artifact`
     in place (A/B slots) and return a runner on the patched model (also passed to `on_reload`).
@@ -187,7 +221,7 @@ def refresh(
     weight_map = wmap.load(artifact, check_fingerprint=False)
     started = time.perf_counter()
     data, attempts = fetch_patch(
-        server_url, weight_map.fingerprint, items, device_id=device_id, token=token, config=config
+        server_url, weight_map.fingerprint, upload, device_id=device_id, token=token, config=config
     )
     fetched = time.perf_counter()
     patch = apply_patch_file(artifact, data, policy=policy, weight_map=weight_map)

@@ -1,8 +1,10 @@
 """The patch service: devices upload recent samples, get back signed patches for their artifact.
 
 `PatchService` holds what every request reads (generator, artifacts' weight maps, signing key)
-and turns a batch of parsed requests into patches with one generator call, each request failing
-alone. `create_app` wraps it in a Starlette ASGI app (endpoints, limits, auth, JSON errors,
+and turns a batch of parsed requests into patches with one generator call per upload size, each
+request failing alone. What an upload is (item ids, images) and how it is checked belong to the
+served checkpoint's task (`mntool.tasks`: `parse_upload`, `upload_schema`, `upload_body_bytes`).
+`create_app` wraps it in a Starlette ASGI app (endpoints, limits, auth, JSON errors,
 metrics); `serve` binds the socket and runs uvicorn with one or more worker processes. The
 service is stateless, so replicas scale out behind any load balancer (docs/serving.md).
 """
@@ -41,6 +43,7 @@ from mntool.serve.batching import BatchTimeout, MicroBatcher, Overloaded
 from mntool.serve.config import ServeConfig
 from mntool.serve.metrics import CONTENT_TYPE, MULTIPROC_ENV, ServiceMetrics
 from mntool.serve.openapi import openapi_document
+from mntool.tasks import SamplesError
 
 CONFIG_ENV = "MNTOOL_SERVE_CONFIG"  # how `serve` hands its config to worker processes
 MAX_DEVICE_ID = 128
@@ -73,10 +76,11 @@ class ServedArtifact:
 
 @dataclass(frozen=True)
 class PatchJob:
-    """One parsed, validated request: which artifact, and the upload left-padded with 0 to recent_len ids."""
+    """One parsed, validated request: which artifact, and the upload as the task's `parse_upload`
+    returns it (recommender: item ids left-padded with 0 to recent_len; images: (K, 28, 28) uint8)."""
 
     artifact: ServedArtifact
-    recent: list[int]
+    recent: list[int] | np.ndarray
     device_id: str  # the patch is bound to it
 
 
@@ -89,6 +93,7 @@ class PatchService:
     artifacts: dict[str, ServedArtifact]  # by fingerprint
     signer: Signer | None
     max_samples: int
+    max_body_bytes: int
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
     @classmethod
@@ -120,17 +125,21 @@ class PatchService:
                     f"{served.path} holds adaptive tensors {shapes}, but {config.checkpoint} generates {generator.shapes}: "
                     "export the artifact from this checkpoint"
                 )
-        max_samples = config.max_samples if config.max_samples is not None else generator.recent_len
-        if not 1 <= max_samples <= generator.recent_len:
+        max_samples = config.max_samples if config.max_samples is not None else generator.max_samples
+        if not 1 <= max_samples <= generator.max_samples:
             raise ServeError(
-                f"max samples must be 1..{generator.recent_len} (what {config.checkpoint} reads), got {max_samples}"
+                f"max samples must be 1..{generator.max_samples} (what {config.checkpoint} reads), got {max_samples}"
             )
-        return cls(config, generator, artifacts, key, max_samples)
+        max_body = config.max_body_bytes
+        if max_body is None:
+            max_body = generator.task.upload_body_bytes(max_samples)
+        return cls(config, generator, artifacts, key, max_samples, max_body)
 
     # ---- requests -------------------------------------------------------------------------------
     def parse(self, body: bytes) -> PatchJob:
         """Validate a POST /v1/patches body; RequestError (400/404/422) names the first problem.
-        Plain Python on the (at most recent_len) ids: per request, numpy calls cost more than they save."""
+        The `samples` are the task's to check (`parse_upload`): its "malformed_request" is a 400,
+        any other of its codes a 422. Nothing unchecked reaches the generator."""
         try:
             request = json.loads(body)
         except (UnicodeDecodeError, ValueError) as err:
@@ -139,7 +148,7 @@ class PatchService:
             raise RequestError(400, "malformed_json", "body nests JSON too deeply") from None
         if type(request) is not dict:
             raise RequestError(400, "malformed_request", "body must be a JSON object")
-        device_id, fingerprint, samples = request.get("device_id"), request.get("fingerprint"), request.get("samples")
+        device_id, fingerprint = request.get("device_id"), request.get("fingerprint")
         if type(device_id) is not str or not 1 <= len(device_id) <= MAX_DEVICE_ID:
             raise RequestError(400, "malformed_request", f"device_id must be a string of 1..{MAX_DEVICE_ID} characters")
         artifact = self.artifacts.get(fingerprint) if type(fingerprint) is str else None  # a served one is well-formed
@@ -149,38 +158,44 @@ class PatchService:
                 "malformed_request",
                 "fingerprint must be 64 lowercase hex digits (the artifact's weight-map fingerprint)",
             )
-        items = samples.get("items") if type(samples) is dict else None
-        if type(items) is not list:
-            raise RequestError(400, "malformed_request", 'samples must be {"items": [item ids, most recent last]}')
-        if len(items) > self.max_samples:
-            raise RequestError(
-                422, "too_many_samples", f"{len(items)} samples; this service takes at most {self.max_samples}"
-            )
-        if not all(type(i) is int for i in items):
-            raise RequestError(422, "bad_item_id", "samples.items must hold integer item ids only")
+        generator = self.generator
+        try:
+            upload = generator.task.parse_upload(generator.checkpoint, request.get("samples"), self.max_samples)
+        except SamplesError as err:
+            code = getattr(err, "code", "bad_samples")
+            raise RequestError(400 if code == "malformed_request" else 422, code, str(err)) from None
         if artifact is None:
             raise RequestError(
                 404,
                 "unknown_fingerprint",
                 f"no artifact with fingerprint {fingerprint[:12]}... is served here (GET {routes.ARTIFACTS})",
             )
-        n_items = self.generator.n_items
-        if items and (min(items) < 0 or max(items) > n_items):
-            bad = next(i for i in items if not 0 <= i <= n_items)
-            raise RequestError(
-                422, "bad_item_id", f"item id {bad} is outside the vocabulary 1..{n_items} (0 = padding)"
-            )
-        return PatchJob(artifact, [0] * (self.generator.recent_len - len(items)) + items, device_id)
+        return PatchJob(artifact, upload, device_id)
 
     def build_patches(self, jobs: list[PatchJob]) -> list[bytes | Exception]:
-        """One generator call for every job, then one patch per job (its own artifact's layout).
-        Failures stay with their request: if the batched call raises, each job is retried alone,
-        and a job whose generation or patch fails gets a RequestError (500), the others their patches."""
+        """One generator call for every job of one upload size (the recommender pads every upload
+        to one size; image uploads hold 1..max_samples images, and a batch stacks uploads of one K),
+        then one patch per job (its own artifact's layout). Failures stay with their request: if a
+        batched call raises, each of its jobs is retried alone, and a job whose generation or
+        patch fails gets a RequestError (500), the others their patches."""
+        sizes: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            sizes.setdefault(len(job.recent), []).append(i)
+        if len(sizes) == 1:
+            return self._build_patches(jobs)
+        results: list = [None] * len(jobs)
+        for positions in sizes.values():
+            for i, result in zip(positions, self._build_patches([jobs[i] for i in positions])):
+                results[i] = result
+        return results
+
+    def _build_patches(self, jobs: list[PatchJob]) -> list[bytes | Exception]:
+        """`build_patches` for jobs whose uploads have one size."""
         try:
-            params = self.generator.generate_batch(np.array([job.recent for job in jobs], dtype=np.int64))
+            params = self.generator.generate_batch(np.array([job.recent for job in jobs]))
         except Exception as err:
             if len(jobs) > 1:
-                return [result for job in jobs for result in self.build_patches([job])]
+                return [result for job in jobs for result in self._build_patches([job])]
             return [_internal("generation_failed", "generating this upload's parameters failed", err)]
         patches: list[bytes | Exception] = []
         for i, job in enumerate(jobs):
@@ -317,7 +332,13 @@ def create_app(service: PatchService):
         service.build_patches, cfg.batching, service.metrics.observe_batch
     )
     service.metrics.queue_waiting = lambda: batcher.waiting
-    document = openapi_document(service.generator.n_items, service.max_samples, MAX_DEVICE_ID, auth=bool(cfg.token))
+    generator = service.generator
+    document = openapi_document(
+        generator.task.upload_schema(generator.checkpoint, service.max_samples),
+        MAX_DEVICE_ID,
+        auth=bool(cfg.token),
+        task=generator.task.NAME,
+    )
     expected = cfg.token.encode() if cfg.token else None
 
     def authorize(header: str) -> None:
@@ -337,7 +358,7 @@ def create_app(service: PatchService):
             raise RequestError(
                 415, "unsupported_media_type", f"content type must be application/json, got {content_type or 'none'!r}"
             )
-        job = service.parse(await _read_body(headers.get(b"content-length"), receive, cfg.max_body_bytes))
+        job = service.parse(await _read_body(headers.get(b"content-length"), receive, service.max_body_bytes))
         try:
             return await batcher.submit(job, cfg.request_timeout_s)
         except Overloaded as err:
@@ -356,6 +377,7 @@ def create_app(service: PatchService):
                 "status": "ok",
                 "pid": service.metrics.pid,
                 "checkpoint": str(cfg.checkpoint),
+                "task": service.generator.task.NAME,
                 "method": service.generator.method,
                 "artifacts": len(service.artifacts),
                 "signed": service.signer is not None,

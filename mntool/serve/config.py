@@ -21,8 +21,8 @@ class ServeConfig:
     max_batch: int = 64  # requests per generator call (1 = no batching)
     max_wait_ms: float = 2.0  # how long a request may wait for others to share its batch
     max_queue: int = 1024  # waiting requests beyond this get 503 at once
-    max_body_bytes: int = 16384  # a full upload (30 ids) is ~250 B
-    max_samples: int | None = None  # item ids per upload; None = the checkpoint's recent_len
+    max_body_bytes: int | None = None  # None = the task's: 16384 for item ids (30 are ~250 B), 4096 per image + 1024
+    max_samples: int | None = None  # item ids (images) per upload; None = what the checkpoint reads
     request_timeout_s: float = 5.0  # a patch not ready by then is answered 503
     torch_threads: int = 1  # per worker process: on few cores, processes beat threads
 

@@ -1,7 +1,8 @@
 """The patch service's OpenAPI 3.1 document, written out: the contract a device team codes against.
 
-Served at /openapi.json. The limits in it (max samples, vocabulary size) are the running
-service's own, and the bearer security scheme appears when auth is on.
+Served at /openapi.json. The upload (`samples`) is described by the served checkpoint's task
+(`upload_schema`: item ids for the recommender, images for mnist) with the running service's own
+limits (max samples, vocabulary size), and the bearer security scheme appears when auth is on.
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ HEALTH = {"type": "object", "required": ["status"], "properties": {"status": {"c
 
 STATUS = {
     "type": "object",
-    "required": ["status", "pid", "checkpoint", "method", "artifacts", "signed", "auth"],
+    "required": ["status", "pid", "checkpoint", "task", "method", "artifacts", "signed", "auth"],
     "properties": {
         "status": {"const": "ok"},
         "pid": {"type": "integer"},
         "checkpoint": {"type": "string"},
+        "task": {
+            "type": "string",
+            "description": "what the checkpoint's devices upload: movielens (item ids), mnist (images)",
+        },
         "method": {"type": "string"},
         "artifacts": {"type": "integer"},
         "signed": {"type": "boolean"},
@@ -53,7 +58,8 @@ def _errors(*statuses: int) -> dict:
         404: "unknown fingerprint",
         413: "body too large",
         415: "content type is not application/json",
-        422: "too many samples or an item id outside the vocabulary",
+        422: "the samples break a limit: too many (or, for images, no) samples, an item id outside the vocabulary, "
+        "an image not 28x28, a pixel not an integer 0..255, bad base64",
         500: "this request's patch could not be made (the server logs why); other requests are not affected",
         503: "overloaded or timed out; retry",
     }
@@ -66,7 +72,9 @@ def _errors(*statuses: int) -> dict:
     }
 
 
-def openapi_document(n_items: int, max_samples: int, max_device_id: int, auth: bool) -> dict:
+def openapi_document(samples: dict, max_device_id: int, auth: bool, task: str) -> dict:
+    """The document for a service whose uploads (`samples`) have the JSON schema `samples` (the
+    served checkpoint's task's `upload_schema`)."""
     security = [{"bearer": []}] if auth else []
     patch_request = {
         "type": "object",
@@ -78,18 +86,7 @@ def openapi_document(n_items: int, max_samples: int, max_device_id: int, auth: b
                 "pattern": "^[0-9a-f]{64}$",
                 "description": "weight-map fingerprint of the device's artifact (GET /v1/artifacts)",
             },
-            "samples": {
-                "type": "object",
-                "required": ["items"],
-                "properties": {
-                    "items": {
-                        "type": "array",
-                        "maxItems": max_samples,
-                        "description": "item ids, most recent last (0 = padding)",
-                        "items": {"type": "integer", "minimum": 0, "maximum": n_items},
-                    }
-                },
-            },
+            "samples": samples,
         },
     }
 
@@ -102,7 +99,7 @@ def openapi_document(n_items: int, max_samples: int, max_device_id: int, auth: b
             "title": "mntool patch service",
             "version": "1",
             "description": "Devices upload their recent samples and receive a signed patch for their compiled "
-            "model (docs/serving.md, docs/patch-format.md).",
+            f"model (docs/serving.md, docs/patch-format.md). This service's checkpoint is of task {task}.",
         },
         "paths": {
             routes.PATCHES: {

@@ -103,3 +103,140 @@ def generate(ck, batch: np.ndarray) -> dict:
     if params is None:
         params = static_params(ck.model, len(batch))
     return {n: p.to(torch.float32) for n, p in params.items()}
+
+
+# ---- uploads over HTTP (`mntool serve`) -------------------------------------------------------
+IMAGE_BYTES = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+_SAMPLES_FORM = (
+    'samples must be {"images": [images, each 28 rows of 28 integer pixels 0..255]} '
+    'or {"images_b64": "<base64 of K*784 uint8 pixels>"}'
+)
+
+
+def _refused(code: str, message: str) -> SamplesError:
+    """A SamplesError whose `code` is the stable slug the service answers with
+    ("malformed_request": the JSON has the wrong structure; any other: its values break a limit)."""
+    err = SamplesError(message)
+    err.code = code
+    return err
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return f"{text[:40]}..." if len(text) > 40 else text
+
+
+def parse_upload(ck, samples, limit: int) -> np.ndarray:
+    """One device's upload, (K, 28, 28) uint8 with 1 <= K <= `limit`, from the JSON value of a
+    request's `samples`: exactly one of `{"images": [K images, each 28 rows of 28 integer pixels
+    0..255]}` (nested lists; JSON integers only: no floats, booleans or strings) and
+    `{"images_b64": "..."}` (standard padded base64 of the K*784 pixel bytes, image by image, row by
+    row: a C-order (K, 28, 28) uint8 array). SamplesError (with `.code`) names the first problem."""
+    if type(samples) is not dict:
+        raise _refused("malformed_request", _SAMPLES_FORM)
+    if "items" in samples:
+        raise _refused("malformed_request", f"this service's model reads images, not item ids: {_SAMPLES_FORM}")
+    unknown = sorted(set(samples) - {"images", "images_b64"})
+    if unknown:
+        raise _refused("malformed_request", f"unknown field samples.{_shown(unknown[0])[1:-1]}: {_SAMPLES_FORM}")
+    if len(samples) != 1:
+        raise _refused("malformed_request", f"give one of samples.images and samples.images_b64: {_SAMPLES_FORM}")
+    if "images" in samples:
+        return _nested_images(samples["images"], limit)
+    return _base64_images(samples["images_b64"], limit)
+
+
+def _count(k: int, limit: int) -> None:
+    if k < 1:
+        raise _refused("too_few_samples", f"no images; an upload holds 1..{limit}")
+    if k > limit:
+        raise _refused("too_many_samples", f"{k} images; this service takes at most {limit}")
+
+
+def _nested_images(images, limit: int) -> np.ndarray:
+    height, width = IMAGE_SHAPE
+    if type(images) is not list:
+        raise _refused("malformed_request", "samples.images must be a list of images (each 28 rows of 28 pixels)")
+    _count(len(images), limit)
+    for i, image in enumerate(images):
+        if type(image) is not list or len(image) != height:
+            got = f"{len(image)} rows" if type(image) is list else type(image).__name__
+            raise _refused("bad_image_shape", f"image {i} is not 28 rows of 28 pixels (got {got})")
+        for r, row in enumerate(image):
+            if type(row) is not list or len(row) != width:
+                got = f"{len(row)} pixels" if type(row) is list else type(row).__name__
+                raise _refused("bad_image_shape", f"image {i} row {r} is not a list of 28 pixels (got {got})")
+            if set(map(type, row)) != {int}:  # bool is not int here, nor float, str or None
+                bad = next(p for p in row if type(p) is not int)
+                raise _refused(
+                    "bad_pixel",
+                    f"pixels must be integers 0..255: image {i} row {r} holds {_shown(bad)} ({type(bad).__name__})",
+                )
+            if min(row) < 0 or max(row) > 255:
+                bad = next(p for p in row if not 0 <= p <= 255)
+                raise _refused("bad_pixel", f"pixel value {_shown(bad)} in image {i} row {r} is outside 0..255")
+    return np.array(images, dtype=np.uint8)
+
+
+def _base64_images(text, limit: int) -> np.ndarray:
+    import base64
+    import binascii
+
+    if type(text) is not str:
+        raise _refused("malformed_request", "samples.images_b64 must be a base64 string")
+    try:
+        data = base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error) as err:
+        raise _refused("bad_base64", f"samples.images_b64 is not valid base64: {err}".splitlines()[0]) from None
+    if len(data) % IMAGE_BYTES:
+        raise _refused(
+            "bad_image_shape",
+            f"samples.images_b64 holds {len(data)} bytes, not a whole number of 28x28 images ({IMAGE_BYTES} bytes each)",
+        )
+    _count(len(data) // IMAGE_BYTES, limit)
+    return np.frombuffer(data, np.uint8).reshape(-1, *IMAGE_SHAPE)
+
+
+def upload_schema(ck, limit: int) -> dict:
+    """The JSON schema of a request's `samples` (the OpenAPI document's)."""
+    row = {
+        "type": "array",
+        "minItems": IMAGE_SHAPE[1],
+        "maxItems": IMAGE_SHAPE[1],
+        "items": {"type": "integer", "minimum": 0, "maximum": 255},
+    }
+    image = {"type": "array", "minItems": IMAGE_SHAPE[0], "maxItems": IMAGE_SHAPE[0], "items": row}
+    return {
+        "type": "object",
+        "description": "the device's latest unlabelled 28x28 grey-scale images, most recent last: exactly one of "
+        "images (nested lists) and images_b64 (compact)",
+        "oneOf": [{"required": ["images"]}, {"required": ["images_b64"]}],
+        "additionalProperties": False,
+        "properties": {
+            "images": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": limit,
+                "description": "images, each 28 rows of 28 integer pixels 0..255",
+                "items": image,
+            },
+            "images_b64": {
+                "type": "string",
+                "contentEncoding": "base64",
+                "minLength": _b64_length(IMAGE_BYTES),
+                "maxLength": _b64_length(limit * IMAGE_BYTES),
+                "description": f"standard padded base64 (RFC 4648) of K*{IMAGE_BYTES} pixel bytes, 1 <= K <= {limit}: "
+                "a C-order (K, 28, 28) uint8 array, image by image, row by row",
+            },
+        },
+    }
+
+
+def _b64_length(n_bytes: int) -> int:
+    return 4 * -(-n_bytes // 3)
+
+
+def upload_body_bytes(limit: int) -> int:
+    """The default request-body limit: `limit` images as compact nested lists (< 4 KiB each, every
+    pixel written "255, "), plus the rest of the request."""
+    return 4096 * limit + 1024

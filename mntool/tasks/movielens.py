@@ -125,3 +125,52 @@ def generate(ck, batch: np.ndarray) -> dict:
     return {
         n: static[n].detach().unsqueeze(0).expand(len(batch), *static[n].shape).to(torch.float32) for n in ck.adaptive
     }
+
+
+# ---- uploads over HTTP (`mntool serve`) -------------------------------------------------------
+def _refused(code: str, message: str) -> SamplesError:
+    """A SamplesError whose `code` is the stable slug the service answers with
+    ("malformed_request": the JSON has the wrong structure; any other: its values break a limit)."""
+    err = SamplesError(message)
+    err.code = code
+    return err
+
+
+def parse_upload(ck, samples, limit: int) -> list[int]:
+    """One device's upload from the JSON value of a request's `samples`,
+    `{"items": [item ids, most recent last]}` with at most `limit` ids, left-padded with 0 to the
+    model's upload length. Plain Python on the (at most recent_len) ids: per request, numpy calls
+    cost more than they save. SamplesError (with `.code`) names the first problem."""
+    items = samples.get("items") if type(samples) is dict else None
+    if type(items) is not list:
+        raise _refused("malformed_request", 'samples must be {"items": [item ids, most recent last]}')
+    if len(items) > limit:
+        raise _refused("too_many_samples", f"{len(items)} samples; this service takes at most {limit}")
+    if not all(type(i) is int for i in items):
+        raise _refused("bad_item_id", "samples.items must hold integer item ids only")
+    n_items = ck.n_items
+    if items and (min(items) < 0 or max(items) > n_items):
+        bad = next(i for i in items if not 0 <= i <= n_items)
+        raise _refused("bad_item_id", f"item id {bad} is outside the vocabulary 1..{n_items} (0 = padding)")
+    return [0] * (upload_limit(ck) - len(items)) + items
+
+
+def upload_schema(ck, limit: int) -> dict:
+    """The JSON schema of a request's `samples` (the OpenAPI document's)."""
+    return {
+        "type": "object",
+        "required": ["items"],
+        "properties": {
+            "items": {
+                "type": "array",
+                "maxItems": limit,
+                "description": "item ids, most recent last (0 = padding)",
+                "items": {"type": "integer", "minimum": 0, "maximum": ck.n_items},
+            }
+        },
+    }
+
+
+def upload_body_bytes(limit: int) -> int:
+    """The default request-body limit: a full upload (30 ids) is ~250 B."""
+    return 16384
