@@ -29,6 +29,7 @@ class Generator:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.task = tasks.get(checkpoint.task)
+        self.task.check_generates(checkpoint)
         self.method = checkpoint.config.method
         self.max_samples = self.task.upload_limit(checkpoint)
         self.adaptive = checkpoint.adaptive

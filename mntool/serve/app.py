@@ -162,7 +162,7 @@ class PatchService:
         try:
             upload = generator.task.parse_upload(generator.checkpoint, request.get("samples"), self.max_samples)
         except SamplesError as err:
-            code = getattr(err, "code", "bad_samples")
+            code = err.code
             raise RequestError(400 if code == "malformed_request" else 422, code, str(err)) from None
         if artifact is None:
             raise RequestError(

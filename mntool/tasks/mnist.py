@@ -90,6 +90,16 @@ def one_upload(raw) -> np.ndarray:
     return arr[None]
 
 
+def check_generates(ck) -> None:
+    """Refuse, once (e.g. when `mntool serve` starts), a checkpoint whose method cannot run on an
+    unlabelled upload."""
+    if ck.config.method == "finetune":
+        raise MntoolError(
+            f"{ck.path} is a finetune checkpoint: fine-tuning needs labels, which stay on the device, so it "
+            "cannot generate from an upload (serve static, bn-adapt, tent or metanetwork)"
+        )
+
+
 def generate(ck, batch: np.ndarray) -> dict:
     """{name: (B, *shape) tensor} for checked uploads under the checkpoint's (label-free) method."""
     import torch
@@ -97,8 +107,7 @@ def generate(ck, batch: np.ndarray) -> dict:
     from mntool.vision.adapt import static_params
     from mntool.vision.train import device_params
 
-    if ck.config.method == "finetune":
-        raise MntoolError("a finetune checkpoint cannot generate: fine-tuning needs labels, which stay on the device")
+    check_generates(ck)
     params = device_params(ck.config.method, ck.model, batch, ck.config, ck.meta)
     if params is None:
         params = static_params(ck.model, len(batch))
@@ -113,14 +122,6 @@ _SAMPLES_FORM = (
 )
 
 
-def _refused(code: str, message: str) -> SamplesError:
-    """A SamplesError whose `code` is the stable slug the service answers with
-    ("malformed_request": the JSON has the wrong structure; any other: its values break a limit)."""
-    err = SamplesError(message)
-    err.code = code
-    return err
-
-
 def _shown(value) -> str:
     text = repr(value)
     return f"{text[:40]}..." if len(text) > 40 else text
@@ -133,14 +134,20 @@ def parse_upload(ck, samples, limit: int) -> np.ndarray:
     `{"images_b64": "..."}` (standard padded base64 of the K*784 pixel bytes, image by image, row by
     row: a C-order (K, 28, 28) uint8 array). SamplesError (with `.code`) names the first problem."""
     if type(samples) is not dict:
-        raise _refused("malformed_request", _SAMPLES_FORM)
+        raise SamplesError(code="malformed_request", message=_SAMPLES_FORM)
     if "items" in samples:
-        raise _refused("malformed_request", f"this service's model reads images, not item ids: {_SAMPLES_FORM}")
+        raise SamplesError(
+            code="malformed_request", message=f"this service's model reads images, not item ids: {_SAMPLES_FORM}"
+        )
     unknown = sorted(set(samples) - {"images", "images_b64"})
     if unknown:
-        raise _refused("malformed_request", f"unknown field samples.{_shown(unknown[0])[1:-1]}: {_SAMPLES_FORM}")
+        raise SamplesError(
+            code="malformed_request", message=f"unknown field samples.{_shown(unknown[0])[1:-1]}: {_SAMPLES_FORM}"
+        )
     if len(samples) != 1:
-        raise _refused("malformed_request", f"give one of samples.images and samples.images_b64: {_SAMPLES_FORM}")
+        raise SamplesError(
+            code="malformed_request", message=f"give one of samples.images and samples.images_b64: {_SAMPLES_FORM}"
+        )
     if "images" in samples:
         return _nested_images(samples["images"], limit)
     return _base64_images(samples["images_b64"], limit)
@@ -148,33 +155,39 @@ def parse_upload(ck, samples, limit: int) -> np.ndarray:
 
 def _count(k: int, limit: int) -> None:
     if k < 1:
-        raise _refused("too_few_samples", f"no images; an upload holds 1..{limit}")
+        raise SamplesError(code="too_few_samples", message=f"no images; an upload holds 1..{limit}")
     if k > limit:
-        raise _refused("too_many_samples", f"{k} images; this service takes at most {limit}")
+        raise SamplesError(code="too_many_samples", message=f"{k} images; this service takes at most {limit}")
 
 
 def _nested_images(images, limit: int) -> np.ndarray:
     height, width = IMAGE_SHAPE
     if type(images) is not list:
-        raise _refused("malformed_request", "samples.images must be a list of images (each 28 rows of 28 pixels)")
+        raise SamplesError(
+            code="malformed_request", message="samples.images must be a list of images (each 28 rows of 28 pixels)"
+        )
     _count(len(images), limit)
     for i, image in enumerate(images):
         if type(image) is not list or len(image) != height:
             got = f"{len(image)} rows" if type(image) is list else type(image).__name__
-            raise _refused("bad_image_shape", f"image {i} is not 28 rows of 28 pixels (got {got})")
+            raise SamplesError(code="bad_image_shape", message=f"image {i} is not 28 rows of 28 pixels (got {got})")
         for r, row in enumerate(image):
             if type(row) is not list or len(row) != width:
                 got = f"{len(row)} pixels" if type(row) is list else type(row).__name__
-                raise _refused("bad_image_shape", f"image {i} row {r} is not a list of 28 pixels (got {got})")
+                raise SamplesError(
+                    code="bad_image_shape", message=f"image {i} row {r} is not a list of 28 pixels (got {got})"
+                )
             if set(map(type, row)) != {int}:  # bool is not int here, nor float, str or None
                 bad = next(p for p in row if type(p) is not int)
-                raise _refused(
-                    "bad_pixel",
-                    f"pixels must be integers 0..255: image {i} row {r} holds {_shown(bad)} ({type(bad).__name__})",
+                raise SamplesError(
+                    code="bad_pixel",
+                    message=f"pixels must be integers 0..255: image {i} row {r} holds {_shown(bad)} ({type(bad).__name__})",
                 )
             if min(row) < 0 or max(row) > 255:
                 bad = next(p for p in row if not 0 <= p <= 255)
-                raise _refused("bad_pixel", f"pixel value {_shown(bad)} in image {i} row {r} is outside 0..255")
+                raise SamplesError(
+                    code="bad_pixel", message=f"pixel value {_shown(bad)} in image {i} row {r} is outside 0..255"
+                )
     return np.array(images, dtype=np.uint8)
 
 
@@ -183,15 +196,17 @@ def _base64_images(text, limit: int) -> np.ndarray:
     import binascii
 
     if type(text) is not str:
-        raise _refused("malformed_request", "samples.images_b64 must be a base64 string")
+        raise SamplesError(code="malformed_request", message="samples.images_b64 must be a base64 string")
     try:
         data = base64.b64decode(text.encode("ascii"), validate=True)
     except (UnicodeEncodeError, binascii.Error) as err:
-        raise _refused("bad_base64", f"samples.images_b64 is not valid base64: {err}".splitlines()[0]) from None
+        raise SamplesError(
+            code="bad_base64", message=f"samples.images_b64 is not valid base64: {err}".splitlines()[0]
+        ) from None
     if len(data) % IMAGE_BYTES:
-        raise _refused(
-            "bad_image_shape",
-            f"samples.images_b64 holds {len(data)} bytes, not a whole number of 28x28 images ({IMAGE_BYTES} bytes each)",
+        raise SamplesError(
+            code="bad_image_shape",
+            message=f"samples.images_b64 holds {len(data)} bytes, not a whole number of 28x28 images ({IMAGE_BYTES} bytes each)",
         )
     _count(len(data) // IMAGE_BYTES, limit)
     return np.frombuffer(data, np.uint8).reshape(-1, *IMAGE_SHAPE)

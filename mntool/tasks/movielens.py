@@ -108,6 +108,10 @@ def one_upload(raw) -> np.ndarray:
     return arr[None, :] if arr.size else np.zeros((1, 0), np.int64)
 
 
+def check_generates(ck) -> None:
+    """Every recommender method generates from an upload (finetune runs its baseline in the cloud)."""
+
+
 def generate(ck, batch: np.ndarray) -> dict:
     """{name: (B, *shape) tensor} for checked uploads `batch` under the checkpoint's method."""
     import torch
@@ -128,12 +132,6 @@ def generate(ck, batch: np.ndarray) -> dict:
 
 
 # ---- uploads over HTTP (`mntool serve`) -------------------------------------------------------
-def _refused(code: str, message: str) -> SamplesError:
-    """A SamplesError whose `code` is the stable slug the service answers with
-    ("malformed_request": the JSON has the wrong structure; any other: its values break a limit)."""
-    err = SamplesError(message)
-    err.code = code
-    return err
 
 
 def parse_upload(ck, samples, limit: int) -> list[int]:
@@ -143,15 +141,17 @@ def parse_upload(ck, samples, limit: int) -> list[int]:
     cost more than they save. SamplesError (with `.code`) names the first problem."""
     items = samples.get("items") if type(samples) is dict else None
     if type(items) is not list:
-        raise _refused("malformed_request", 'samples must be {"items": [item ids, most recent last]}')
+        raise SamplesError(code="malformed_request", message='samples must be {"items": [item ids, most recent last]}')
     if len(items) > limit:
-        raise _refused("too_many_samples", f"{len(items)} samples; this service takes at most {limit}")
+        raise SamplesError(code="too_many_samples", message=f"{len(items)} samples; this service takes at most {limit}")
     if not all(type(i) is int for i in items):
-        raise _refused("bad_item_id", "samples.items must hold integer item ids only")
+        raise SamplesError(code="bad_item_id", message="samples.items must hold integer item ids only")
     n_items = ck.n_items
     if items and (min(items) < 0 or max(items) > n_items):
         bad = next(i for i in items if not 0 <= i <= n_items)
-        raise _refused("bad_item_id", f"item id {bad} is outside the vocabulary 1..{n_items} (0 = padding)")
+        raise SamplesError(
+            code="bad_item_id", message=f"item id {bad} is outside the vocabulary 1..{n_items} (0 = padding)"
+        )
     return [0] * (upload_limit(ck) - len(items)) + items
 
 
