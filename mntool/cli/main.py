@@ -15,8 +15,8 @@ from device_runtime.errors import MntoolError
 
 # verb -> ("module:attribute" of its click command, one-line summary for `mntool --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("mntool.cli.data:data", "Fetch and inspect data sets (MovieLens-100k)."),
-    "train": ("mntool.cli.train:train", "Train a device backbone: static, finetune or metanetwork."),
+    "data": ("mntool.cli.data:data", "Fetch and inspect data sets (MovieLens-100k, MNIST)."),
+    "train": ("mntool.cli.train:train", "Train a device model (recommender, or --task mnist image classifier)."),
     "evaluate": ("mntool.cli.train:evaluate", "Re-compute a checkpoint's metrics on the device period."),
     "export": ("mntool.cli.export:export", "Compile a checkpoint to TFLite/ONNX/Core ML with swappable weights."),
     "keygen": ("mntool.cli.patch:keygen", "Make an Ed25519 key pair for signing patches."),

@@ -1,7 +1,10 @@
-"""MovieLens-100k fetch and readers, the time-shift protocol, and a synthetic drift generator.
+"""The data sets and their device protocols (docs/data-protocol.md).
 
-`fetch_movielens_100k()` -> a directory; `load_interactions(dir)` -> `Interactions`;
-`build_dataset(interactions, ProtocolConfig())` -> `DeviceDataset` (docs/data-protocol.md).
+Recommender: `fetch_movielens_100k()` -> a directory; `load_interactions(dir)` -> `Interactions`;
+`build_dataset(interactions, ProtocolConfig())` -> `DeviceDataset` (time-shift protocol `ts-v1`),
+and a synthetic drift generator. Images: `mntool.data.mnist` (`fetch_mnist`, `load_mnist`) and
+`mntool.data.images` (`build_image_dataset(mnist, ImageProtocolConfig())` -> `ImageDeviceDataset`,
+per-device protocol `img-v1`); not imported here, so the recommender's imports stay as they were.
 """
 
 from mntool.data.fetch import fetch_movielens_100k
