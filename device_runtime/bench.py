@@ -200,7 +200,8 @@ class BenchReport:
 
 # ---- inputs ---------------------------------------------------------------------------------
 def generate_inputs(specs: tuple[IOSpec, ...], vocab_size: int | None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs matching an artifact's signature: ids in [1, vocab_size) (0 is padding), else [0, 2)."""
+    """Inputs matching an artifact's signature: ids in [1, vocab_size) (0 is padding), else [0, 2);
+    floats uniform in [0, 1) (the range of the image models' pixels); booleans fair coins."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
@@ -209,12 +210,20 @@ def generate_inputs(specs: tuple[IOSpec, ...], vocab_size: int | None, seed: int
             low, high = (1, vocab_size) if vocab_size and vocab_size > 1 else (0, SAFE_ID_HIGH)
             feeds[spec.name] = rng.integers(low, high, size=spec.shape).astype(spec.dtype)
         elif kind == "f":
-            feeds[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+            feeds[spec.name] = rng.random(spec.shape).astype(spec.dtype)
         elif kind == "b":
             feeds[spec.name] = rng.random(spec.shape) < 0.5
         else:
             raise BenchError(f"cannot generate values for input {spec.name!r} of dtype {spec.dtype}")
     return feeds
+
+
+def generated_source(spec: IOSpec, vocab_size: int | None) -> str:
+    """How `generate_inputs` drew `spec`'s values, for the report."""
+    kind = np.dtype(spec.dtype).kind
+    if kind in "iu":
+        return f"generated (ids < {vocab_size or SAFE_ID_HIGH})"
+    return "generated (uniform [0, 1))" if kind == "f" else "generated (coin flips)"
 
 
 # ---- measurement helpers --------------------------------------------------------------------
@@ -461,7 +470,7 @@ def benchmark(
                 "name": s.name,
                 "dtype": s.dtype,
                 "shape": list(s.shape),
-                "source": str(inputs) if inputs else f"generated (ids < {vocab or SAFE_ID_HIGH})",
+                "source": str(inputs) if inputs else generated_source(s, vocab),
             }
             for s in input_specs
         ],

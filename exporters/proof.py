@@ -47,11 +47,13 @@ def patched_files(artifact: Path, wm: WeightMap, values: dict[str, np.ndarray]) 
 
 
 def fresh_values(base: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    """Random values on the scale of the static ones, so outputs stay in a realistic range."""
+    """Random values on the scale of the static ones, so outputs stay in a realistic range; at
+    least 0.05, so a tensor still near zero (a bias trained a few steps) is moved enough for its
+    effect on the output to show."""
     rng = np.random.default_rng(seed + 1)
     out = {}
     for name, value in base.items():
-        scale = float(np.sqrt(np.mean(value.astype(np.float64) ** 2))) or 0.05
+        scale = max(float(np.sqrt(np.mean(value.astype(np.float64) ** 2))), 0.05)
         out[name] = rng.normal(0.0, scale, value.shape).astype(np.float32)
     return out
 

@@ -29,7 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("mntool.cli.bench:bench", "Benchmark load, latency and weight-swap time of a compiled model."),
     "device": ("mntool.cli.device:device", "Set up and inspect emulated devices (arm64 under QEMU)."),
     "serve": ("mntool.cli.serve:serve", "Serve fresh parameters (patches) to devices over HTTP."),
-    "demo": ("mntool.cli.demo:demo", "Run the whole cloud -> device loop on MovieLens-100k and write a report."),
+    "demo": (
+        "mntool.cli.demo:demo",
+        "Run the whole cloud -> device loop (MovieLens-100k, or --task mnist) and write a report.",
+    ),
 }
 
 
