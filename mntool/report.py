@@ -428,7 +428,7 @@ def render_markdown(result: dict) -> str:
         "make demo                                   # or: .venv/bin/mntool demo --out demo-out",
         "mntool demo --out demo-out --fresh          # retrain and re-export (the verified data cache stays)",
         f"mntool patch-weights demo-out/artifacts/metanetwork/model.tflite demo-out/patches/{example.get('tflite', '')} \\",
-        "    --verify-key demo-out/keys/demo.pub --require-signature -o patched.tflite",
+        "    --verify-key demo-out/keys/demo.pub -o patched.tflite      # a key: only a patch it signed is accepted",
         "mntool bench demo-out/artifacts/metanetwork/model.onnx --patch demo-out/patches/" + example.get("onnx", ""),
         "```",
         "",

@@ -773,9 +773,10 @@ def render_markdown(result: dict) -> str:
         "```",
         f"mntool demo --task mnist --model {cfg['model']} --out OUT            # reuses OUT's checkpoints and artifacts",
         "mntool demo --task mnist --out OUT --fresh                  # retrain and re-export",
-        f"mntool patch-weights OUT/artifacts/metanetwork/model.tflite OUT/patches/{example.get('tflite', '')} \\",
-        "    --verify-key OUT/keys/demo.pub --require-signature -o patched.tflite",
-        f"mntool bench OUT/artifacts/metanetwork/model.onnx --patch OUT/patches/{example.get('onnx', '')}",
+        f"mntool patch-weights OUT/artifacts/{cfg['model']}/metanetwork/model.tflite "
+        f"OUT/patches/{example.get('tflite', '')} \\",
+        "    --verify-key OUT/keys/demo.pub -o patched.tflite      # a key: only a patch it signed is accepted",
+        f"mntool bench OUT/artifacts/{cfg['model']}/metanetwork/model.onnx --patch OUT/patches/{example.get('onnx', '')}",
         "```",
         "",
         "Every figure is also in `report.json`.",
