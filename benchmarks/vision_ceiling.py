@@ -2,7 +2,8 @@
 can come from"): test per-device mean accuracy of a static checkpoint as is, with its logits
 shifted by the device's *true* current label mix (an oracle: log mix_new - log cloud prior), and
 shifted by the mix the static model itself predicts on the device's unlabelled upload (what a
-label-free method can estimate; `--weight` scales the shift).
+label-free method can estimate; `--weight` scales the shift). Also the RMS of each adaptive tensor
+(what the MetaStabilizer scales a residual by).
 
     .venv/bin/python benchmarks/vision_ceiling.py runs/vision/lenet/seed0/static --data ../shared/data/mnist
 """
@@ -38,8 +39,10 @@ def main() -> None:
     up = score_images(ck.model, uploads.reshape(-1, 28, 28), np.repeat(devices, uploads.shape[1]), None)
     predicted = torch.softmax(torch.from_numpy(up), -1).numpy().reshape(len(devices), uploads.shape[1], 10).mean(1)
     estimated = logits + args.weight * (np.log(predicted[test.device] + 1e-2) - np.log(cloud_prior))
+    params = dict(ck.model.named_parameters())
     out = {
         "checkpoint": args.ckpt,
+        "static_rms": {n: float(params[n].detach().pow(2).mean().sqrt()) for n in ck.adaptive},
         "static": device_mean_accuracy(test.device, test.label, logits.argmax(1)),
         "true_mix_shift": device_mean_accuracy(test.device, test.label, oracle.argmax(1)),
         "predicted_mix_shift": device_mean_accuracy(test.device, test.label, estimated.argmax(1)),
