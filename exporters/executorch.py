@@ -84,7 +84,10 @@ def convert(job: ExportJob) -> None:
             def external(node):  # only the adaptive constants leave the program, into <stem>.ptd
                 return stem if params.get(node.name) in adaptive else None
 
-            program = edge.to_executorch(ExecutorchBackendConfig(external_constants=external))
+            # view_copy stays a copy: ExecuTorch's emitter cannot emit a memory view of an external
+            # constant (it asserts on the missing constant tag), which a CNN's per-channel affine
+            # (`weight.view(1, C, 1, 1)`) needs; the copy is of a few dozen floats
+            program = edge.to_executorch(ExecutorchBackendConfig(external_constants=external, remove_view_copy=False))
         except Exception as err:  # torch.export and the ExecuTorch lowering raise many types
             raise ConversionFailed(f"ExecuTorch cannot export the model: {first_line(err)}") from None
     job.artifact.write_bytes(program.buffer)

@@ -328,3 +328,26 @@ def test_bench_on_cnn_artifacts(exported, generated, tmp_path):
     assert result.returncode == 0, result.stderr
     (report,) = json.loads(result.stdout)
     assert report["inputs"][0]["dtype"] == "float32" and report["patches"][0]["outputs_changed"]
+
+
+@pytest.mark.parametrize("cnn", ["lenet", "mobilenet"])
+def test_executorch_patched_cnn_computes_what_pytorch_computes(
+    cnn, checkpoints, exported, generated, image_data, tmp_path
+):
+    """ExecuTorch (.pte + .ptd): the BatchNorm affines leave the program into the .ptd (a view of
+    one stays a copy, exporters/executorch.py), and a device's patch there gives PyTorch's logits."""
+    from exporters.executorch import available
+
+    if not available():
+        pytest.skip("executorch is not installed (pip install 'mntool[peers]')")
+    ck, test = checkpoints[cnn], image_data.test
+    params = generated(cnn, "metanetwork")
+    artifact = copy_artifact(exported(cnn, "executorch"), tmp_path / "in-place")
+    assert all(t.file.endswith(".ptd") for t in wmap.load(artifact).tensors)
+    d = 1
+    apply_patch_file(artifact, build_patch(artifact, of_device(params, d), KEY), policy=POLICY)
+    rows = np.flatnonzero(test.device == d)
+    with open_runner(artifact, weight_map=wmap.load(artifact)) as runner:
+        got = compiled_logits(runner, test.images[rows])
+    expected = pytorch_logits(ck, test.images[rows], np.zeros(len(rows), np.int64), of_device_batch(params, d))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
