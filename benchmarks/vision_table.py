@@ -95,10 +95,11 @@ def markdown(table: dict) -> str:
     lines = []
     for model, cells in table.items():
         lines += [
-            f"**{model}** (test period; mean ± std over seeds {cells['static']['seeds'] if 'static' in cells else '?'})",
+            f"**{model}** (test period; mean ± std over the seeds listed; Δ: per-seed difference to the static "
+            "model of the same seed, mean ± std)",
             "",
-            "| method | dev-mean acc | Δ to static (paired) | acc | macro-F1 | NLL | ECE | ms / device |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | seeds | dev-mean acc | Δ to static (paired) | acc | macro-F1 | NLL | ECE | ms / device |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for method, c in cells.items():
             d = c["device_mean_accuracy"].get("diff_to_static")
@@ -109,7 +110,8 @@ def markdown(table: dict) -> str:
                 for m in ("device_mean_accuracy", "accuracy", "macro_f1")
             ]
             row += [f"{c[m]['mean']:.3f} ± {c[m]['std']:.3f}" for m in ("nll", "ece")]
-            lines.append(f"| {method} | {row[0]} | {diff} | " + " | ".join(row[1:]) + f" | {cost} |")
+            seeds = ",".join(map(str, c["seeds"]))
+            lines.append(f"| {method} | {seeds} | {row[0]} | {diff} | " + " | ".join(row[1:]) + f" | {cost} |")
         lines.append("")
     return "\n".join(lines)
 
