@@ -1,6 +1,7 @@
 """The vision results table (docs/vision.md): {lenet, mobilenet} x {static, bn-adapt, tent, finetune,
 metanetwork and its controls} on the per-device MNIST protocol (img-v1), test period, mean +- std
-over seeds, paired differences to static (per seed, then mean +- std), per-device cost.
+over seeds, paired differences to static (per seed, then mean +- std). (Each run's batched
+personalisation time is in the JSON; the per-device cost figures come from vision_cost.py.)
 
 Every cell is a real `mntool train --task mnist` run (a subprocess, one at a time: this machine has
 two cores); finished runs are reused, so the script can be interrupted and resumed. Selection
@@ -98,20 +99,19 @@ def markdown(table: dict) -> str:
             f"**{model}** (test period; mean ± std over the seeds listed; Δ: per-seed difference to the static "
             "model of the same seed, mean ± std)",
             "",
-            "| method | seeds | dev-mean acc | Δ to static (paired) | acc | macro-F1 | NLL | ECE | ms / device |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | seeds | dev-mean acc | Δ to static (paired) | acc | macro-F1 | NLL | ECE |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for method, c in cells.items():
             d = c["device_mean_accuracy"].get("diff_to_static")
             diff = f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} pt" if d else "—"
-            cost = f"{c['personalise_ms_per_device']:.1f}" if "personalise_ms_per_device" in c else "—"
             row = [
                 f"{100 * c[m]['mean']:.2f} ± {100 * c[m]['std']:.2f}"
                 for m in ("device_mean_accuracy", "accuracy", "macro_f1")
             ]
             row += [f"{c[m]['mean']:.3f} ± {c[m]['std']:.3f}" for m in ("nll", "ece")]
             seeds = ",".join(map(str, c["seeds"]))
-            lines.append(f"| {method} | {seeds} | {row[0]} | {diff} | " + " | ".join(row[1:]) + f" | {cost} |")
+            lines.append(f"| {method} | {seeds} | {row[0]} | {diff} | " + " | ".join(row[1:]) + " |")
         lines.append("")
     return "\n".join(lines)
 
