@@ -34,6 +34,7 @@ METHODS = {  # cell name -> extra `mntool train` arguments
     "metanetwork, shuffled uploads": ["--method", "metanetwork", "--init", STATIC, "--shuffled-uploads"],
     "metanetwork, joint backbone": ["--method", "metanetwork"],  # backbone and generator from scratch
 }
+PAIRED_TO = ("static", "bn-adapt")  # per-seed differences to these cells
 METRICS = ("device_mean_accuracy", "accuracy", "macro_f1", "nll", "ece")
 LABELS = {"device_mean_accuracy": "dev-mean acc", "accuracy": "acc", "macro_f1": "macro-F1", "nll": "NLL", "ece": "ECE"}
 
@@ -71,20 +72,22 @@ def summarise(found: dict) -> dict:
     """Mean/std over seeds per cell, and paired differences to static over the seeds both have."""
     table: dict = {}
     for model, methods in found.items():
-        static = methods.get("static", {})
         for method, runs in methods.items():
             seeds = sorted(runs)
             cell = {"seeds": seeds}
             for m in METRICS:
                 v = np.array([runs[s]["test"][m] for s in seeds])
                 cell[m] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
-                paired = [s for s in seeds if s in static]
-                if method != "static" and paired:
-                    d = np.array([runs[s]["test"][m] - static[s]["test"][m] for s in paired])
-                    cell[m]["diff_to_static"] = {
-                        "mean": float(d.mean()),
-                        "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                    }
+                for ref in PAIRED_TO:
+                    base = methods.get(ref, {})
+                    paired = [s for s in seeds if s in base]
+                    if method != ref and paired:
+                        d = np.array([runs[s]["test"][m] - base[s]["test"][m] for s in paired])
+                        cell[m][f"diff_to_{ref}"] = {
+                            "mean": float(d.mean()),
+                            "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                            "seeds": paired,
+                        }
             cost = [runs[s]["test"].get("personalise_ms_per_device") for s in seeds]
             if all(c is not None for c in cost):
                 cell["personalise_ms_per_device"] = float(np.mean(cost))
@@ -99,19 +102,21 @@ def markdown(table: dict) -> str:
             f"**{model}** (test period; mean ± std over the seeds listed; Δ: per-seed difference to the static "
             "model of the same seed, mean ± std)",
             "",
-            "| method | seeds | dev-mean acc | Δ to static (paired) | acc | macro-F1 | NLL | ECE |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | seeds | dev-mean acc | Δ to static (paired) | Δ to bn-adapt (paired) | acc | macro-F1 | NLL | ECE |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for method, c in cells.items():
-            d = c["device_mean_accuracy"].get("diff_to_static")
-            diff = f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} pt" if d else "—"
+            diffs = []
+            for ref in PAIRED_TO:
+                d = c["device_mean_accuracy"].get(f"diff_to_{ref}")
+                diffs.append(f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f} pt" if d else "—")
             row = [
                 f"{100 * c[m]['mean']:.2f} ± {100 * c[m]['std']:.2f}"
                 for m in ("device_mean_accuracy", "accuracy", "macro_f1")
             ]
             row += [f"{c[m]['mean']:.3f} ± {c[m]['std']:.3f}" for m in ("nll", "ece")]
             seeds = ",".join(map(str, c["seeds"]))
-            lines.append(f"| {method} | {seeds} | {row[0]} | {diff} | " + " | ".join(row[1:]) + " |")
+            lines.append(f"| {method} | {seeds} | {row[0]} | {diffs[0]} | {diffs[1]} | " + " | ".join(row[1:]) + " |")
         lines.append("")
     return "\n".join(lines)
 
