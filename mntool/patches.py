@@ -127,24 +127,36 @@ def load_params(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_recent(path: Path) -> np.ndarray:
-    """A device's recent item ids, most recent last, from JSON `{"items": [...]}` or an .npz with
-    key `items`. Only the file format is checked here; the generator checks the ids."""
+    """A device's upload from a file: recent item ids, most recent last (JSON `{"items": [...]}` or
+    an .npz with key `items`), or images, most recent last (JSON `{"images": [K images of rows of
+    pixels]}` or an .npz with key `images`: the image task's (K, 28, 28) integer pixels 0..255).
+    Only the file format is checked here; the checkpoint's task checks the values."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"samples file {path} does not exist")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
-                items = npz["items"]
+                key = "images" if "images" in npz.files else "items"
+                samples = npz[key]
         else:
-            items = json.loads(path.read_text())["items"]
+            doc = json.loads(path.read_text())
+            key = "images" if isinstance(doc, dict) and "images" in doc else "items"
+            samples = doc[key]
     except (KeyError, TypeError):
-        raise ParamsError(f"{path} has no 'items' list of item ids") from None
+        raise ParamsError(f"{path} has no 'items' list of item ids (nor 'images')") from None
     except (OSError, ValueError) as err:
         raise ParamsError(f"{path} is not readable JSON or .npz: {err}") from None
-    if not isinstance(items, (list, np.ndarray)) or np.ndim(items) != 1:
+    if key == "items" and (not isinstance(samples, (list, np.ndarray)) or np.ndim(samples) != 1):
         raise ParamsError(f"{path}: 'items' must be a flat list of item ids")
-    return np.asarray(items)
+    if key == "images":
+        try:
+            samples = np.asarray(samples)
+        except ValueError:
+            samples = np.asarray(samples, dtype=object)
+        if samples.dtype == object or samples.ndim != 3:
+            raise ParamsError(f"{path}: 'images' must be a list of images, each a list of rows of pixels")
+    return np.asarray(samples)
 
 
 def generate_patch(

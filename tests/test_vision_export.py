@@ -351,3 +351,30 @@ def test_executorch_patched_cnn_computes_what_pytorch_computes(
         got = compiled_logits(runner, test.images[rows])
     expected = pytorch_logits(ck, test.images[rows], np.zeros(len(rows), np.int64), of_device_batch(params, d))
     np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("form", ["json", "npz"])
+def test_mntool_generate_builds_a_patch_from_an_image_upload(form, checkpoints, exported, image_data, tmp_path):
+    """`mntool generate --samples` reads an image upload (JSON {"images": ...} or an .npz with key
+    "images"); the patch carries exactly what the generator makes of it."""
+    from device_runtime.patch import parse_patch
+    from mntool.generate import Generator
+
+    ck, artifact = checkpoints["lenet"], exported("lenet", "tflite")
+    _, uploads = image_data.device_upload("test")
+    samples = tmp_path / f"upload.{form}"
+    if form == "json":
+        samples.write_text(json.dumps({"images": uploads[2].tolist()}))
+    else:
+        np.savez(samples, images=uploads[2])
+    res = mntool("generate", ck.path, artifact, "--samples", samples, "-o", tmp_path / "p.mnpatch")
+    assert res.returncode == 0 and f"{len(uploads[2])} recent images" in res.stdout, res.stderr
+    patch = parse_patch((tmp_path / "p.mnpatch").read_bytes())
+    want = Generator(ck).generate(uploads[2])
+    for t in patch.tensors:
+        np.testing.assert_array_equal(patch.array(t).reshape(want[t.name].shape), want[t.name])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": [[[0] * 28] * 27]}))
+    res = mntool("generate", ck.path, artifact, "--samples", bad, "-o", tmp_path / "q.mnpatch")
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "q.mnpatch").exists()

@@ -232,7 +232,8 @@ def make_patch(
     "samples_path",
     type=PATH,
     required=True,
-    help='The device\'s recent items: JSON {"items": [ids, most recent last]} or an .npz with key "items".',
+    help='The device\'s upload: JSON {"items": [ids, most recent last]} or, for an image model, '
+    '{"images": [K images of 28 rows of 28 pixels 0..255]}; or an .npz with key "items" or "images".',
 )
 @freshness_options
 @click.option("-o", "--out", type=PATH, required=True, help="Where to write the patch (.mnpatch).")
@@ -249,14 +250,17 @@ def generate(
     out: Path,
     as_json: bool,
 ) -> None:
-    """Build a patch for ARTIFACT from a device's recent samples (MetaNetwork).
+    """Build a patch for ARTIFACT from a device's recent samples (MetaNetwork, or another method
+    that personalises from an unlabelled upload).
 
-    The generator in CHECKPOINT maps the recent item ids (in the checkpoint's item space) to the
-    parameters of the adaptive layers, which are laid out as ARTIFACT stores them.
+    CHECKPOINT maps the upload (recent item ids in the checkpoint's item space, or an image
+    model's unlabelled images) to the parameters of the adaptive layers, which are laid out as
+    ARTIFACT stores them.
 
     \b
-    Example:
+    Examples:
       mntool generate runs/sasrec artifacts/model.tflite --samples recent.json -o p.mnpatch
+      mntool generate runs/lenet-mn artifacts/lenet/model.tflite --samples upload.npz -o p.mnpatch
     """
     from mntool.patches import generate_patch, load_recent
 
@@ -265,7 +269,7 @@ def generate(
     data = generate_patch(
         checkpoint, artifact, recent, signer, device_id=device_id, sequence=sequence, ttl_s=parse_duration(ttl)
     )
-    _write_patch(data, out, as_json, f"{len(recent)} recent items")
+    _write_patch(data, out, as_json, f"{len(recent)} recent {'images' if recent.ndim == 3 else 'items'}")
 
 
 @click.command("patch-weights")
