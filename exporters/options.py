@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from exporters.errors import ExportError
 
 PRECISIONS = ("float32", "float16")
-PROOF_ATOL = 1e-5  # max abs error between a float32 artifact and PyTorch that the proof accepts
+PROOF_ATOL = 1e-5  # max abs error between a float32 artifact and PyTorch that the proof accepts ...
+PROOF_RTOL = 1e-6  # ... plus this times the largest |output|: float32 rounding grows with the magnitudes
+# summed (a trained CNN's logits reach ~40, where one float32 step is ~4e-6 and a runtime's
+# summation order alone moves a logit by more than 1e-5); a misplaced patch errs by far more
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,8 @@ class ExportOptions:
     adaptive_as_inputs: bool = False  # adaptive tensors become model inputs instead of swappable buffers
     precision: str = "float32"  # one the target declares; Core ML's "float16" stores (and computes) weights in fp16
     output_names: tuple[str, ...] | None = None  # default: "output", or output_0.. for several outputs
-    atol: float = PROOF_ATOL  # proof tolerance (max abs error)
+    atol: float = PROOF_ATOL  # proof tolerance (max abs error) ...
+    rtol: float = PROOF_RTOL  # ... plus rtol x the largest |PyTorch output| of the proof
     seed: int = 0  # seeds the fingerprint values and the proof's fresh values
     progress: bool = False  # a progress bar over the passes (the CLI turns it on)
 
@@ -35,6 +39,8 @@ class ExportOptions:
             object.__setattr__(self, "output_names", tuple(self.output_names))
         if not self.atol > 0:
             raise ExportError(f"atol must be > 0, got {self.atol}")
+        if not self.rtol >= 0:
+            raise ExportError(f"rtol must be >= 0, got {self.rtol}")
 
     @classmethod
     def from_kwargs(cls, options: dict) -> ExportOptions:

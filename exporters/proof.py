@@ -5,8 +5,9 @@ PyTorch computes with those values.
 Values go the production way (`device_runtime.layout.stored_tensors`, `pack_patch`, then the
 device's `apply_patch_bytes`) into an in-memory copy, which is run with `device_runtime.runners`
 and compared with `torch.func.functional_call`, on the example inputs and a few random input sets
-like them. Checked, each within `atol`: the artifact with its static values; per adaptive tensor,
-the artifact with only that tensor patched, whose output must also move by more than `atol` (a
+like them. Checked, each within `atol + rtol * max|PyTorch output|` (float32 rounding grows with
+the outputs' magnitude): the artifact with its static values; per adaptive tensor, the artifact
+with only that tensor patched, whose output must also move by more than that tolerance (a
 tensor whose bytes are misplaced, or which does not reach the output, cannot pass vacuously); and
 every tensor patched at once. An artifact no runtime can run on this machine is read back instead,
 with the reader its target declares (`Target.read_back`), and the figures say that this is a
@@ -119,7 +120,9 @@ def prove(job: ExportJob) -> dict:
 def _prove_by_running(
     job: ExportJob, sets: list[tuple], fresh: dict[str, np.ndarray], want_base: Outputs, want_one: dict[str, Outputs]
 ) -> dict:
-    wm, atol, target = job.weight_map, job.options.atol, job.target.name
+    wm, target = job.weight_map, job.target.name
+    scale = max(_max_abs(want_base), *(_max_abs(w) for w in want_one.values()))
+    atol = job.options.atol + job.options.rtol * scale  # float32 rounding at the outputs' magnitude
     got_base = _compiled_outputs(job, weight_maps.read_artifact_files(job.artifact, wm.files), sets)
     for spec, actual, expected in zip(wm.outputs, got_base[0], want_base[0]):
         if actual.shape != expected.shape:
@@ -175,7 +178,9 @@ def _prove_by_running(
         "runtime": _runtime(job),
         "max_abs_error": max(error, all_error),
         "base_max_abs_error": base_error,
-        "atol": atol,
+        "atol": job.options.atol,
+        "rtol": job.options.rtol,
+        "tolerance": atol,
         "input_sets": len(sets),
         "min_effect": min(effects.values()),
     }
@@ -229,6 +234,11 @@ def _compiled_outputs(job: ExportJob, files: dict[str, bytes], sets: list[tuple]
 
 def _delta(a: Outputs, b: Outputs) -> Outputs:
     return [[x - y for x, y in zip(xs, ys)] for xs, ys in zip(a, b)]
+
+
+def _max_abs(a: Outputs) -> float:
+    """The largest |value| over every input set and output."""
+    return max((float(np.max(np.abs(x), initial=0.0)) for xs in a for x in xs), default=0.0)
 
 
 def _max_diff(a: Outputs, b: Outputs) -> float:

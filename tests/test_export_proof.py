@@ -164,3 +164,38 @@ def test_coreml_read_back_is_labelled_not_a_proof(as_inputs, tmp_path):
     assert ("through the weight map itself" in proof["note"]) is as_inputs
     line = summary.line()
     assert "NOT PROVEN" in line and "read-back, not a proof" in line and "proof max abs error" not in line
+
+
+class LargeOutputs(TwoBranches):
+    """TwoBranches with outputs in the thousands: float32 rounding alone exceeds PROOF_ATOL there."""
+
+    def forward(self, x):
+        return 4000.0 * super().forward(x)
+
+
+def test_the_tolerance_grows_with_the_outputs_magnitude_and_still_catches_a_misplaced_tensor(tmp_path, monkeypatch):
+    """The proof accepts atol + rtol * max|PyTorch output| (float32 rounding at that magnitude),
+    records it, and a weight map that swaps two tensors still fails: a misplaced patch errs by the
+    size of the tensor's effect, not by rounding."""
+    torch.manual_seed(0)
+    model = LargeOutputs().eval()
+    x = torch.randn(16, 8)
+    artifact = export(model, (x,), ADAPTIVE, "onnx", tmp_path / "ok")
+    proof = weight_maps.load(artifact).extra["proof"]
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    assert proof["atol"] == PROOF_ATOL and proof["rtol"] > 0
+    assert proof["tolerance"] >= PROOF_ATOL + proof["rtol"] * scale  # M covers the random input sets too
+    assert proof["max_abs_error"] <= proof["tolerance"]
+    declared = onnx.TARGET
+
+    def corrupt_offsets(job) -> None:
+        job.tensors, _ = swap_a_and_b_weights(job.tensors)
+
+    monkeypatch.setattr(
+        onnx,
+        "TARGET",
+        dataclasses.replace(declared, passes=lambda o: declared.passes(o) + [Pass("swap", corrupt_offsets)]),
+    )
+    with pytest.raises(ProofMismatch, match=r"a\.weight"):
+        export(model, (x,), ADAPTIVE, "onnx", tmp_path / "bad")

@@ -56,7 +56,7 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
     CHECKPOINT is a directory written by `mntool train --out`. Each artifact gets a weight map
     beside it (NAME.<ext>.weightmap.json: where every adaptive tensor's bytes are) and is proven
     at export: fresh values patched through the weight map must reproduce PyTorch (max abs error
-    <= 1e-5; Core ML is read back with coremltools off macOS).
+    <= 1e-5 + 1e-6 x the largest |output|; Core ML is read back with coremltools off macOS).
 
     \b
     Examples:
