@@ -217,6 +217,24 @@ def train_cached(
         backbone=BackboneConfig(max_history=cfg.history_len),
     )
     key = _key(train=train_cfg.to_dict(), data=data_key, init=init_key)
+    metrics = run_cached(
+        out,
+        key,
+        fresh,
+        record,
+        lambda: train(dataset, train_cfg, out, init=init, progress=progress, log=lambda s: None),
+    )
+    record["note"] = (
+        f"{out}: {len(metrics['train']['epochs'])} epoch(s), test UAUC {metrics['test']['uauc']:.4f} "
+        f"(all {len(dataset.device_users)} users, PyTorch)"
+    )
+    return out, key
+
+
+def run_cached(out: Path, key: str, fresh: bool, record: dict, run: Callable[[], object]) -> dict:
+    """`run()` (which writes a checkpoint with metrics.json into `out`) unless `out` holds the result
+    of the same inputs (`key`, stamped); notes in `record` whether it was reused. Returns the
+    checkpoint's metrics."""
     stamp = read_stamp(out / STAMP, key, fresh)
     if stamp:
         record["cached"] = True
@@ -224,15 +242,9 @@ def train_cached(
     else:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        train(dataset, train_cfg, out, init=init, progress=progress, log=lambda s: None)
-        stamp = {"seconds": time.perf_counter() - t0}
-        write_stamp(out / STAMP, key, stamp["seconds"])
-    metrics = json.loads((out / "metrics.json").read_text())
-    record["note"] = (
-        f"{out}: {len(metrics['train']['epochs'])} epoch(s), test UAUC {metrics['test']['uauc']:.4f} "
-        f"(all {len(dataset.device_users)} users, PyTorch)"
-    )
-    return out, key
+        run()
+        write_stamp(out / STAMP, key, time.perf_counter() - t0)
+    return json.loads((out / "metrics.json").read_text())
 
 
 def export_cached(

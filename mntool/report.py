@@ -142,14 +142,17 @@ def plot_user_uauc(per_user: dict, path: Path) -> Path:
     return path
 
 
-def plot_bench_latency(bench: dict, path: Path, batch: int) -> Path:
-    """Steady-state latency distributions per runtime, unpatched and patched (mntool bench's figure)."""
+def plot_bench_latency(
+    bench: dict, path: Path, batch: int, request: str = "ranking request", unit: str = "candidate"
+) -> Path:
+    """Steady-state latency distributions per runtime, unpatched and patched (mntool bench's figure);
+    one `request` of `batch` `unit`s per call."""
     from mntool.plots import plot_latency, report_series
 
     reports = list(bench.values())
     r = reports[0]
     title = (
-        f"Steady-state latency of one ranking request ({batch} candidates per call), "
+        f"Steady-state latency of one {request} ({batch} {unit}{'s' if batch != 1 else ''} per call), "
         f"{r.config['runner']['threads']} thread, {r.host.get('cpu', 'this host')} ({r.latency.runs} runs per variant)"
     )
     return plot_latency(report_series(reports), path, title)

@@ -31,7 +31,6 @@ from mntool.demo import (
     MARKER,
     PARITY_ATOL,
     RUN_TARGETS,
-    STAMP,
     DemoError,
     DeviceModel,
     StageLog,
@@ -40,9 +39,8 @@ from mntool.demo import (
     demo_keys,
     export_cached,
     prepare_out_dir,
-    read_stamp,
+    run_cached,
     versions,
-    write_stamp,
 )
 
 TASK = "mnist"
@@ -154,17 +152,13 @@ def train_cached(
 
     train_cfg = VisionTrainConfig(model=cfg.model, method=method, epochs=epochs, seed=cfg.seed)
     key = _key(task=TASK, train=train_cfg.to_dict(), data=data_key, init=init_key)
-    stamp = read_stamp(out / STAMP, key, fresh)
-    if stamp:
-        record["cached"] = True
-        record["reused_seconds"] = stamp.get("seconds", 0.0)
-    else:
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        train(dataset, train_cfg, out, init=init, progress=progress, log=lambda s: None)
-        stamp = {"seconds": time.perf_counter() - t0}
-        write_stamp(out / STAMP, key, stamp["seconds"])
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = run_cached(
+        out,
+        key,
+        fresh,
+        record,
+        lambda: train(dataset, train_cfg, out, init=init, progress=progress, log=lambda s: None),
+    )
     done = (
         f"{len(metrics['train']['epochs'])} epoch(s)"
         if "epochs" in metrics["train"]
@@ -520,18 +514,6 @@ def plot_device_accuracy(per_device: dict, path: Path) -> Path:
     return path
 
 
-def plot_bench_latency(bench: dict, path: Path, batch: int) -> Path:
-    from mntool.plots import plot_latency, report_series
-
-    reports = list(bench.values())
-    r = reports[0]
-    title = (
-        f"Steady-state latency of one classification ({batch} image{'s' if batch != 1 else ''} per call), "
-        f"{r.config['runner']['threads']} thread, {r.host.get('cpu', 'this host')} ({r.latency.runs} runs per variant)"
-    )
-    return plot_latency(report_series(reports), path, title)
-
-
 def metrics_table(result: dict) -> str:
     from mntool.report import TARGET_LABELS, _table
 
@@ -787,9 +769,13 @@ def render_markdown(result: dict) -> str:
 
 def write_report(result: dict, bench: dict, out: Path) -> list[Path]:
     """report.json, report.md and the PNGs in `out`; returns their paths."""
+    from mntool.report import plot_bench_latency
+
     paths = [
         plot_device_accuracy(result["per_device"], out / ACCURACY_PLOT),
-        plot_bench_latency(bench, out / LATENCY_PLOT, result["config"]["batch"]),
+        plot_bench_latency(
+            bench, out / LATENCY_PLOT, result["config"]["batch"], request="classification", unit="image"
+        ),
     ]
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(result))
