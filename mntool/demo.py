@@ -25,14 +25,15 @@ from tqdm.auto import tqdm
 from device_runtime import weight_map as weight_maps
 from device_runtime.errors import MntoolError
 from device_runtime.weight_map import WeightMap
-from exporters.options import PROOF_ATOL
+from exporters.options import PROOF_ATOL, PROOF_RTOL
 from mntool.data import RankingSet, SampleSet
 
 DEMO_FORMAT = 1
 MARKER = ".mntool-demo"  # marks a directory `mntool demo` made, so it may clean it up
 STAMP = "demo-key.json"  # what a cached stage was built from
 RUN_TARGETS = ("tflite", "onnx")  # targets whose runtime runs on this OS: scored and benchmarked
-PARITY_ATOL = PROOF_ATOL  # compiled vs PyTorch logits, float32 artifacts
+PARITY_ATOL = PROOF_ATOL  # compiled vs PyTorch logits, float32 artifacts: within atol + rtol x the
+PARITY_RTOL = PROOF_RTOL  # largest |logit| scored (float32 rounding at that magnitude, as the export proof)
 
 
 class DemoError(MntoolError):
@@ -350,6 +351,9 @@ class Scores:
     def empty(cls, test: TestPeriod) -> Scores:
         return cls(np.zeros(len(test.rows), np.float32), np.zeros(test.rank.candidates.shape, np.float32))
 
+    def max_abs(self) -> float:
+        return float(max(np.abs(self.pointwise).max(), np.abs(self.ranking).max()))
+
     def max_abs_error(self, other: Scores) -> float:
         return float(
             max(
@@ -535,6 +539,8 @@ def personalise_and_score(
         "metrics": metrics,
         "parity": {
             "atol": PARITY_ATOL,
+            "rtol": PARITY_RTOL,
+            "scale": {m: reference[m].max_abs() for m in compiled},  # the largest |logit| PyTorch scored
             **{m: {t: s.max_abs_error(reference[m]) for t, s in compiled[m].items()} for m in compiled},
         },
         "coreml": coreml,

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from mntool.demo import (
     MARKER,
     PARITY_ATOL,
+    PARITY_RTOL,
     RUN_TARGETS,
     DemoError,
     DeviceModel,
@@ -64,9 +65,6 @@ STAGES = (
     "export",
     "personalise and score",
     "benchmark",
-)
-PARITY_RTOL = (
-    1e-6  # float32 rounding at the logits' magnitude (~8 ulps): |compiled - PyTorch| <= atol + rtol max|logit|
 )
 ACCURACY_PLOT = "accuracy_per_device.png"
 LATENCY_PLOT = "latency.png"
