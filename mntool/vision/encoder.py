@@ -71,6 +71,6 @@ class ImageSetEncoder(nn.Module):
         model.eval()
         try:
             with torch.no_grad():
-                return torch.softmax(model(images), dim=-1)
+                return torch.softmax(model.final_logits(model(images)), dim=-1)
         finally:
             model.train(was_training)

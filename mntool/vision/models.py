@@ -95,7 +95,20 @@ class CNN(nn.Module):
         return [(m.bn, f"{n}.affine") for n, m in self.named_modules() if isinstance(m, ConvBN)]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> the vector the head reads."""
+        return self.pool(self.blocks(x))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's feature map -> the vector the head reads."""
         raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of this model's output (an early-exit model weighs its exits)."""
+        return F.cross_entropy(logits, labels)
+
+    def final_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """The (B, 10) logits a prediction reads from this model's output."""
+        return output
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         assert images.dim() == 4 and images.shape[1:] == (1, 28, 28), (
@@ -118,8 +131,8 @@ class LeNet(CNN):
         self.fc = nn.Linear(2 * w * 25, config.hidden)
         self.head = nn.Linear(config.hidden, N_CLASSES)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.fc(self.blocks(x).flatten(1)))
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(x.flatten(1)))
 
 
 class MobileNet(CNN):
@@ -139,8 +152,8 @@ class MobileNet(CNN):
         self.blocks = nn.Sequential(*layers)
         self.head = nn.Linear(6 * w, N_CLASSES)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x).mean(dim=(2, 3))
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
 
 
 CNNS: dict[str, type[CNN]] = {"lenet": LeNet, "mobilenet": MobileNet}

@@ -96,7 +96,7 @@ def evaluate_split(model: CNN, dataset, split: str, params: dict | None) -> dict
     """Metrics of `split` with per-device adaptive tensors `params` ({name: (n_devices, *shape)},
     indexed by device id) or the static ones."""
     rows = dataset.split(split)
-    logits = score_images(model, rows.images, rows.device, params)
+    logits = model.final_logits(torch.from_numpy(score_images(model, rows.images, rows.device, params))).numpy()
     return classification_metrics(rows.device, rows.label, logits)
 
 
@@ -243,7 +243,7 @@ def train_metanetwork(dataset, cfg: VisionTrainConfig, init: CNN, progress: bool
         cond = torch.from_numpy(dataset.train_uploads[blocks])
         x = adapt.images_tensor(train.images[rows])
         logits = meta((x,), (cond,), torch.from_numpy(index.astype(np.int64)))
-        loss = F.cross_entropy(logits, torch.from_numpy(train.label[rows]))
+        loss = meta.backbone.loss(logits, torch.from_numpy(train.label[rows]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
