@@ -27,6 +27,7 @@ from device_runtime.patch import ANY_DEVICE, Freshness, Signer, device_hash, pac
 from device_runtime.weight_map import WeightMap
 
 if TYPE_CHECKING:
+    from device_runtime.staged import StagedArtifact
     from mntool.generate import Generator
 
 
@@ -75,6 +76,36 @@ def build_patch(
     if isinstance(signer, Ed25519PrivateKey):
         signer = signer_for(signer)
     return pack_patch(weight_map, stored_tensors(weight_map, params), freshness, signer)
+
+
+def build_staged_patches(
+    staged_dir: Path | StagedArtifact,
+    params: Mapping[str, np.ndarray],
+    signer: Signer | Ed25519PrivateKey | None = None,
+    *,
+    device_id: str | None = None,
+    sequence: int | None = None,
+    ttl_s: float = DEFAULT_TTL_S,
+    now: float | None = None,
+    partial: bool = False,
+) -> dict[int, bytes]:
+    """One v2 patch per stage of a staged (early-exit) artifact (its `.stages` directory, or the
+    loaded `device_runtime.staged.StagedArtifact`): `params` (every adaptive tensor, by the
+    model's parameter names) split by stage and built with `build_patch` against each stage's
+    weight map; all share one sequence number. `partial`: stages none of whose tensors are given
+    get no patch. Apply them with `device_runtime.staged.apply_staged_patches`."""
+    from device_runtime.staged import StagedArtifact, load_staged, split_params
+
+    staged = staged_dir if isinstance(staged_dir, StagedArtifact) else load_staged(Path(staged_dir))
+    if isinstance(signer, Ed25519PrivateKey):
+        signer = signer_for(signer)
+    sequence = next_sequence() if sequence is None else sequence
+    return {
+        k: build_patch(
+            staged.weight_maps[k], values, signer, device_id=device_id, sequence=sequence, ttl_s=ttl_s, now=now
+        )
+        for k, values in split_params(staged, params, partial=partial).items()
+    }
 
 
 def signer_for(key: Ed25519PrivateKey, keylist: bytes | None = None) -> Signer:

@@ -58,11 +58,16 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
     at export: fresh values patched through the weight map must reproduce PyTorch (max abs error
     <= 1e-5 + 1e-6 x the largest |output|; Core ML is read back with coremltools off macOS).
 
+    An early-exit checkpoint (`mntool train --method exits`) exports as a staged artifact per
+    target: NAME.stages/, one artifact per stage (each with its weight map and proof) and a
+    manifest, stages.json; `mntool run` and `mntool bench` take the directory.
+
     \b
     Examples:
       mntool export runs/sasrec --target all --out artifacts/
       mntool export runs/sasrec --target coreml --precision float16 --out artifacts/
       mntool export runs/sasrec --target tflite --adaptive-as-inputs --out artifacts/ --json
+      mntool export runs/mnist-exits --target tflite --out artifacts/   # artifacts/model.stages/
     """
     from exporters import export as run_export
     from exporters.report import summarize
@@ -79,8 +84,25 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
             )
     else:
         chosen = [d for d in declarations() if d.name == target]
+    staged = hasattr(ckpt.model, "stages")  # an early-exit model: one artifact per stage
     summaries = []
     for decl in chosen:
+        if staged:
+            summary, text = _export_staged(
+                ckpt,
+                decl,
+                out,
+                name=name,
+                batch=batch,
+                verify=not no_verify,
+                adaptive_as_inputs=adaptive_as_inputs,
+                precision=precision if precision in decl.precisions or target != "all" else "float32",
+                progress=not quiet,
+            )
+            summaries.append(summary)
+            if not as_json:
+                click.echo(text)
+            continue
         artifact = run_export(
             ckpt.model,
             ckpt.example_inputs(batch=batch),
@@ -98,4 +120,32 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
         if not as_json:
             click.echo(summaries[-1].line())
     if as_json:
-        click.echo(json.dumps([s.to_dict() for s in summaries], indent=2))
+        click.echo(json.dumps([s if isinstance(s, dict) else s.to_dict() for s in summaries], indent=2))
+
+
+def _export_staged(ckpt, decl, out: Path, *, batch: int, **options) -> tuple[dict, str]:
+    """Export an early-exit checkpoint's model as a staged artifact: its summary (one entry per
+    stage) and the lines that say so."""
+    from device_runtime.staged import MANIFEST, load_staged
+    from exporters import export_staged
+    from exporters.report import summarize
+
+    path = export_staged(ckpt.model, ckpt.example_inputs(batch=batch), decl.name, out, **options)
+    staged = load_staged(path)
+    stages = [summarize(staged.artifact(k)) for k in range(len(staged.stages))]
+    summary = {
+        "target": decl.name,
+        "artifact": str(path),
+        "staged": True,
+        "n_exits": staged.n_exits,
+        "manifest": str(path / MANIFEST),
+        "total_bytes": sum(s.total_bytes for s in stages),
+        "adaptive_bytes": sum(s.adaptive_bytes for s in stages),
+        "stages": [s.to_dict() for s in stages],
+    }
+    lines = [
+        f"{decl.name}: {path} (staged early-exit artifact: {len(stages)} stages, one exit each, "
+        f"{summary['total_bytes'] / 1024:.1f} KiB; manifest {MANIFEST})"
+    ]
+    lines += [f"  stage {k}: {s.line()}" for k, s in enumerate(stages)]
+    return summary, "\n".join(lines)
