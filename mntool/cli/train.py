@@ -127,6 +127,8 @@ def train(
       mntool train --model sasrec --history-len 10 --method metanetwork --shuffled-uploads --out runs/sasrec-l10-control
       mntool train --task mnist --model lenet --method metanetwork --out runs/mnist-mn
       mntool train --task mnist --model mobilenet --method tent --init runs/mnist-static --out runs/mnist-tent
+      mntool train --task mnist --model lenet --method exits --init runs/mnist-static --out runs/mnist-exits
+      mntool train --task mnist --model lenet --method metanetwork --init runs/mnist-exits --out runs/mnist-exits-mn
     """
     from device_runtime.errors import MntoolError
 

@@ -11,7 +11,7 @@ from mntool.vision.models import CNNS
 
 NAME = "mnist"
 MODELS = tuple(CNNS)
-METHODS = ("static", "bn-adapt", "tent", "finetune", "metanetwork")
+METHODS = ("static", "bn-adapt", "tent", "finetune", "metanetwork", "exits")
 DEFAULT_MODEL = "lenet"
 METRICS = ("device_mean_accuracy", "accuracy", "macro_f1", "nll", "ece")
 IMAGE_SHAPE = (28, 28)

@@ -26,12 +26,13 @@ from device_runtime.errors import MntoolError
 from mntool.meta import MetaConfig, MetaNetwork, per_sample_call
 from mntool.vision import adapt
 from mntool.vision.encoder import ImageSetEncoder
+from mntool.vision.exits import EarlyExitCNN, exit_accuracies, train_exits
 from mntool.vision.metrics import classification_metrics
 from mntool.vision.models import CNN, CNNS, CNNConfig, build_cnn
 
 TASK = "mnist"
-METHODS = ("static", "bn-adapt", "tent", "finetune", "metanetwork")
-LABEL_FREE = ("static", "bn-adapt", "tent", "metanetwork")  # methods a cloud can run on an unlabelled upload
+METHODS = ("static", "bn-adapt", "tent", "finetune", "metanetwork", "exits")
+LABEL_FREE = ("static", "bn-adapt", "tent", "metanetwork", "exits")  # methods a cloud can run on an unlabelled upload
 CHECKPOINT_FORMAT = 1
 EVAL_ROWS = 2048
 
@@ -50,6 +51,7 @@ class VisionTrainConfig:
     shuffled_uploads: bool = False  # control: every device reads another device's upload
     encoder_width: int = 32
     encoder_probe: bool = True  # the encoder also reads the device model's predictions on the upload
+    exits: bool = False  # the device model is an EarlyExitCNN (mntool.vision.exits); set by --method exits
     seed: int = 0
     backbone: CNNConfig = field(default_factory=CNNConfig)
     # a classifier's bias trains to near zero: the stabilizer's floor lets a device's label mix move it
@@ -74,6 +76,12 @@ class VisionTrainConfig:
         d["meta"] = MetaConfig(**d.get("meta", {}))
         d["adapt"] = adapt.AdaptConfig(**d.get("adapt", {}))
         return cls(**d)
+
+
+def build_model(cfg: VisionTrainConfig):
+    """The device model a checkpoint of `cfg` holds: a CNN, or an early-exit CNN around one."""
+    model = build_cnn(cfg.model, cfg.backbone)
+    return EarlyExitCNN(model) if cfg.exits else model
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -121,7 +129,7 @@ def device_params(
     method: str, model: CNN, uploads: np.ndarray, cfg: VisionTrainConfig, meta=None, labels=None
 ) -> dict | None:
     """Per-device adaptive tensors for uploads (U, K, 28, 28) under `method` (None for static)."""
-    if method == "static":
+    if method in ("static", "exits"):
         return None
     if method == "metanetwork":
         return generate_params(meta, uploads)
@@ -308,8 +316,11 @@ def report_metrics(model: CNN, dataset, cfg: VisionTrainConfig, meta: MetaNetwor
         t0 = time.perf_counter()
         params = device_params(cfg.method, model, uploads, cfg, meta, labels)
         seconds = time.perf_counter() - t0
-        out[split] = evaluate_split(model, dataset, split, _by_device(devices, params, dataset.n_devices))
-        if cfg.method != "static":
+        params = _by_device(devices, params, dataset.n_devices)
+        out[split] = evaluate_split(model, dataset, split, params)
+        if isinstance(model, EarlyExitCNN):  # every exit's per-device mean accuracy, the last = the above
+            out[split]["exit_device_mean_accuracy"] = exit_accuracies(model, dataset, split, params)
+        if cfg.method not in ("static", "exits"):
             out[split]["personalise_ms_per_device"] = 1e3 * seconds / len(devices)
     return out
 
@@ -364,7 +375,7 @@ def load_checkpoint(path: Path, config: dict) -> VisionCheckpoint:
             f"{IMAGE_PROTOCOL_VERSION!r}; retrain it"
         )
     cfg = VisionTrainConfig.from_dict(config["train"])
-    model = build_cnn(cfg.model, cfg.backbone)
+    model = build_model(cfg)
     module: torch.nn.Module = model
     meta = None
     if cfg.method == "metanetwork":
@@ -424,13 +435,21 @@ def train(
     from mntool.train import load_checkpoint as load_any
 
     base = load_any(init)
-    if getattr(base, "task", None) != TASK or base.config.method != "static" or base.config.model != cfg.model:
-        raise MntoolError(f"--init {init} must be a static {cfg.model} checkpoint of --task {TASK}")
+    allowed = ("static", "exits") if cfg.method == "metanetwork" else ("static",)
+    if getattr(base, "task", None) != TASK or base.config.method not in allowed or base.config.model != cfg.model:
+        kinds = " or ".join(f"an {m}" if m == "exits" else f"a {m}" for m in allowed)
+        raise MntoolError(f"--init {init} must be {kinds} {cfg.model} checkpoint of --task {TASK}")
     if base.protocol != asdict(dataset.config):
         raise MntoolError(f"--init {init} was trained under another image protocol configuration; use the same")
     cfg.backbone = base.config.backbone
+    cfg.exits = base.config.exits
     model, meta, train_log = base.model, None, {}
-    if cfg.method == "metanetwork":
+    if cfg.method == "exits":
+        model, train_log = train_exits(
+            model, dataset, epochs=cfg.epochs, patience=cfg.patience, lr=cfg.lr, seed=cfg.seed
+        )
+        cfg.exits = True
+    elif cfg.method == "metanetwork":
         meta, train_log = train_metanetwork(dataset, cfg, model, progress)
     else:
         train_log = {"selection": select_baseline(model, dataset, cfg)}
