@@ -411,7 +411,7 @@ def run_stage(artifact: Path, images) -> dict[str, np.ndarray]:
     from device_runtime.runners import open_runner
 
     with open_runner(artifact, weight_map=wmap.load(artifact)) as runner:
-        return runner.run({"x": images})
+        return runner.run({"images": images})
 
 
 @pytest.mark.slow

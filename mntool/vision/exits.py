@@ -146,7 +146,9 @@ class EarlyExitCNN(nn.Module):
         return torch.stack(out, dim=1)
 
     def stages(self) -> list[Stage]:
-        return [Stage(self, k) for k in range(self.n_exits)]
+        """One module per stage: the first reads `images`, the others the previous stage's `features`
+        (`prev_features`; the argument names are the compiled stages' input names)."""
+        return [ImageStage(self, 0)] + [FeatureStage(self, k) for k in range(1, self.n_exits)]
 
     def stage_adaptive(self, k: int) -> list[str]:
         """The adaptive tensors stage k computes with (each tensor belongs to exactly one stage)."""
@@ -184,6 +186,21 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._net.run_stage(self.k, x)
+
+
+class ImageStage(Stage):
+    """Stage 0: `images (B, 1, 28, 28)` in [0, 1]."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._net.run_stage(self.k, images)
+
+
+class FeatureStage(Stage):
+    """Stage k > 0: the previous stage's `features` (input `prev_features`: ONNX forbids an input
+    and an output of one name)."""
+
+    def forward(self, prev_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._net.run_stage(self.k, prev_features)
 
 
 # ---- cloud training of the exits on a frozen backbone ------------------------------------------
