@@ -1,7 +1,7 @@
 """Staged (early-exit) artifacts on the device: load and validate, run with early exit, patch,
 benchmark. Torch-free (numpy and the runtimes).
 
-A staged artifact is a directory `<name>.stages/` holding one ordinary exported artifact per stage
+A staged artifact is a directory `<name>.<target>.stages/` holding one ordinary exported artifact per stage
 (`stage0.tflite` + `stage0.tflite.weightmap.json`, ...) and a manifest `stages.json`
 (docs/weight-map.md, "Staged (early-exit) artifacts"). Stage 0 reads the images; stage k > 0 reads
 the previous stage's `features`; every stage ends in an exit (its `embedding` and `logits`), so an
@@ -49,7 +49,7 @@ from device_runtime.weight_map import IOSpec, WeightMap, WeightMapError
 FORMAT_NAME = "mntool-staged"
 FORMAT_VERSION = 1
 MANIFEST = "stages.json"
-SUFFIX = ".stages"  # the directory's name: `<name>.stages`
+SUFFIX = ".stages"  # the directory's name: `<name>.<target>.stages`
 FEATURES, EMBEDDING, LOGITS = "features", "embedding", "logits"  # what the stages output
 HEX64 = re.compile(r"[0-9a-f]{64}")
 DEFAULT_STREAM = 100  # random images a benchmark streams through the early-exit path without --inputs

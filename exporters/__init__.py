@@ -4,7 +4,7 @@
 it writes the artifact and `<artifact>.weightmap.json` (docs/weight-map.md) and proves, by
 patching fresh values through the weight map, that the artifact computes what PyTorch does.
 `export_staged(model, example_inputs, target, out_dir, **options) -> Path` does the same for an
-early-exit model, one artifact per stage plus a manifest (`<name>.stages/`).
+early-exit model, one artifact per stage plus a manifest (`<name>.<target>.stages/`).
 Importing this package is cheap: torch and the converters load inside `export`.
 """
 
@@ -38,12 +38,12 @@ def export_staged(model, example_inputs, target: str, out_dir: Path | str, **opt
     """Export an early-exit `model` (the staged protocol: `stages()`, `stage_adaptive(k)`,
     `stage_outputs(k)`, `stage_example(k, x)`, `exit_names(k)`, `n_exits`, `adaptive_names()`) for
     `target`: each stage an ordinary artifact with its own weight map and proof, in
-    `out_dir/<name>.stages/` with the manifest `stages.json` (docs/weight-map.md, "Staged
+    `out_dir/<name>.<target>.stages/` with the manifest `stages.json` (docs/weight-map.md, "Staged
     (early-exit) artifacts"); returns that directory. `options` as for `export` (`output_names`
     excepted: each stage names its own).
 
     >>> export_staged(EarlyExitCNN(build_cnn("lenet")).eval(), (images,), "tflite", "artifacts/")
-    PosixPath('artifacts/model.stages')
+    PosixPath('artifacts/model.tflite.stages')
     """
     from exporters.staged import export_staged as run_staged
 

@@ -28,7 +28,7 @@ PROTOCOL = ("n_exits", "adaptive_names", "stages", "stage_adaptive", "stage_outp
 
 
 def export_staged(model, example_inputs, target: str, out_dir: Path, **options) -> Path:
-    """Export every stage of `model` for `target` into `out_dir/<name>.stages/` with its manifest;
+    """Export every stage of `model` for `target` into `out_dir/<name>.<target>.stages/` with its manifest;
     returns that directory. `example_inputs` are the whole model's (a 1-tuple, or the tensor).
     `options` are `ExportOptions` fields (`name` names the directory; each stage is `stage<k>`,
     its outputs named by `stage_outputs(k)`). Built in a staging directory and moved into place
@@ -51,7 +51,7 @@ def export_staged(model, example_inputs, target: str, out_dir: Path, **options) 
     exits, n_classes = _exits(model, adaptive)
     out_dir = Path(out_dir)
     with staging(out_dir) as stage_dir:
-        inner = stage_dir / f"{opts.name}{staged_format.SUFFIX}"
+        inner = stage_dir / f"{opts.name}.{target}{staged_format.SUFFIX}"  # one directory per target
         inner.mkdir()
         entries = []
         for k, stage in enumerate(stages):

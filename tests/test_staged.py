@@ -126,7 +126,7 @@ def exported(nets, tmp_path_factory):
     def get(cnn: str, target: str) -> Path:
         if (cnn, target) not in cache:
             example = torch.from_numpy(images(1, seed=0))
-            cache[cnn, target] = export_staged(nets[cnn], (example,), target, root, name=f"{cnn}-{target}")
+            cache[cnn, target] = export_staged(nets[cnn], (example,), target, root, name=cnn)
         return cache[cnn, target]
 
     return get
@@ -135,7 +135,7 @@ def exported(nets, tmp_path_factory):
 # ---- the artifact and its manifest -------------------------------------------------------------
 def test_staged_export_writes_one_proven_artifact_per_stage_and_a_manifest(nets, exported):
     net, path = nets["lenet"], exported("lenet", "tflite")
-    assert path.name == "lenet-tflite.stages" and path.is_dir()
+    assert path.name == "lenet.tflite.stages" and path.is_dir()
     manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["format"] == "mntool-staged" and manifest["version"] == 1 and manifest["target"] == "tflite"
     assert manifest["n_classes"] == 10 and len(manifest["stages"]) == net.n_exits == 3
@@ -381,11 +381,12 @@ def test_export_refuses_a_model_without_stages(tmp_path):
 
 def test_a_failed_stage_export_leaves_an_earlier_staged_artifact(nets, exported, tmp_path):
     path = copy_staged(exported("lenet", "onnx"), tmp_path)
+    assert path.name == "lenet.onnx.stages"  # what the failed export below would replace
     before = tree_hashes(tmp_path)
     net = perturbed_net("lenet")
     net.train()  # refused by the first stage's export
     with pytest.raises(ExportError, match="stage 0: model is in training mode"):
-        export_staged(net, (torch.rand(1, 1, 28, 28),), "onnx", tmp_path, name=path.name.removesuffix(".stages"))
+        export_staged(net, (torch.rand(1, 1, 28, 28),), "onnx", tmp_path, name="lenet")
     assert tree_hashes(tmp_path) == before
 
 
@@ -478,5 +479,5 @@ def test_cli_export_of_an_early_exit_checkpoint_writes_a_staged_artifact(nets, t
     result = mntool("export", ckpt, "--target", "onnx", "--out", tmp_path / "out", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "staged early-exit artifact: 3 stages" in result.stdout and result.stdout.count("proof max abs error") == 3
-    staged = load_staged(tmp_path / "out" / "model.stages")
+    staged = load_staged(tmp_path / "out" / "model.onnx.stages")
     assert staged.target == "onnx" and staged.n_exits == 3

@@ -67,7 +67,7 @@ def run(
     all_exits: bool,
 ) -> None:
     """Run one inference of ARTIFACT (.tflite, .onnx; .mlpackage on macOS), or of a staged
-    early-exit artifact (a NAME.stages directory from `mntool export`).
+    early-exit artifact (a NAME.TARGET.stages directory from `mntool export`).
 
     Inputs are cast to the artifact's dtypes when that loses nothing (int64 ids -> int32);
     a lossy cast is an error. A staged artifact takes images (the array named `images`, or the
@@ -80,9 +80,9 @@ def run(
       echo '{"history": [[0, 0, 12, 7, 301]], "target": [42]}' > in.json
       mntool run artifacts/model.tflite --inputs in.json --json
       mntool run artifacts/model.onnx --inputs in.npz -o out.npz
-      mntool run artifacts/model.stages --inputs digits.npz --threshold 0.9
-      mntool run artifacts/model.stages --inputs digits.npz --threshold 0.8 --threshold 0.95 --json
-      mntool run artifacts/model.stages --inputs digits.npz --all-exits
+      mntool run artifacts/model.tflite.stages --inputs digits.npz --threshold 0.9
+      mntool run artifacts/model.tflite.stages --inputs digits.npz --threshold 0.8 --threshold 0.95 --json
+      mntool run artifacts/model.tflite.stages --inputs digits.npz --all-exits
     """
     from device_runtime.runners import RunnerConfig, load_inputs, run_artifact
     from device_runtime.staged import StagedError, is_staged
@@ -102,7 +102,7 @@ def run(
         )
         return
     if thresholds or all_exits:
-        raise StagedError("--threshold and --all-exits apply to staged artifacts (NAME.stages directories)")
+        raise StagedError("--threshold and --all-exits apply to staged artifacts (NAME.TARGET.stages directories)")
     if device:  # qemu-arm64: the same runners, in the arm64 Python under qemu-aarch64
         from device_runtime.qemu import run_artifact as run_emulated
 
@@ -297,7 +297,7 @@ def bench(
     timer's own overhead, peak RSS and size. With --patch: patch apply time, swap latency (patch
     bytes in hand -> first output with the new parameters) and patched/unpatched p50.
 
-    A staged early-exit artifact (a NAME.stages directory) reports each stage's latency alone
+    A staged early-exit artifact (a NAME.TARGET.stages directory) reports each stage's latency alone
     and each exit path's (stages 0..k); with --threshold, the mean latency per input of the
     early-exit path over a stream of images (--inputs, else --stream random ones), the rate of
     each exit and the ratio to running every stage on the same images.
@@ -308,7 +308,7 @@ def bench(
       mntool bench artifacts/model.tflite --patch p.mnpatch --runs 2000 --json > bench.json
       mntool bench artifacts/model.onnx --profile little-core --csv
       mntool bench artifacts/model.tflite --device adb:R58M123ABC --benchmark-binary ./benchmark_model
-      mntool bench artifacts/model.stages --threshold 0.9 --inputs digits.npz
+      mntool bench artifacts/model.tflite.stages --threshold 0.9 --inputs digits.npz
     """
     from device_runtime.bench import BenchError
     from device_runtime.runners import RunnerConfig
@@ -341,7 +341,7 @@ def bench(
             click.echo("\n".join(describe_staged(r) for r in staged_reports))
         return
     if thresholds:
-        raise BenchError("--threshold applies to staged artifacts (NAME.stages directories)")
+        raise BenchError("--threshold applies to staged artifacts (NAME.TARGET.stages directories)")
     if patches and len(artifacts) != 1:
         raise BenchError("--patch needs exactly one ARTIFACT (a patch is built for one artifact)")
     if device == "qemu-arm64":

@@ -59,7 +59,7 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
     <= 1e-5 + 1e-6 x the largest |output|; Core ML is read back with coremltools off macOS).
 
     An early-exit checkpoint (`mntool train --method exits`) exports as a staged artifact per
-    target: NAME.stages/, one artifact per stage (each with its weight map and proof) and a
+    target: NAME.TARGET.stages/, one artifact per stage (each with its weight map and proof) and a
     manifest, stages.json; `mntool run` and `mntool bench` take the directory.
 
     \b
@@ -67,7 +67,7 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
       mntool export runs/sasrec --target all --out artifacts/
       mntool export runs/sasrec --target coreml --precision float16 --out artifacts/
       mntool export runs/sasrec --target tflite --adaptive-as-inputs --out artifacts/ --json
-      mntool export runs/mnist-exits --target tflite --out artifacts/   # artifacts/model.stages/
+      mntool export runs/mnist-exits --target tflite --out artifacts/   # artifacts/model.tflite.stages/
     """
     from exporters import export as run_export
     from exporters.report import summarize
