@@ -205,6 +205,15 @@ def generate_patch(
     return build_patch(artifact, generate(checkpoint, recent), signer, **freshness)
 
 
+def generate_staged_patches(
+    checkpoint: Path | Generator, staged_dir: Path, recent: np.ndarray, signer=None, **freshness
+) -> dict[int, bytes]:
+    """`generate_patch` for a staged (early-exit) artifact: one patch per stage, one sequence."""
+    from mntool.generate import generate
+
+    return build_staged_patches(staged_dir, generate(checkpoint, recent), signer, **freshness)
+
+
 # ---- keys -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KeyPair:

@@ -148,3 +148,50 @@ def test_cli_refuses_exits_on_a_non_static_init(exit_runs, mnist_dir, tmp_path):
         ],
     )
     assert res.exit_code != 0 and "must be a static lenet checkpoint" in res.output
+
+
+def test_generate_writes_one_patch_per_stage_of_a_staged_artifact(exit_runs, mnist_dataset, tmp_path):
+    """`mntool generate` on a .stages directory: one patch per stage carrying the generator's values for
+    that stage's tensors, each applicable to its stage with `patch-weights`."""
+    from device_runtime.patch import parse_patch
+    from device_runtime.staged import load_staged
+    from exporters import export_staged
+    from mntool.generate import Generator
+    from mntool.train import load_checkpoint
+
+    out, _ = exit_runs
+    ck = load_checkpoint(out / "mn")
+    stages = export_staged(ck.model, ck.example_inputs(), "tflite", tmp_path / "art")
+    _, uploads = mnist_dataset.device_upload("test")
+    np.savez(tmp_path / "up.npz", images=uploads[1])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "generate",
+            str(out / "mn"),
+            str(stages),
+            "--samples",
+            str(tmp_path / "up.npz"),
+            "-o",
+            str(tmp_path / "p.mnpatch"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    want = Generator(ck).generate(uploads[1])
+    staged = load_staged(stages)
+    for k, stage in enumerate(staged.stages):
+        patch = parse_patch((tmp_path / f"p.stage{k}.mnpatch").read_bytes())
+        assert [t.name for t in patch.tensors] == list(stage.adaptive)
+        for t in patch.tensors:
+            np.testing.assert_array_equal(patch.array(t).reshape(want[t.name].shape), want[t.name])
+        applied = CliRunner().invoke(
+            cli,
+            [
+                "patch-weights",
+                str(staged.artifact(k)),
+                str(tmp_path / f"p.stage{k}.mnpatch"),
+                "-o",
+                str(tmp_path / f"s{k}.tflite"),
+            ],
+        )
+        assert applied.exit_code == 0, applied.output

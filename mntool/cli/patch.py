@@ -261,15 +261,22 @@ def generate(
     Examples:
       mntool generate runs/sasrec artifacts/model.tflite --samples recent.json -o p.mnpatch
       mntool generate runs/lenet-mn artifacts/lenet/model.tflite --samples upload.npz -o p.mnpatch
+      mntool generate runs/lenet-exits-mn artifacts/model.tflite.stages --samples upload.npz -o p.mnpatch
+          # a staged (early-exit) artifact: p.stage0.mnpatch, p.stage1.mnpatch, ... (patch-weights each stage)
     """
-    from mntool.patches import generate_patch, load_recent
+    from device_runtime.staged import is_staged
+    from mntool.patches import generate_patch, generate_staged_patches, load_recent
 
     signer = _signer(sign_key, key_list)
     recent = load_recent(samples_path)
-    data = generate_patch(
-        checkpoint, artifact, recent, signer, device_id=device_id, sequence=sequence, ttl_s=parse_duration(ttl)
-    )
-    _write_patch(data, out, as_json, f"{len(recent)} recent {'images' if recent.ndim == 3 else 'items'}")
+    source = f"{len(recent)} recent {'images' if recent.ndim == 3 else 'items'}"
+    freshness = dict(device_id=device_id, sequence=sequence, ttl_s=parse_duration(ttl))
+    if is_staged(artifact):  # an early-exit artifact: one patch per stage, OUT.stage<k><suffix>
+        patches = generate_staged_patches(checkpoint, artifact, recent, signer, **freshness)
+        for k, data in patches.items():
+            _write_patch(data, out.with_name(f"{out.stem}.stage{k}{out.suffix}"), as_json, f"{source}, stage {k}")
+        return
+    _write_patch(generate_patch(checkpoint, artifact, recent, signer, **freshness), out, as_json, source)
 
 
 @click.command("patch-weights")
