@@ -3,7 +3,7 @@ latency per input for early-exit CNNs personalised four ways, all on the same de
 staged artifact and the same run.
 
 Per seed it needs `mntool train` runs under RUNS/<model>/seed<s>/: `static`, `exits` (--init static)
-and `metanetwork` (--init exits); `runs/ee/train_seeds.sh` makes them. For every device (img-v1, 100
+and `metanetwork` (--init exits); `benchmarks/early_exit_runs.sh` makes them. For every device (img-v1, 100
 devices) and method it installs the method's adaptive tensors in the compiled staged artifact through
 the production patch path, runs the device's own stream of 64 test images through the staged runner
 (LiteRT, 1 thread, stopping at the first confident exit) at every threshold of the grid, and times
