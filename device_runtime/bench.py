@@ -509,10 +509,23 @@ def benchmark_isolated(
         "inputs": str(inputs) if inputs else None,
         "config": config.to_dict(),
     }
+    message = run_worker("device_runtime.bench", request, profile, progress)
+    if "error" in message:
+        raise BenchError(message["error"])
+    report = BenchReport.from_dict(message["report"])
+    report.profile = message["profile"]
+    return report
+
+
+def run_worker(module: str, request: dict, profile: DeviceProfile | None, progress: Progress | None) -> dict:
+    """Run `python -m module` as a benchmark worker under `profile` (threads, CPU affinity, CPU
+    bandwidth; none leaks into the caller): `request` as JSON on its stdin, progress lines passed
+    to `progress`, its last message returned ({"report": ...} or {"error": ...}) with
+    "profile": the limits applied (None without a profile). A crash raises RuntimeError."""
     sandbox = ProfileSandbox(profile) if profile is not None else None
     with sandbox or contextlib.nullcontext():
         worker = subprocess.Popen(
-            [sys.executable, "-m", "device_runtime.bench"],
+            [sys.executable, "-m", module],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -526,17 +539,16 @@ def benchmark_isolated(
             if "progress" in message and progress:
                 progress(message["progress"])
         worker.wait()
-    if "error" in message:
-        raise BenchError(message["error"])
-    if worker.returncode != 0 or "report" not in message:
-        raise RuntimeError(f"benchmark worker failed (exit {worker.returncode}); its traceback is above")
-    report = BenchReport.from_dict(message["report"])
-    report.profile = sandbox.applied.to_dict() if sandbox else None
-    return report
+    if "error" not in message and (worker.returncode != 0 or "report" not in message):
+        raise RuntimeError(f"{module} worker failed (exit {worker.returncode}); its traceback is above")
+    message["profile"] = sandbox.applied.to_dict() if sandbox else None
+    return message
 
 
-def _worker_main() -> int:
-    """Worker: read a request on stdin; write progress lines and one report line on stdout."""
+def worker_main(run: Callable[[dict, Progress], object]) -> int:
+    """A benchmark worker's main: read the request on stdin, call `run(request, progress)`, write
+    progress lines and one report (or error) line on stdout as JSON; runtimes' own prints go to
+    stderr."""
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # runtimes print to stdout; keep the channel for JSON lines only
 
@@ -545,13 +557,7 @@ def _worker_main() -> int:
 
     request = json.loads(sys.stdin.read())
     try:
-        report = benchmark(
-            Path(request["artifact"]),
-            [Path(p) for p in request["patches"]],
-            Path(request["inputs"]) if request["inputs"] else None,
-            BenchConfig.from_dict(request["config"]),
-            progress=lambda n: send({"progress": n}),
-        )
+        report = run(request, lambda n: send({"progress": n}))
     except MntoolError as err:
         send({"error": str(err)})
         return 1
@@ -562,5 +568,15 @@ def _worker_main() -> int:
     return 0
 
 
+def _run_request(request: dict, progress: Progress) -> BenchReport:
+    return benchmark(
+        Path(request["artifact"]),
+        [Path(p) for p in request["patches"]],
+        Path(request["inputs"]) if request["inputs"] else None,
+        BenchConfig.from_dict(request["config"]),
+        progress=progress,
+    )
+
+
 if __name__ == "__main__":
-    sys.exit(_worker_main())
+    sys.exit(worker_main(_run_request))

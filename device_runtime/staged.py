@@ -12,16 +12,12 @@ stage, `apply_staged_patches` verifies every one of them before writing any.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -36,13 +32,15 @@ from device_runtime.bench import (
     _host,
     _runtime_version,
     empty_call,
+    run_worker,
     time_interleaved,
+    worker_main,
 )
 from device_runtime.errors import MntoolError
 from device_runtime.exit_policy import confidence
 from device_runtime.install import apply_patch_file, read_state
 from device_runtime.patch import Patch, PatchError, TrustPolicy, frozen_bytes, verify_patch
-from device_runtime.profiles import DeviceProfile, ProfileSandbox
+from device_runtime.profiles import DeviceProfile
 from device_runtime.runners import RUNTIME_OF_TARGET, Runner, RunnerConfig, load_inputs, open_runner
 from device_runtime.weight_map import IOSpec, WeightMap, WeightMapError
 
@@ -753,59 +751,24 @@ def bench_staged_isolated(
         "inputs": str(inputs) if inputs else None,
         "stream": stream,
     }
-    sandbox = ProfileSandbox(profile) if profile is not None else None
-    with sandbox or contextlib.nullcontext():
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "device_runtime.staged"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=sandbox.enter_child if sandbox else None,
-        )
-        worker.stdin.write(json.dumps(request))
-        worker.stdin.close()
-        message = {}
-        for line in worker.stdout:
-            message = json.loads(line)
-            if "progress" in message and progress:
-                progress(message["progress"])
-        worker.wait()
+    message = run_worker("device_runtime.staged", request, profile, progress)
     if "error" in message:
         raise StagedError(message["error"])
-    if worker.returncode != 0 or "report" not in message:
-        raise RuntimeError(f"staged benchmark worker failed (exit {worker.returncode}); its traceback is above")
     report = StagedBenchReport.from_dict(message["report"])
-    report.profile = sandbox.applied.to_dict() if sandbox else None
+    report.profile = message["profile"]
     return report
 
 
-def _worker_main() -> int:
-    """Worker: read a request on stdin; write progress lines and one report line on stdout."""
-    channel = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # runtimes print to stdout; keep the channel for JSON lines only
-
-    def send(message: dict) -> None:
-        channel.write(json.dumps(message) + "\n")
-
-    request = json.loads(sys.stdin.read())
-    try:
-        report = bench_staged(
-            Path(request["artifact"]),
-            BenchConfig.from_dict(request["config"]),
-            thresholds=request["thresholds"],
-            inputs=Path(request["inputs"]) if request["inputs"] else None,
-            stream=request["stream"],
-            progress=lambda n: send({"progress": n}),
-        )
-    except MntoolError as err:
-        send({"error": str(err)})
-        return 1
-    except Exception:
-        traceback.print_exc()
-        return 2
-    send({"report": report.to_dict()})
-    return 0
+def _run_request(request: dict, progress: Progress) -> StagedBenchReport:
+    return bench_staged(
+        Path(request["artifact"]),
+        BenchConfig.from_dict(request["config"]),
+        thresholds=request["thresholds"],
+        inputs=Path(request["inputs"]) if request["inputs"] else None,
+        stream=request["stream"],
+        progress=progress,
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main())
+    sys.exit(worker_main(_run_request))

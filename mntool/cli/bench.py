@@ -443,20 +443,11 @@ def measure_staged(
 
 def describe_staged(r) -> str:
     """A human-readable summary of one staged benchmark (`device_runtime.staged.StagedBenchReport`)."""
-    runner = r.config["runner"]
-    engine = {
-        "litert": f"XNNPACK {'on' if runner['xnnpack'] else 'off'}",
-        "onnxruntime": f"graph opt {runner['graph_optimization']}",
-    }.get(r.runtime, "")
-    load = r.host.get("load_average_1min")
+    runner, engine, load = _setting(r)
     lines = [
         f"{r.artifact}  [staged, {len(r.stages)} stages; {r.runtime} {r.runtime_version}, {runner['threads']} "
         f"thread(s), {engine}, batch {r.batch}; host load average {load:.1f} on {r.host.get('cpu_count')} CPUs]"
-    ]
-    if r.profile:
-        p = r.profile
-        limit = f"{p['cpu_bandwidth']:.0%} CPU bandwidth" if p["bandwidth_applied"] else "no bandwidth limit"
-        lines.append(f"  profile {p['profile']}: cpus {p['cpus']}, {limit}" + "".join(f"; {n}" for n in p["notes"]))
+    ] + _profile_lines(r)
     for k, (name, L) in enumerate(zip(r.stage_artifacts, r.stages)):
         lines.append(f"  stage {k}     {name}: p50 {_ms(L.p50_ms)}  p99 {_ms(L.p99_ms)}  ({L.runs} runs)")
     for k, L in enumerate(r.paths):
@@ -475,26 +466,35 @@ def describe_staged(r) -> str:
     return "\n".join(lines)
 
 
+def _setting(r) -> tuple[dict, str, float]:
+    """(runner config, the runtime's engine setting in words, host load) of a bench report."""
+    runner = r.config["runner"]
+    engine = {
+        "litert": f"XNNPACK {'on' if runner['xnnpack'] else 'off'}",
+        "onnxruntime": f"graph opt {runner['graph_optimization']}",
+    }.get(r.runtime, "")
+    return runner, engine, r.host.get("load_average_1min")
+
+
+def _profile_lines(r) -> list[str]:
+    if not r.profile:
+        return []
+    p = r.profile
+    limit = f"{p['cpu_bandwidth']:.0%} CPU bandwidth" if p["bandwidth_applied"] else "no bandwidth limit"
+    return [f"  profile {p['profile']}: cpus {p['cpus']}, {limit}" + "".join(f"; {n}" for n in p["notes"])]
+
+
 def _ms(value: float) -> str:
     return f"{value * 1e3:.1f} us" if value < 1 else f"{value:.2f} ms"
 
 
 def describe(r: BenchReport) -> str:
     """A human-readable summary of one report."""
-    runner = r.config["runner"]
-    engine = {
-        "litert": f"XNNPACK {'on' if runner['xnnpack'] else 'off'}",
-        "onnxruntime": f"graph opt {runner['graph_optimization']}",
-    }.get(r.runtime, "")
-    load = r.host.get("load_average_1min")
+    runner, engine, load = _setting(r)
     lines = [
         f"{r.artifact}  [{r.runtime} {r.runtime_version}, {runner['threads']} thread(s), {engine}, "
         f"{r.artifact_bytes / 1e3:.1f} kB; host load average {load:.1f} on {r.host.get('cpu_count')} CPUs]"
-    ]
-    if r.profile:
-        p = r.profile
-        limit = f"{p['cpu_bandwidth']:.0%} CPU bandwidth" if p["bandwidth_applied"] else "no bandwidth limit"
-        lines.append(f"  profile {p['profile']}: cpus {p['cpus']}, {limit}" + "".join(f"; {n}" for n in p["notes"]))
+    ] + _profile_lines(r)
     L = r.latency
     lines += [
         f"  load       first in process {_ms(r.first_load_ms)} (runtime start-up), from file {_ms(r.load_file_ms)}, "
