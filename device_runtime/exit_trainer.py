@@ -264,7 +264,6 @@ def device_key(path: Path | str) -> Ed25519PrivateKey:
 def _private_key(key) -> Ed25519PrivateKey:
     """An Ed25519 private key from a key object, a raw 32-byte seed, or a file holding a seed or
     an unencrypted PKCS#8 PEM (what `mntool keygen` writes)."""
-    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     if isinstance(key, Ed25519PrivateKey):
@@ -274,19 +273,12 @@ def _private_key(key) -> Ed25519PrivateKey:
             raise ExitTrainError(f"a raw device key is a 32-byte Ed25519 seed, got {len(key)} bytes")
         return Ed25519PrivateKey.from_private_bytes(bytes(key))
     if isinstance(key, (str, Path)):
+        from device_runtime.signing import SigningKeyError, load_private_key
+
         try:
-            data = Path(key).read_bytes()
-        except OSError as err:
-            raise ExitTrainError(f"cannot read device key {key}: {err.strerror}") from None
-        if len(data) == 32:
-            return Ed25519PrivateKey.from_private_bytes(data)
-        try:
-            loaded = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError):
-            raise ExitTrainError(f"{key} is neither a 32-byte seed nor an unencrypted PEM private key") from None
-        if not isinstance(loaded, Ed25519PrivateKey):
-            raise ExitTrainError(f"{key} holds a {type(loaded).__name__}, not an Ed25519 private key")
-        return loaded
+            return load_private_key(Path(key))
+        except SigningKeyError as err:
+            raise ExitTrainError(str(err)) from None
     raise ExitTrainError(f"key must be an Ed25519 private key, a 32-byte seed or a key file, got {type(key).__name__}")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from device_runtime.errors import MntoolError
 
@@ -20,6 +20,28 @@ RAW_KEY_SIZE = 32
 
 class SignatureError(MntoolError):
     """A key file is unreadable or a patch's signature does not verify."""
+
+
+class SigningKeyError(MntoolError):
+    """A signing key cannot be made, read or written."""
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """The Ed25519 private key in `path`: PKCS#8 PEM (as `mntool keygen` writes), or a raw 32-byte
+    seed (as a device's own key is kept). The cloud's signing keys and a device's key read alike."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise SigningKeyError(f"cannot read signing key {path}: {err.strerror}") from None
+    if len(data) == 32:
+        return Ed25519PrivateKey.from_private_bytes(data)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise SigningKeyError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningKeyError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
+    return key
 
 
 def load_public_key(path: Path) -> bytes:

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_runtime import weight_map as wmap
-from device_runtime.errors import MntoolError
 from device_runtime.keys import KeyListError, OnlineKey, pack_keylist_message, parse_keylist
 from device_runtime.layout import LayoutError, stored_tensors
 from device_runtime.patch import ANY_DEVICE, Freshness, Signer, device_hash, pack_patch
+from device_runtime.signing import SigningKeyError, load_private_key
 from device_runtime.weight_map import WeightMap
 
 if TYPE_CHECKING:
@@ -32,10 +32,6 @@ if TYPE_CHECKING:
 
 
 ParamsError = LayoutError  # parameters that cannot become a patch: one error class, defined beside the layout rules
-
-
-class SigningKeyError(MntoolError):
-    """A signing key cannot be made, read or written."""
 
 
 DEFAULT_TTL_S = 7 * 24 * 3600  # a patch nobody applied within a week is stale: the device asks again
@@ -247,19 +243,7 @@ def keygen(keybase: Path) -> KeyPair:
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """The Ed25519 private key in `path` (PKCS#8 PEM as `keygen` writes, or a raw 32-byte seed)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise SigningKeyError(f"cannot read signing key {path}: {err.strerror}") from None
-    if len(data) == 32:
-        return Ed25519PrivateKey.from_private_bytes(data)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise SigningKeyError(f"{path} is not an unencrypted PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningKeyError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
-    return key
+    return load_private_key(path)
 
 
 def load_keylist(path: Path) -> bytes:

@@ -10,7 +10,6 @@ values. Core ML (no prediction off macOS): the patched constants must read back 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -73,12 +72,9 @@ def fresh_params(net: EarlyExitCNN, seed: int) -> dict[str, np.ndarray]:
 
 
 def with_params(net: EarlyExitCNN, values: dict[str, np.ndarray]) -> EarlyExitCNN:
-    other = copy.deepcopy(net)
-    params = dict(other.named_parameters())
-    with torch.no_grad():
-        for name, value in values.items():
-            params[name].copy_(torch.from_numpy(value))
-    return other
+    from exporters.prepare import with_values
+
+    return with_values(net, values)
 
 
 def images(n: int = N_IMAGES, seed: int = 1) -> np.ndarray:
