@@ -31,6 +31,7 @@ from device_runtime.errors import MntoolError
 from device_runtime.hotswap import HotSwap
 from device_runtime.patch import DeviceState, TrustPolicy, apply_patch_bytes, verify_patch
 from device_runtime.profiles import DeviceProfile, ProfileSandbox
+from device_runtime.ranking import RankingForm
 from device_runtime.runners import (
     PACKAGE_OF_RUNTIME,
     RunnerConfig,
@@ -142,6 +143,9 @@ class BenchReport:
     patches: list[PatchReport] = field(default_factory=list)
     profile: dict | None = None  # what a device profile enforced (profiles.AppliedProfile)
     host: dict = field(default_factory=dict)
+    # a recommender's ranking form (device_runtime.ranking) and the latency per ranking request it
+    # implies: form, calls_per_request, p50_ms, p99_ms (per request); None for other artifacts
+    ranking: dict | None = None
 
     def to_dict(self, samples: bool = True) -> dict:
         d = asdict(self)
@@ -216,6 +220,15 @@ def generate_inputs(specs: tuple[IOSpec, ...], vocab_size: int | None, seed: int
         else:
             raise BenchError(f"cannot generate values for input {spec.name!r} of dtype {spec.dtype}")
     return feeds
+
+
+def vocab_size(weight_map: WeightMap | None) -> int | None:
+    """Rows of the artifact's item table (valid ids 0..vocab_size-1), where its weight map says:
+    a ranking form's items, else the legacy `extra.vocab_size`; None if unknown."""
+    if weight_map is None:
+        return None
+    form = RankingForm.of(weight_map)
+    return form.n_items + 1 if form is not None else weight_map.extra.get(VOCAB_KEY)
 
 
 def generated_source(spec: IOSpec, vocab_size: int | None) -> str:
@@ -349,7 +362,8 @@ def benchmark(
     runner = load(None)
     first_load_ms = (time.perf_counter_ns() - t0) / 1e6
     input_specs = runner.free_inputs
-    vocab = weight_map.extra.get(VOCAB_KEY) if weight_map else None
+    form = RankingForm.of(weight_map)
+    vocab = vocab_size(weight_map)
     feeds = load_inputs(inputs) if inputs else generate_inputs(input_specs, vocab, config.seed)
     reference = runner.run(feeds)
     runner.close()
@@ -487,6 +501,14 @@ def benchmark(
         samples_ms=samples["unpatched"],
         patches=patch_reports,
         host=_host(),
+        ranking=None
+        if form is None
+        else {
+            "form": form.to_dict(),
+            "calls_per_request": form.calls_per_request,
+            "p50_ms": latency.p50_ms * form.calls_per_request,
+            "p99_ms": latency.p99_ms * form.calls_per_request,
+        },
     )
 
 

@@ -513,7 +513,7 @@ def bench(
 ) -> dict:
     """Instruction counts of `artifact` (and of each patch) on the emulated Cortex-A76, with the
     outputs checked against this host's run of the same runner on the same inputs."""
-    from device_runtime.bench import VOCAB_KEY, generate_inputs
+    from device_runtime.bench import generate_inputs, vocab_size
     from device_runtime.patch import TrustPolicy, apply_patch_bytes
     from device_runtime.runners import RunnerConfig, find_weight_map, load_inputs, open_runner, runtime_for
     from device_runtime.weight_map import read_artifact_files
@@ -526,7 +526,7 @@ def bench(
         raise DeviceError(f"patches need the artifact's weight map; none beside {artifact}")
     runtime = runtime_for(artifact, weight_map)
     with open_runner(artifact, weight_map=weight_map, config=runner_config) as host_runner:
-        vocab = weight_map.extra.get(VOCAB_KEY) if weight_map else None
+        vocab = vocab_size(weight_map)
         feeds = load_inputs(inputs) if inputs else generate_inputs(host_runner.free_inputs, vocab, config.seed)
         host = {"unpatched": host_runner.run(feeds)}
     files = read_artifact_files(artifact, weight_map.files if weight_map else [artifact.name])

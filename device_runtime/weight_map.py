@@ -83,6 +83,9 @@ class WeightMap:
     tensors: tuple[TensorEntry, ...]
     extra: dict = field(default_factory=dict)  # target-specific facts (e.g. adaptive region)
     mode: str = "buffers"  # one of MODES
+    # what the inputs mean to the model's task, as the exporting caller declared it (e.g. a
+    # recommender's ranking form: device_runtime.ranking); {} if undeclared. Exporters copy it, never read it
+    form: dict = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
     # ---- lookup -----------------------------------------------------------------------------
@@ -139,6 +142,7 @@ class WeightMap:
                 ),
                 extra=dict(d.get("extra", {})),
                 mode=d.get("mode", "buffers"),
+                form=d.get("form", {}),
                 version=d["version"],
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -169,6 +173,8 @@ class WeightMap:
             raise WeightMapError(f"weight map target {self.target!r} is not one of {TARGETS}")
         if self.mode not in MODES:
             raise WeightMapError(f"weight map mode {self.mode!r} is not one of {MODES}")
+        if not isinstance(self.form, dict):
+            raise WeightMapError(f"weight map form must be a JSON object, got {type(self.form).__name__}")
         for f in self.files:
             _check_relative_path(f)
         if len(set(self.files)) != len(self.files):

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from device_runtime import ranking
 from device_runtime.client import refresh
+from device_runtime.ranking import RankingForm
 from device_runtime.runners import Runner, RunnerConfig, find_weight_map, open_runner
 from exporters import export
 from mntool.data import DeviceDataset
@@ -43,7 +45,6 @@ from mntool.patches import certify_keys, keygen, load_signing_key, raw_public_ke
 from mntool.serve import ServerProcess
 from mntool.train import Checkpoint, device_params_for, evaluate_split, load_checkpoint
 
-BATCH = 100  # rows per compiled call: one ranking task (1 positive + 99 negatives)
 TOKEN = "fleet-token"
 
 
@@ -101,26 +102,15 @@ def devices_of(dataset: DeviceDataset, users: np.ndarray) -> list[Device]:
     return out
 
 
-def score(runner: Runner, history: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Logits for rows (history (N, L), target (N,)) in calls of BATCH rows (the last padded)."""
-    out = []
-    for i in range(0, len(target), BATCH):
-        h, t = history[i : i + BATCH], target[i : i + BATCH]
-        n = len(t)
-        if n < BATCH:
-            h = np.concatenate([h, np.repeat(h[:1], BATCH - n, axis=0)])
-            t = np.concatenate([t, np.repeat(t[:1], BATCH - n)])
-        out.append(runner.run({"history": h, "target": t})["logits"].reshape(-1)[:n])
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def score_device(runner: Runner, device: Device, start: int, stop: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pointwise scores, ranking scores (n, 100)) for positives [start, stop)."""
+def score_device(
+    runner: Runner, form: RankingForm, device: Device, start: int, stop: int, group: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pointwise scores, ranking scores (n, 100)) for positives [start, stop), through an artifact
+    of ranking form `form` (each pointwise group, which shares one history, as a short request)."""
     rows = slice(start * group, stop * group)
-    pointwise = score(runner, device.row_history[rows], device.row_target[rows])
-    cand = device.rank_candidates[start:stop]
-    hist = np.repeat(device.rank_history[start:stop], cand.shape[1], axis=0)
-    return pointwise, score(runner, hist, cand.reshape(-1)).reshape(cand.shape)
+    history = device.row_history[rows][::group]
+    pointwise = ranking.score(runner, form, history, device.row_target[rows].reshape(-1, group)).reshape(-1)
+    return pointwise, ranking.score(runner, form, device.rank_history[start:stop], device.rank_candidates[start:stop])
 
 
 @dataclass
@@ -143,9 +133,11 @@ class Scores:
 def run_static(artifact: Path, devices: list[Device], group: int, desc: str) -> Scores:
     """One shared compiled model for every device (no patch)."""
     scores = Scores()
-    with open_runner(artifact, weight_map=find_weight_map(artifact), config=RunnerConfig(threads=1)) as runner:
+    weight_map = find_weight_map(artifact)
+    form = RankingForm.of(weight_map)
+    with open_runner(artifact, weight_map=weight_map, config=RunnerConfig(threads=1)) as runner:
         for d in tqdm(devices, desc=desc, leave=False):
-            p, r = score_device(runner, d, 0, d.positives, group)
+            p, r = score_device(runner, form, d, 0, d.positives, group)
             scores.pointwise.append(p)
             scores.ranking.append(r)
     return scores
@@ -165,6 +157,7 @@ def run_refreshing(
 ) -> tuple[Scores, float]:
     """Every device refreshes its own artifact copy from the server (once, or every `every`
     positives) and scores the positives that follow each refresh with the patched model."""
+    form = RankingForm.of(find_weight_map(artifact))
 
     def simulate(device: Device) -> tuple[list, list, list[tuple[float, float, int]]]:
         home = work / f"{desc}-{device.user}"
@@ -184,7 +177,7 @@ def run_refreshing(
                     runner_config=RunnerConfig(threads=1),
                 )
                 with done.runner as runner:
-                    p, r = score_device(runner, device, start, min(start + step, device.positives), group)
+                    p, r = score_device(runner, form, device, start, min(start + step, device.positives), group)
                 pointwise.append(p)
                 ranking.append(r)
                 timings.append((done.fetch_seconds, done.apply_seconds, done.attempts))
@@ -249,7 +242,9 @@ def checkpoints(cfg: FleetConfig) -> tuple[Path, Path | None]:
 
 
 def compiled(ckpt: Checkpoint, target: str, out: Path) -> Path:
-    return export(ckpt.model, ckpt.example_inputs(batch=BATCH), ckpt.adaptive, target, out, output_names=("logits",))
+    """The device artifact: candidate form, one ranking request of 100 candidates per call."""
+    example, form = ckpt.export_inputs()
+    return export(ckpt.model, example, ckpt.adaptive, target, out, output_names=("logits",), form=form)
 
 
 def percentiles(values: list[float]) -> dict:
@@ -305,7 +300,9 @@ def run(cfg: FleetConfig) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="fleet-", dir=cfg.out))
     try:
-        print(f"exporting {cfg.target} artifacts (batch {BATCH})", file=sys.stderr)
+        print(
+            f"exporting {cfg.target} artifacts (candidate form: 1 history x 100 candidates per call)", file=sys.stderr
+        )
         artifact = compiled(meta, cfg.target, work / "metanetwork")
         static_artifact = compiled(load_checkpoint(static_dir), cfg.target, work / "static") if static_dir else None
         root_pub = cloud_keys(work)

@@ -96,6 +96,7 @@ class ExportJob:
             tensors=tuple(self.tensors),
             extra=self.extra,
             mode=self.mode,
+            form=dict(self.options.form or {}),
         )
 
 

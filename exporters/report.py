@@ -22,6 +22,7 @@ class ArtifactSummary:
     adaptive_bytes: int
     adaptive_tensors: int
     proof: dict | None  # extra["proof"]: method, proven, runtime, max_abs_error, base_max_abs_error, atol (+ note)
+    form: dict | None = None  # the weight map's `form` (a recommender's ranking form), if declared
 
     @property
     def adaptive_fraction(self) -> float:
@@ -39,9 +40,12 @@ class ArtifactSummary:
         elif self.proof:
             note = self.proof.get("note", "read-back, not a proof")
             proof = f"NOT PROVEN, {note} (max abs error {self.proof['max_abs_error']:.2g})"
+        from device_runtime.ranking import KIND, RankingForm
+
+        form = f"; {RankingForm.from_dict(self.form).describe()}" if self.form and self.form.get("kind") == KIND else ""
         return (
             f"{self.target}: {self.artifact} ({self.total_bytes / 1024:.1f} KiB, {self.adaptive_tensors} adaptive tensors "
-            f"= {self.adaptive_bytes / 1024:.1f} KiB, {100 * self.adaptive_fraction:.2f}%), {proof}"
+            f"= {self.adaptive_bytes / 1024:.1f} KiB, {100 * self.adaptive_fraction:.2f}%), {proof}{form}"
         )
 
 
@@ -58,4 +62,5 @@ def summarize(artifact: Path) -> ArtifactSummary:
         adaptive_bytes=sum(t.nbytes for t in wm.tensors),
         adaptive_tensors=len(wm.tensors),
         proof=wm.extra.get("proof"),
+        form=wm.form or None,
     )

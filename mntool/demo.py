@@ -22,8 +22,10 @@ import numpy as np
 from rich.console import Console
 from tqdm.auto import tqdm
 
+from device_runtime import ranking
 from device_runtime import weight_map as weight_maps
 from device_runtime.errors import MntoolError
+from device_runtime.ranking import RankingForm
 from device_runtime.weight_map import WeightMap
 from exporters.options import PROOF_ATOL, PROOF_RTOL
 from mntool.data import RankingSet, SampleSet
@@ -47,7 +49,6 @@ class DemoConfig:
     static_epochs: int = 20  # SASRec static training epochs at most (early stopping on validation ends sooner)
     metanetwork_epochs: int = 4  # MetaNetwork phase epochs at most, started from the static model
     train_users: int = 0  # train on this many device users only (0 = all); the quick mode's shortcut
-    batch: int = 100  # rows per compiled-model call: one ranking request (1 positive + 99 candidates)
     bench_runs: int = 500  # timed steady-state inferences per variant
     bench_warmup: int = 50  # untimed inferences before timing
     bench_loads: int = 20  # timed fresh loads / swaps per variant
@@ -62,7 +63,6 @@ class DemoConfig:
             "history_len",
             "static_epochs",
             "metanetwork_epochs",
-            "batch",
             "bench_runs",
             "bench_loads",
             "threads",
@@ -257,17 +257,19 @@ def export_cached(
     fresh: bool,
     progress: bool,
     record: dict,
+    layout: str = "candidates",
 ) -> tuple[dict[str, Path], int]:
-    """Artifacts of a checkpoint's device model for `targets` in `out` (batch `cfg.batch`);
-    each target is re-exported only if its checkpoint or settings changed. Returns (artifacts,
-    how many were reused)."""
+    """Artifacts of a checkpoint's device model for `targets` in `out`, in ranking form `layout`
+    (device_runtime.ranking: one request of the protocol's 100 candidates per call); each target
+    is re-exported only if its checkpoint or settings changed. Returns (artifacts, how many were
+    reused)."""
     from exporters import export
     from mntool.train import load_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     artifacts, reused, ckpt = {}, 0, None
     for target in targets:
-        key = _key(checkpoint=ckpt_key, target=target, batch=cfg.batch, name="model", outputs=["logits"])
+        key = _key(checkpoint=ckpt_key, target=target, layout=layout, name="model", outputs=["logits"])
         artifact = out / ("model" + {"tflite": ".tflite", "onnx": ".onnx", "coreml": ".mlpackage"}[target])
         stamp_file = out / f"{target}-{STAMP}"
         stamp = read_stamp(stamp_file, key, fresh)
@@ -277,13 +279,15 @@ def export_cached(
         else:
             t0 = time.perf_counter()
             ckpt = ckpt or load_checkpoint(ckpt_dir)
+            example, form = ckpt.export_inputs(layout=layout)
             export(
                 ckpt.model,
-                ckpt.example_inputs(batch=cfg.batch),
+                example,
                 ckpt.adaptive,
                 target,
                 out,
                 output_names=("logits",),
+                form=form,
                 progress=progress,
             )
             write_stamp(stamp_file, key, time.perf_counter() - t0)
@@ -301,6 +305,13 @@ class DeviceModel:
     artifact: Path
     weight_map: WeightMap
     files: dict[str, bytes]
+
+    @property
+    def form(self) -> RankingForm:
+        form = RankingForm.of(self.weight_map)
+        if form is None:
+            raise DemoError(f"{self.artifact} declares no ranking form (exported before forms were recorded?)")
+        return form
 
     @classmethod
     def load(cls, artifact: Path) -> DeviceModel:
@@ -334,6 +345,7 @@ class TestPeriod:
 
     rows: SampleSet
     rank: RankingSet
+    group: int  # pointwise rows per positive: the positive and its negatives, sharing one history
 
     def of(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices of one user's pointwise rows and ranking tasks."""
@@ -368,29 +380,18 @@ class Scores:
         return evaluate(test.rows.user, test.rows.label, self.pointwise, test.rank.user, self.ranking)
 
 
-def score_pairs(runner, history: np.ndarray, target: np.ndarray, batch: int) -> np.ndarray:
-    """Logits of rows (history (N, L), target (N,)) from a compiled model with a fixed batch:
-    chunks of `batch` rows, the last one padded by repeating its last row (padding is dropped)."""
-    out = np.empty(len(target), dtype=np.float32)
-    for i in range(0, len(target), batch):
-        h, t = history[i : i + batch], target[i : i + batch]
-        n = len(t)
-        if n < batch:
-            h = np.concatenate([h, np.repeat(h[-1:], batch - n, axis=0)])
-            t = np.concatenate([t, np.repeat(t[-1:], batch - n)])
-        out[i : i + n] = runner.run({"history": h, "target": t})["logits"][:n]
-    return out
-
-
-def score_user(runner, test: TestPeriod, user: int, batch: int, into: Scores) -> None:
-    """One user's pointwise rows and ranking tasks scored by `runner`, written into `into`."""
+def score_user(runner, form: RankingForm, test: TestPeriod, user: int, into: Scores) -> None:
+    """One user's pointwise rows (groups of a positive and its negatives, sharing one history) and
+    ranking tasks scored by `runner` in its ranking form, written into `into`."""
     rows, rank = test.rows, test.rank
     row_index, rank_index = test.of(user)
-    into.pointwise[row_index] = score_pairs(runner, rows.history[row_index], rows.target[row_index], batch)
-    n_cand = rank.candidates.shape[1]
-    history = np.repeat(rank.history[rank_index], n_cand, axis=0)  # (P_u * C, L): one row per candidate
-    flat = score_pairs(runner, history, rank.candidates[rank_index].reshape(-1), batch)
-    into.ranking[rank_index] = flat.reshape(len(rank_index), n_cand)
+    group = test.group
+    history = rows.history[row_index].reshape(-1, group, rows.history.shape[1])
+    assert (history == history[:, :1]).all(), "rows of a group must share one history"
+    into.pointwise[row_index] = ranking.score(
+        runner, form, history[:, 0], rows.target[row_index].reshape(-1, group)
+    ).reshape(-1)
+    into.ranking[rank_index] = ranking.score(runner, form, rank.history[rank_index], rank.candidates[rank_index])
 
 
 def pytorch_scores(model, test: TestPeriod, device_params) -> Scores:
@@ -451,7 +452,7 @@ def personalise_and_score(
     from mntool.patches import build_patch
     from mntool.train import DeviceParams, load_checkpoint
 
-    test = TestPeriod(dataset.test.for_users(users), dataset.test_rank.for_users(users))
+    test = TestPeriod(dataset.test.for_users(users), dataset.test_rank.for_users(users), dataset.config.n_negatives + 1)
     log(
         f"{len(users)} of {len(dataset.device_users)} device users; {len(test.rows):,} pointwise rows, "
         f"{len(test.rank):,} ranking tasks x {test.rank.candidates.shape[1]} candidates"
@@ -485,7 +486,7 @@ def personalise_and_score(
         for i, user in enumerate(users):
             user_params = {name: p[i] for name, p in params.items()}
             for target, runner in static_runners.items():
-                score_user(runner, test, user, cfg.batch, compiled["static"][target])
+                score_user(runner, static[target].form, test, user, compiled["static"][target])
             for target, model in mn_models.items():
                 c0 = clock()
                 patch = build_patch(model.weight_map, user_params, signing_key)  # cloud
@@ -508,7 +509,7 @@ def personalise_and_score(
                 c2 = clock()
                 with model.open(patched) as runner:
                     timings["open_ms"].append((clock() - c2) * 1e3)
-                    score_user(runner, test, user, cfg.batch, compiled["metanetwork"][target])
+                    score_user(runner, model.form, test, user, compiled["metanetwork"][target])
             bar.update(1)
     for runner in static_runners.values():
         runner.close()
@@ -555,13 +556,42 @@ def personalise_and_score(
     }
 
 
-def write_bench_inputs(rank, path: Path) -> Path:
-    """One real ranking request (the first task of `rank`: a history and its candidates) as the
-    benchmark's inputs."""
+def write_bench_inputs(rank, form: RankingForm, path: Path) -> Path:
+    """One real ranking request (the first task of `rank`: a history and its candidates), laid
+    out for `form`, as the benchmark's inputs."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    n_cand = rank.candidates.shape[1]
-    np.savez(path, history=np.repeat(rank.history[:1], n_cand, axis=0), target=rank.candidates[0])
+    np.savez(path, **ranking.request_inputs(form, rank.history[0], rank.candidates[0]))
     return path
+
+
+def compare_forms(
+    candidate_art: dict[str, Path], row_art: dict[str, Path], rank, cfg: DemoConfig, progress: bool
+) -> dict:
+    """Per runtime: latency per ranking request of the same model in the row form and the candidate
+    form, timed interleaved in one process on one real request, and the largest difference between
+    their logits (device_runtime.ranking.time_requests)."""
+    out = {}
+    for target in tqdm(RUN_TARGETS, desc="forms", disable=not progress, leave=False):
+        models = {"rows": DeviceModel.load(row_art[target]), "candidates": DeviceModel.load(candidate_art[target])}
+        runners = {name: (m.open(), m.form) for name, m in models.items()}
+        try:
+            timed = ranking.time_requests(
+                runners, rank.history[0], rank.candidates[0], runs=cfg.bench_runs, warmup=cfg.bench_warmup
+            )
+        finally:
+            for runner, _ in runners.values():
+                runner.close()
+        rows, cand = timed["forms"]["rows"]["latency"], timed["forms"]["candidates"]["latency"]
+        out[target] = {
+            "rows_p50_ms": rows.p50_ms,
+            "candidates_p50_ms": cand.p50_ms,
+            "rows_p99_ms": rows.p99_ms,
+            "candidates_p99_ms": cand.p99_ms,
+            "ratio": cand.p50_ms / rows.p50_ms,
+            "max_abs_difference": timed["max_abs_difference"],
+            "runs": rows.runs,
+        }
+    return out
 
 
 def benchmark_runtimes(
@@ -657,11 +687,21 @@ def run_demo(
                 progress,
                 record,
             )
-            record["cached"] = reused_static + reused_mn == len(static_art) + len(mn_art)
-            record["note"] = (
-                f"batch {cfg.batch}; {reused_static + reused_mn} of {len(static_art) + len(mn_art)} artifacts reused"
+            row_art, reused_rows = export_cached(  # the same model in the row form: latency side by side
+                mn_dir,
+                mn_key,
+                RUN_TARGETS,
+                cfg,
+                out / "artifacts" / "metanetwork-rows",
+                fresh,
+                progress,
+                record,
+                "rows",
             )
-        artifacts = {"static": static_art, "metanetwork": mn_art}
+            reused, made = reused_static + reused_mn + reused_rows, len(static_art) + len(mn_art) + len(row_art)
+            record["cached"] = reused == made
+            record["note"] = f"candidate form (row form beside it for latency); {reused} of {made} artifacts reused"
+        artifacts = {"static": static_art, "metanetwork": mn_art}  # what devices run (candidate form)
         with stages.stage("personalise and score") as record:
             users, recent = sample_users(dataset, cfg)
             scored = personalise_and_score(
@@ -673,10 +713,14 @@ def run_demo(
                 f"(TFLite); parity {max(scored['parity']['metanetwork'].values()):.1e}"
             )
         with stages.stage("benchmark") as record:
-            inputs = write_bench_inputs(dataset.test_rank.for_users(users[:1]), out / "bench" / "inputs.npz")
+            request = dataset.test_rank.for_users(users[:1])
+            inputs = write_bench_inputs(request, DeviceModel.load(mn_art["tflite"]).form, out / "bench" / "inputs.npz")
             bench = benchmark_runtimes(mn_art, scored["example_patches"], inputs, cfg, progress)
+            forms = compare_forms(mn_art, row_art, request, cfg, progress)
             record["note"] = ", ".join(
-                f"{t} p50 {r.latency.p50_ms:.2f} ms, swap {r.patches[0].swap_ms:.2f} ms" for t, r in bench.items()
+                f"{t} p50 {r.latency.p50_ms:.2f} ms ({forms[t]['ratio']:.2f}x the row form), swap "
+                f"{r.patches[0].swap_ms:.2f} ms"
+                for t, r in bench.items()
             )
         result = {
             "format": DEMO_FORMAT,
@@ -697,6 +741,7 @@ def run_demo(
             "artifacts": reports.artifact_summaries(artifacts),
             **scored,
             "bench": {t: r.to_dict(samples=False) for t, r in bench.items()},
+            "forms": forms,
             "stages": stages.records,
             "seconds": time.perf_counter() - started,
         }

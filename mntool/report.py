@@ -247,6 +247,35 @@ def size_table(result: dict) -> str:
     return _table(["target", "artifact (all files)", "adaptive tensors", "patch (signed)", "patch / artifact"], rows)
 
 
+def forms_table(result: dict) -> str:
+    """The same MetaNetwork model compiled in the row form and in the candidate form: latency per
+    ranking request, timed interleaved in one process, and how far apart their logits are."""
+    rows = [
+        [
+            TARGET_LABELS[target],
+            _ms(f["rows_p50_ms"]),
+            _ms(f["candidates_p50_ms"]),
+            f"{f['ratio']:.2f}x ({1 / f['ratio']:.1f}x faster)",
+            _ms(f["rows_p99_ms"]),
+            _ms(f["candidates_p99_ms"]),
+            f"{f['max_abs_difference']:.1e}",
+        ]
+        for target, f in result["forms"].items()
+    ]
+    return _table(
+        [
+            "runtime",
+            "row form p50",
+            "candidate form p50",
+            "candidate / row",
+            "row form p99",
+            "candidate form p99",
+            "max |logit difference|",
+        ],
+        rows,
+    )
+
+
 def latency_table(result: dict) -> str:
     rows = []
     for target, b in result["bench"].items():
@@ -327,7 +356,7 @@ def unpatched_note(result: dict) -> str:
 
 
 def render_markdown(result: dict) -> str:
-    cfg, sample, data = result["config"], result["sample"], result["data"]
+    sample, data = result["sample"], result["data"]
     bench = result["bench"]
     host = next(iter(bench.values()))["host"]
     personalise = result["personalise"]
@@ -415,7 +444,7 @@ def render_markdown(result: dict) -> str:
         "## Latency, load and swap per runtime",
         "",
         f"`device_runtime.bench` on the MetaNetwork artifacts, each in a fresh process, 1 thread, on one real ranking "
-        f"request ({cfg['batch']} candidates per call), with the first sampled user's patch "
+        f"request ({sample['candidates']} candidates, one call in the candidate form), with the first sampled user's patch "
         f"({', '.join(example[t] for t in bench)}). Swap = patch bytes in hand -> verified, applied, new "
         f"interpreter/session, first output. Host load average during the run: "
         f"{host.get('load_average_1min', float('nan')):.1f} on {host.get('cpu_count')} CPUs.",
@@ -424,13 +453,21 @@ def render_markdown(result: dict) -> str:
         "",
         f"![Latency distributions]({LATENCY_PLOT})",
         "",
-        "## Why batch 100",
+        "## Row form vs candidate form",
         "",
-        f"Compiled artifacts have a fixed batch (the exporters trace one). The demo exports batch {cfg['batch']}: one call "
-        "scores one ranking request (the positive and its 99 candidates, sharing one history), which is also what a "
-        "device does when it ranks a feed. Pointwise rows are scored in chunks of the same batch, the last chunk padded "
-        "by repeating its last row and the padding dropped. So a single artifact serves both scoring and the latency "
-        f"figures, and the latency above is per request of {cfg['batch']} candidates.",
+        "A device ranks a feed: one history, many candidates. The demo's artifacts take one ranking request per call "
+        f"in the **candidate form** (history (1, {data['protocol']['history_len']}), target (1, {sample['candidates']}) "
+        f"-> logits (1, {sample['candidates']})): the history is encoded once. The **row form** (history "
+        f"({sample['candidates']}, {data['protocol']['history_len']}), target ({sample['candidates']},)) re-encodes it "
+        "for every candidate. The same MetaNetwork model in both forms, on the same real request, timed interleaved in "
+        f"one process (1 thread, {next(iter(result['forms'].values()))['runs']} runs each; "
+        "`device_runtime.ranking.time_requests`):",
+        "",
+        forms_table(result),
+        "",
+        "Pointwise rows (a positive and its negatives, sharing one history) are scored as a short request, the "
+        "candidates padded to the artifact's count and the padding dropped. Export either form with "
+        "`mntool export CKPT` (candidate form) or `mntool export CKPT --rows`.",
         "",
         "## Stages",
         "",
@@ -457,7 +494,7 @@ def write_report(result: dict, bench: dict, out: Path) -> list[Path]:
     out = Path(out)
     paths = [
         plot_user_uauc(result["per_user"], out / UAUC_PLOT),
-        plot_bench_latency(bench, out / LATENCY_PLOT, result["config"]["batch"]),
+        plot_bench_latency(bench, out / LATENCY_PLOT, result["sample"]["candidates"]),
     ]
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(result))

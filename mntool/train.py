@@ -497,13 +497,39 @@ class Checkpoint:
     def adaptive(self) -> list[str]:
         return self.model.adaptive_names()
 
-    def example_inputs(self, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(history (batch, L), target (batch,)) of valid item ids: what export traces with."""
+    def example_inputs(
+        self, batch: int = 1, seed: int = 0, candidates: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Valid item ids to trace an export with: row form (history (batch, L), target (batch,)),
+        or with `candidates` the candidate form (history (batch, L), target (batch, candidates))."""
         g = torch.Generator().manual_seed(seed)
         L = self.protocol["history_len"]
         history = torch.randint(1, self.n_items + 1, (batch, L), generator=g)
         history[:, : L // 3] = 0  # some left padding, as real histories have
-        return history, torch.randint(1, self.n_items + 1, (batch,), generator=g)
+        shape = (batch, candidates) if candidates else (batch,)
+        return history, torch.randint(1, self.n_items + 1, shape, generator=g)
+
+    def export_inputs(
+        self, batch: int | None = None, candidates: int | None = None, layout: str | None = None
+    ) -> tuple[tuple, dict]:
+        """(example inputs, weight map `form`) of the artifact a device runs. `candidates` per
+        ranking request default to the protocol's (the positive and its ranking negatives: 100).
+        Layout `candidates` (the default): `batch` histories (default 1) x `candidates` per call,
+        each history encoded once; `rows`: `batch` rows per call (default: one request's
+        candidates), one per candidate (device_runtime.ranking)."""
+        from device_runtime.ranking import RankingForm
+
+        layout = layout or "candidates"
+        candidates = candidates or 1 + int(self.protocol["n_rank_negatives"])
+        form = RankingForm(
+            layout=layout,
+            per_call=batch or (1 if layout == "candidates" else candidates),
+            candidates=candidates,
+            history_len=int(self.protocol["history_len"]),
+            n_items=int(self.n_items),
+        )
+        example = self.example_inputs(batch=form.per_call, candidates=candidates if layout == "candidates" else None)
+        return example, form.to_dict()
 
 
 def save_checkpoint(

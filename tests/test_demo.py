@@ -16,7 +16,7 @@ from device_runtime.patch import TrustPolicy, apply_patch_bytes
 from device_runtime.runners import open_runner
 from device_runtime.signing import load_public_key
 from mntool.cli.main import main
-from mntool.demo import STAGES, DemoConfig, DemoError, prepare_out_dir, read_stamp, run_demo, score_pairs, write_stamp
+from mntool.demo import STAGES, DemoConfig, DemoError, prepare_out_dir, read_stamp, run_demo, write_stamp
 
 pytestmark = pytest.mark.slow
 CONFIG = dataclasses.replace(DemoConfig.quick(), users=16, threads=1, bench_runs=30, bench_warmup=5, bench_loads=2)
@@ -40,6 +40,7 @@ def test_report_files_are_written_and_consistent(demo_run):
         "## Parity",
         "## Patches vs artifacts",
         "## Latency, load and swap",
+        "## Row form vs candidate form",
     ):
         assert section in md
     for png in ("uauc_per_user.png", "latency.png"):
@@ -47,6 +48,20 @@ def test_report_files_are_written_and_consistent(demo_run):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, f"{png} is not a real figure"
     assert [s["stage"] for s in first["stages"]] == list(STAGES)
+
+
+def test_row_and_candidate_forms_score_the_request_alike(demo_run):
+    """The demo's artifacts are in the candidate form; the row form beside them scores the same
+    request to float32 rounding (timings are reported, never asserted)."""
+    out, result, _, _ = demo_run
+    assert set(result["forms"]) == {"tflite", "onnx"}
+    for target, f in result["forms"].items():
+        assert f["max_abs_difference"] <= 1e-5, target
+        assert f["rows_p50_ms"] > 0 and f["candidates_p50_ms"] > 0
+    for suffix in (".tflite", ".onnx"):
+        form = wmap.load(out / "artifacts" / "metanetwork" / f"model{suffix}").form
+        assert form["layout"] == "candidates" and form["per_call"] == 1 and form["candidates"] == 100
+        assert wmap.load(out / "artifacts" / "metanetwork-rows" / f"model{suffix}").form["layout"] == "rows"
 
 
 def test_compiled_patched_models_match_pytorch(demo_run):
@@ -127,23 +142,31 @@ def test_rerun_reuses_checkpoints_and_artifacts(demo_run):
     assert second["metrics"] == first["metrics"] and second["parity"] == first["parity"]
 
 
-def test_score_pairs_pads_the_last_chunk(demo_run, ml100k_dir):
-    """150 rows through a batch-100 artifact: the padded second chunk must score its 50 rows as
-    PyTorch does, and the padding must not leak into them."""
+@pytest.mark.parametrize("layout, run", [("candidates", "static"), ("rows", "metanetwork")])
+@pytest.mark.parametrize("n, k", [(3, 150), (2, 5)])
+def test_ranking_score_pads_requests_and_candidates(demo_run, layout, run, n, k):
+    """Requests of more candidates than the artifact takes (150 through 100: a padded second call)
+    and fewer (5, as pointwise groups are scored), in either form: every logit as PyTorch scores
+    it, the padding never leaking into them."""
     import torch
 
+    from device_runtime import ranking
     from mntool.train import load_checkpoint
 
     out, _, _, _ = demo_run
-    ckpt = load_checkpoint(out / "runs" / "static")
-    artifact = out / "artifacts" / "static" / "model.onnx"
+    ckpt = load_checkpoint(out / "runs" / run)
+    artifact = out / "artifacts" / (run if layout == "candidates" else f"{run}-rows") / "model.onnx"
+    wm = wmap.load(artifact)
+    form = ranking.RankingForm.of(wm)
+    assert form.layout == layout and form.candidates == 100
     rng = np.random.default_rng(0)
-    history = rng.integers(0, ckpt.n_items + 1, (150, ckpt.protocol["history_len"]))
-    target = rng.integers(1, ckpt.n_items + 1, 150)
-    with open_runner(artifact, weight_map=wmap.load(artifact)) as runner:
-        got = score_pairs(runner, history, target, 100)
+    history = rng.integers(0, ckpt.n_items + 1, (n, ckpt.protocol["history_len"]))
+    candidates = rng.integers(1, ckpt.n_items + 1, (n, k))
+    with open_runner(artifact, weight_map=wm) as runner:
+        got = ranking.score(runner, form, history, candidates)
     with torch.no_grad():
-        want = ckpt.model(torch.from_numpy(history), torch.from_numpy(target)).numpy()
+        want = ckpt.model(torch.from_numpy(history), torch.from_numpy(candidates)).numpy()
+    assert got.shape == (n, k)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
@@ -191,7 +214,7 @@ def test_cli_help_has_an_example(capsys):
     assert "mntool demo --quick" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("field, value", [("users", -1), ("static_epochs", 0), ("batch", 0), ("bench_runs", 0)])
+@pytest.mark.parametrize("field, value", [("users", -1), ("static_epochs", 0), ("bench_runs", 0)])
 def test_bad_settings_are_refused(field, value):
     with pytest.raises(DemoError, match=field):
         DemoConfig(**{field: value})

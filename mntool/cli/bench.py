@@ -14,6 +14,7 @@ import numpy as np
 
 from device_runtime.bench import BenchConfig, BenchReport
 from device_runtime.profiles import PROFILES
+from device_runtime.ranking import RankingForm
 from device_runtime.runners import ORT_OPTIMIZATION_LEVELS, RUNTIMES, RunnerConfig
 from mntool.plots import plot_latency, report_series, report_title
 
@@ -502,6 +503,14 @@ def describe(r: BenchReport) -> str:
         f"  latency    p50 {_ms(L.p50_ms)}  p90 {_ms(L.p90_ms)}  p99 {_ms(L.p99_ms)}  min {_ms(L.min_ms)}  "
         f"mean {_ms(L.mean_ms)}  ({L.runs} runs)",
         f"  overhead   timer loop {r.timer_overhead_us:.2f} us per run ({r.overhead_ratio:.1%} of p50, not subtracted)",
+    ]
+    if r.ranking:
+        form = RankingForm.from_dict(r.ranking["form"])
+        lines.append(
+            f"  request    p50 {_ms(r.ranking['p50_ms'])}  p99 {_ms(r.ranking['p99_ms'])} per ranking request of "
+            f"{form.candidates} candidates ({form.describe()})"
+        )
+    lines += [
         f"  memory     peak RSS {r.peak_rss_mb:.1f} MB ({r.rss_before_load_mb:.1f} MB before loading)",
     ]
     for p in r.patches:

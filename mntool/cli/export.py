@@ -29,9 +29,21 @@ from exporters.targets import TARGETS
 @click.option(
     "--batch",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Static batch size of the artifact's inputs (rows scored per call).",
+    default=None,
+    help="Static batch size of the artifact's inputs: histories per call in the candidate form [1], rows "
+    "per call in the row form [one ranking request's candidates], images per call [1].",
+)
+@click.option(
+    "--candidates",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Recommenders: candidates of one ranking request [the protocol's: 100].",
+)
+@click.option(
+    "--rows",
+    is_flag=True,
+    help="Recommenders: the row form (history (B, L), target (B,), one row per candidate, the history "
+    "re-encoded for each) instead of the candidate form (history (B, L), target (B, C)).",
 )
 @click.option(
     "--adaptive-as-inputs",
@@ -43,17 +55,25 @@ from exporters.targets import TARGETS
     type=click.Choice(PRECISIONS),
     default="float32",
     show_default=True,
-    help="Core ML weight precision (TFLite and ONNX are float32).",
+    help="Weight precision: float16 / int8 (int8 weights, float activations) quantise the frozen weights with "
+    "each target's own tool, the adaptive tensors stay float (docs/quantization.md); a target that does not export "
+    "it is an error (with --target all it exports float32).",
 )
 @click.option(
     "--no-verify", is_flag=True, help="Skip the export-time proof (patch fresh values, compare with PyTorch)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per artifact (a list) on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, no_verify, as_json, quiet):
+def export(
+    checkpoint, target, out, name, batch, candidates, rows, adaptive_as_inputs, precision, no_verify, as_json, quiet
+):
     """Compile CHECKPOINT's device model (static parameters) with swappable adaptive tensors.
 
-    CHECKPOINT is a directory written by `mntool train --out`. Each artifact gets a weight map
+    CHECKPOINT is a directory written by `mntool train --out`. A recommender compiles in the
+    candidate form by default: one call scores one ranking request (history (1, L), target
+    (1, 100) -> logits (1, 100)), encoding the history once; --rows keeps the row form (one row
+    per candidate). The weight map records the form (`form`), which `mntool run` / `bench` and
+    device_runtime.ranking read. Each artifact gets a weight map
     beside it (NAME.<ext>.weightmap.json: where every adaptive tensor's bytes are) and is proven
     at export: fresh values patched through the weight map must reproduce PyTorch (max abs error
     <= 1e-5 + 1e-6 x the largest |output|; Core ML is read back with coremltools off macOS).
@@ -64,7 +84,9 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
 
     \b
     Examples:
-      mntool export runs/sasrec --target all --out artifacts/
+      mntool export runs/sasrec --target all --out artifacts/          # candidate form, 100 candidates
+      mntool export runs/sasrec --target tflite --candidates 500 --out artifacts/
+      mntool export runs/sasrec --target tflite --rows --out artifacts/rows/   # one row per candidate
       mntool export runs/sasrec --target coreml --precision float16 --out artifacts/
       mntool export runs/sasrec --target tflite --adaptive-as-inputs --out artifacts/ --json
       mntool export runs/mnist-exits --target tflite --out artifacts/   # artifacts/model.tflite.stages/
@@ -75,6 +97,7 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
     from mntool.train import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
+    example, form = ckpt.export_inputs(batch=batch, candidates=candidates, layout="rows" if rows else None)
     if target == "all":  # every target this machine can export these options to; the others are named
         chosen = [d for d in declarations() if d.converter_available() and (d.inputs_mode or not adaptive_as_inputs)]
         skipped = [d.name for d in declarations() if d not in chosen]
@@ -92,8 +115,8 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
                 ckpt,
                 decl,
                 out,
+                example,
                 name=name,
-                batch=batch,
                 verify=not no_verify,
                 adaptive_as_inputs=adaptive_as_inputs,
                 precision=precision if precision in decl.precisions or target != "all" else "float32",
@@ -105,7 +128,7 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
             continue
         artifact = run_export(
             ckpt.model,
-            ckpt.example_inputs(batch=batch),
+            example,
             ckpt.adaptive,
             decl.name,
             out,
@@ -114,6 +137,7 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
             adaptive_as_inputs=adaptive_as_inputs,
             precision=precision if precision in decl.precisions or target != "all" else "float32",
             output_names=("logits",),
+            form=form,
             progress=not quiet,
         )
         summaries.append(summarize(artifact))
@@ -123,14 +147,14 @@ def export(checkpoint, target, out, name, batch, adaptive_as_inputs, precision, 
         click.echo(json.dumps([s if isinstance(s, dict) else s.to_dict() for s in summaries], indent=2))
 
 
-def _export_staged(ckpt, decl, out: Path, *, batch: int, **options) -> tuple[dict, str]:
+def _export_staged(ckpt, decl, out: Path, example: tuple, **options) -> tuple[dict, str]:
     """Export an early-exit checkpoint's model as a staged artifact: its summary (one entry per
     stage) and the lines that say so."""
     from device_runtime.staged import MANIFEST, load_staged
     from exporters import export_staged
     from exporters.report import summarize
 
-    path = export_staged(ckpt.model, ckpt.example_inputs(batch=batch), decl.name, out, **options)
+    path = export_staged(ckpt.model, example, decl.name, out, **options)
     staged = load_staged(path)
     stages = [summarize(staged.artifact(k)) for k in range(len(staged.stages))]
     summary = {

@@ -348,6 +348,16 @@ class VisionCheckpoint:
         g = torch.Generator().manual_seed(seed)
         return (torch.rand(batch, 1, 28, 28, generator=g),)
 
+    def export_inputs(
+        self, batch: int | None = None, candidates: int | None = None, layout: str | None = None
+    ) -> tuple:
+        """(example inputs, weight map `form`): an image classifier declares no form."""
+        if candidates or layout:
+            raise MntoolError(
+                "--candidates / --rows are for recommenders (ranking requests); an image model takes images"
+            )
+        return self.example_inputs(batch=batch or 1), None
+
 
 def save_checkpoint(out: Path, cfg: VisionTrainConfig, dataset, module: torch.nn.Module, metrics: dict) -> Path:
     out = Path(out)
