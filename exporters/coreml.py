@@ -5,6 +5,11 @@ Weights live in `weights/weight.bin` as blobs: a 64-byte blob_metadata record (w
 from the pass pipeline; constants under 10 elements, which coremltools writes inline into
 model.mlmodel, are moved into weight.bin when adaptive so every adaptive tensor is patchable.
 With precision="float16" the adaptive blobs are fp16.
+
+precision="int8": the float16 program (compute precision fp16, as Core ML runs on the Neural
+Engine), then `coremltools.optimize.coreml.linear_quantize_weights` (int8 per-channel symmetric,
+`constexpr_affine_dequantize`) on every frozen const above coremltools' size threshold; the
+adaptive consts are excluded by name (`op_name_configs`), so they stay fp16 blobs.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 
 from device_runtime.layout import ALIGNMENT, stored_values
 from device_runtime.weight_map import IOSpec, TensorEntry, WeightMap
+from exporters import quantize as quantization
 from exporters.errors import ConversionFailed, ExportError, first_line
 from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
 from exporters.locate import Constant, locate
@@ -110,7 +116,7 @@ def convert(job: ExportJob) -> None:
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS16,
         pass_pipeline=pipeline,
-        compute_precision=ct.precision.FLOAT16 if job.options.precision == "float16" else ct.precision.FLOAT32,
+        compute_precision=ct.precision.FLOAT32 if job.options.precision == "float32" else ct.precision.FLOAT16,
     )
     with quiet():
         try:
@@ -145,6 +151,39 @@ def convert(job: ExportJob) -> None:
         "minimum_deployment_target": "iOS16",
         "frontend": frontend,
     }
+
+
+def quantize(job: ExportJob) -> None:
+    """int8 weights with coremltools.optimize.coreml; the adaptive consts are excluded by name."""
+    ct = _ct()
+    with quiet():
+        from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+    before = quantization.excluded(job, _constants(job.root))
+    weights = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+    config = OptimizationConfig(global_config=weights, op_name_configs={p.key: None for p in before})
+    try:
+        with quiet():
+            model = ct.models.MLModel(str(job.artifact), skip_model_load=True)
+            compressed = linear_quantize_weights(model, config)
+            shutil.rmtree(job.artifact)
+            compressed.save(str(job.artifact))
+    except Exception as err:  # the MIL passes raise many types
+        raise ConversionFailed(f"coremltools cannot quantise the model: {first_line(err)}") from None
+    job.files = sorted(str(p.relative_to(job.root)) for p in job.root.rglob("*") if p.is_file())
+    quantization.check_untouched(job, before, _constants(job.root), "coremltools.optimize")
+    count = sum(1 for op in _operations(_load_spec(job.root)) if op.type == "constexpr_affine_dequantize")
+    quantization.require_quantized(
+        job, count, "coremltools.optimize", f"no frozen const over {weights.weight_threshold} elements"
+    )
+    quantization.record(
+        job,
+        tool="coremltools.optimize.coreml.linear_quantize_weights",
+        distribution="coremltools",
+        scheme=f"int8 per-channel symmetric weights (consts over {weights.weight_threshold} elements), float16 compute",
+        excluded_ops=[p.key for p in before],
+        quantized=count,
+    )
 
 
 def find(job: ExportJob) -> None:
@@ -289,14 +328,17 @@ def read_back(weight_map: WeightMap, files: Mapping[str, bytes | bytearray], wor
 
 
 def passes(options) -> list[Pass]:
+    quantized = [Pass("quantize (int8)", quantize)] if options.precision == "int8" else []
     if options.adaptive_as_inputs:
         return [
             Pass("convert", convert),
+            *quantized,
             Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
             Pass("embed weight map", embed),
         ]
     return [
         Pass("convert", convert),
+        *quantized,
         Pass("locate", find),
         Pass("move adaptive consts to blobs", move_to_blobs),
         Pass("embed weight map", embed),
@@ -311,7 +353,7 @@ TARGET = Target(
     name="coreml",
     suffix=".mlpackage",
     directory=True,
-    precisions=("float32", "float16"),
+    precisions=("float32", "float16", "int8"),
     passes=passes,
     adaptive_file="Data/mntool/adaptive.bin",  # inside the package, beside Data/com.apple.CoreML
     runs_here=_runs_here,

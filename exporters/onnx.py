@@ -5,12 +5,20 @@ kept as nodes). The adaptive initializers, and only they, move to `<name>.onnx.a
 (64-aligned), so the swappable buffer is literally a file; everything else, small int64 shape
 tensors included, stays inline. The model file is never ORT-optimised (that output is
 hardware-specific and renames/transposes initializers).
+
+precision "int8": ONNX Runtime's own tools, `quant_pre_process` (shape inference and ORT's basic,
+execution-provider-independent graph optimisation, which folds the frozen weights' Transpose nodes
+so their MatMuls read constants) then `quantize_dynamic` (int8 weights, activations quantised per
+call: MatMulInteger, quantised Gather). "float16": `onnxruntime.transformers.float16` (every float
+initializer and op to fp16, inputs and outputs kept float32). Either way the nodes reading an
+adaptive initializer are excluded by name, so it stays a float32 initializer read by float32 ops.
 """
 
 from __future__ import annotations
 
 from device_runtime.layout import ALIGNMENT, align
 from device_runtime.weight_map import IOSpec, TensorEntry
+from exporters import quantize as quantization
 from exporters.errors import ConversionFailed, first_line
 from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
 from exporters.locate import Constant, locate
@@ -76,6 +84,75 @@ def convert(job: ExportJob) -> None:
     if job.mode == "inputs":
         job.inputs += [spec(n, graph_inputs[prepare.input_name_of(n)]) for n in job.adaptive]
     job.outputs = [spec(n, v) for n, v in zip(job.output_names, proto.graph.output)]
+
+
+def quantize(job: ExportJob) -> None:
+    """ONNX Runtime's quantisation tools on the converted model (all initializers inline at this
+    point); the nodes reading adaptive initializers are passed as excluded by name."""
+    import onnx
+
+    proto = _load(job)
+    if job.options.precision == "float16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        before = quantization.excluded(job, _constants(proto))
+        skip = _readers(proto, {p.key for p in before})
+        try:
+            with quiet():
+                proto = convert_float_to_float16(proto, keep_io_types=True, node_block_list=skip)
+        except Exception as err:  # the converter raises anything from shape inference to protobuf errors
+            raise ConversionFailed(f"onnxruntime float16 conversion failed: {first_line(err)}") from None
+        tool, distribution = "onnxruntime.transformers.float16", "onnxruntime"
+        scheme = "float16 initializers and ops (ORT inserts casts where its CPU kernels lack fp16), I/O float32"
+        quantized = {onnx.TensorProto.FLOAT16}
+    else:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        before = quantization.excluded(job, _constants(proto))
+        prepared, quantized_path = job.stage / ".quant-pre.onnx", job.stage / ".quant-int8.onnx"
+        try:
+            try:
+                with quiet():
+                    quant_pre_process(proto, str(prepared), skip_symbolic_shape=True)
+            except Exception as err:  # shape inference and ORT's optimiser raise many types
+                raise ConversionFailed(f"onnxruntime quant_pre_process failed: {first_line(err)}") from None
+            prepared_proto = onnx.load(str(prepared))
+            quantization.check_untouched(job, before, _constants(prepared_proto), "quant_pre_process")
+            before = quantization.excluded(job, _constants(prepared_proto))  # a folded Transpose renames one
+            skip = _readers(prepared_proto, {p.key for p in before})
+            # quantize_dynamic first rewrites each Gemm as `<name>_MatMul` (+ `<name>_Add`) on a
+            # transposed copy of its weight: the rewritten nodes are excluded too
+            rewritten = [f"{n}_{op}" for n in skip for op in ("MatMul", "Add")]
+            try:
+                with quiet():
+                    quantize_dynamic(
+                        str(prepared),
+                        str(quantized_path),
+                        weight_type=QuantType.QInt8,
+                        nodes_to_exclude=sorted({*skip, *rewritten}),
+                    )
+            except Exception as err:  # the quantiser raises many types
+                raise ConversionFailed(f"onnxruntime quantize_dynamic failed: {first_line(err)}") from None
+            proto = onnx.load(str(quantized_path))
+        finally:
+            prepared.unlink(missing_ok=True)
+            quantized_path.unlink(missing_ok=True)
+        tool, distribution = "onnxruntime.quantization (quant_pre_process, quantize_dynamic)", "onnxruntime"
+        scheme = "dynamic range: int8 per-tensor symmetric weights, uint8 activations quantised per call"
+        quantized = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    _save(job, proto)
+    quantization.check_untouched(job, before, _constants(proto), tool.split(" ")[0])
+    count = sum(1 for init in proto.graph.initializer if init.data_type in quantized and len(init.dims) > 0)
+    quantization.require_quantized(job, count, tool, "no MatMul, Conv or Gather reads a constant weight")
+    quantization.record(
+        job, tool=tool, distribution=distribution, scheme=scheme, excluded_ops=list(skip), quantized=count
+    )
+
+
+def _readers(proto, initializers: set[str]) -> list[str]:
+    """The names of the main graph's nodes reading any of `initializers`."""
+    return sorted({node.name for node in proto.graph.node if initializers.intersection(node.input)})
 
 
 def find(job: ExportJob) -> None:
@@ -157,18 +234,21 @@ def embedded(artifact_bytes: bytes) -> str | None:
 
 
 def passes(options) -> list[Pass]:
+    quantized = [Pass(f"quantize ({options.precision})", quantize)] if options.precision != "float32" else []
     if options.adaptive_as_inputs:
         return [
             Pass("convert", convert),
+            *quantized,
             Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
             Pass("embed weight map", embed),
         ]
     return [
         Pass("convert", convert),
+        *quantized,
         Pass("locate", find),
         Pass("externalise adaptive initializers", externalise),
         Pass("embed weight map", embed),
     ]
 
 
-TARGET = Target(name="onnx", suffix=".onnx", directory=False, precisions=("float32",), passes=passes)
+TARGET = Target(name="onnx", suffix=".onnx", directory=False, precisions=("float32", "float16", "int8"), passes=passes)

@@ -5,6 +5,11 @@ cannot fold a following BatchNorm or constant into them. After conversion every 
 is emptied and pointed (`Buffer.offset/size`, the schema's external-buffer fields) into one
 contiguous, 64-aligned region at the end of the file, so a patch is one contiguous write; the
 weight map JSON follows the region as the model's "mntool.weightmap" metadata.
+
+precision "float16" / "int8": ai-edge-quantizer quantises the converted model's frozen weights
+(float16: weight-only float casting, dequantised to float32 at run time; int8: dynamic range,
+channelwise int8 weights, activations quantised on the fly); the ops reading an adaptive tensor are
+excluded by scope in the recipe, so those tensors stay float32 and those ops run in float32.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import numpy as np
 
 from device_runtime.layout import ALIGNMENT, align
 from device_runtime.weight_map import IOSpec, TensorEntry
+from exporters import quantize as quantization
 from exporters.errors import ConversionFailed, first_line
 from exporters.job import ExportJob, Pass, embedded_weight_map, lay_out_adaptive_inputs
 from exporters.locate import Constant, locate
@@ -109,6 +115,76 @@ def _outputs_in_subgraph_order(model, signature) -> list:
     if missing:
         raise ConversionFailed(f"the TFLite signature names outputs {missing} that its subgraph does not return")
     return sorted(signature.outputs, key=lambda m: position[m.tensorIndex])
+
+
+def quantize(job: ExportJob) -> None:
+    """ai-edge-quantizer on the converted model; the ops reading adaptive tensors are excluded by
+    their scope (ai-edge-quantizer's name for an op: its output tensor names) with NO_QUANTIZE."""
+    import re
+
+    with quiet():
+        from ai_edge_quantizer import qtyping, quantizer
+        from ai_edge_quantizer.algorithm_manager import AlgorithmName
+        from ai_edge_quantizer.utils import tfl_flatbuffer_utils
+
+    data = job.artifact.read_bytes()
+    model = _read_model(data)
+    before = quantization.excluded(job, _constants(model))
+    adaptive = {p.key for p in before}
+    scopes = sorted(
+        {
+            tfl_flatbuffer_utils.get_op_scope(op, subgraph.tensors)
+            for subgraph in model.subgraphs
+            for op in subgraph.operators
+            if any(i >= 0 and subgraph.tensors[i].buffer in adaptive for i in op.inputs)
+        }
+    )
+    tool = quantizer.Quantizer(bytearray(data))
+    every = qtyping.TFLOperationName.ALL_SUPPORTED
+    if job.options.precision == "int8":
+        tool.add_dynamic_config(regex=".*", operation_name=every, num_bits=8)
+        scheme = "dynamic range: int8 channelwise symmetric weights, float32 activations quantised per call"
+    else:
+        tool.update_quantization_recipe(
+            regex=".*",
+            operation_name=every,
+            op_config=qtyping.OpQuantizationConfig(
+                weight_tensor_config=qtyping.TensorQuantizationConfig(num_bits=16, dtype=qtyping.TensorDataType.FLOAT),
+                compute_precision=qtyping.ComputePrecision.FLOAT,
+                explicit_dequantize=True,
+            ),
+            algorithm_key=AlgorithmName.FLOAT_CASTING,
+        )
+        scheme = "weight-only float16 (float casting), DEQUANTIZE to float32 before each op"
+    if scopes:  # the later recipe entry wins for the ops it matches
+        exact = "^(" + "|".join(re.escape(s) for s in scopes) + ")$"
+        tool.update_quantization_recipe(regex=exact, operation_name=every, algorithm_key=AlgorithmName.NO_QUANTIZE)
+    try:
+        with quiet():
+            quantized = bytes(tool.quantize(enable_progress_report=False).quantized_model)
+    except Exception as err:  # the quantizer raises anything from its validators to flatbuffer errors
+        raise ConversionFailed(f"ai-edge-quantizer cannot quantise the model: {first_line(err)}") from None
+    job.artifact.write_bytes(quantized)
+    model = _read_model(quantized)
+    quantization.check_untouched(job, before, _constants(model), "ai-edge-quantizer")
+    dtype = _schema().TensorType.INT8 if job.options.precision == "int8" else _schema().TensorType.FLOAT16
+    count = sum(
+        1
+        for subgraph in model.subgraphs
+        for tensor in subgraph.tensors
+        if tensor.type == dtype and model.buffers[tensor.buffer].data is not None
+    )
+    quantization.require_quantized(
+        job, count, "ai-edge-quantizer", "no FULLY_CONNECTED, convolution or embedding weight"
+    )
+    quantization.record(
+        job,
+        tool="ai-edge-quantizer",
+        distribution="ai-edge-quantizer",
+        scheme=scheme,
+        excluded_ops=[s.rstrip(";") for s in scopes],
+        quantized=count,
+    )
 
 
 def find(job: ExportJob) -> None:
@@ -210,19 +286,24 @@ def embedded(artifact_bytes: bytes) -> str | None:
 
 
 def passes(options) -> list[Pass]:
+    quantized = [Pass(f"quantize ({options.precision})", quantize)] if options.precision != "float32" else []
     if options.adaptive_as_inputs:
         return [
             Pass("convert", convert),
+            *quantized,
             Pass("lay out adaptive inputs", lay_out_adaptive_inputs),
             Pass("lay out tail", lay_out_tail),
             Pass("embed weight map", embed),
         ]
     return [
         Pass("convert", convert),
+        *quantized,
         Pass("locate", find),
         Pass("lay out tail", lay_out_tail),
         Pass("embed weight map", embed),
     ]
 
 
-TARGET = Target(name="tflite", suffix=".tflite", directory=False, precisions=("float32",), passes=passes)
+TARGET = Target(
+    name="tflite", suffix=".tflite", directory=False, precisions=("float32", "float16", "int8"), passes=passes
+)

@@ -49,13 +49,13 @@ def test_export_errors_are_one_line(tiny_checkpoints, tmp_path):
             "export",
             tiny_checkpoints["static"],
             "--target",
-            "onnx",
+            "executorch",
             "--precision",
-            "float16",
+            "int8",
             "--out",
             tmp_path / "out",
         ),
-        "coreml only",
+        "tflite, onnx, coreml only",
     )
     assert not (tmp_path / "out").exists()
 

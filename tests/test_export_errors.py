@@ -183,7 +183,7 @@ class Small(nn.Module):
         (dict(adaptive="fc.weight"), ExportError, "list"),
         (dict(example_inputs=torch.randn(1, 4)), ExportError, "tuple"),
         (dict(example_inputs=(torch.randn(1, 5),)), ExportError, "fails on the example inputs"),
-        (dict(options=dict(precision="float16")), ExportError, "coreml only"),
+        (dict(target="executorch", options=dict(precision="int8")), ExportError, "tflite, onnx, coreml only"),
         (dict(options=dict(quantize=True)), ExportError, "quantize"),
         (dict(options=dict(output_names=("a", "b"))), ExportError, "output_names"),
     ],
