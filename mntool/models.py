@@ -5,7 +5,10 @@ Every backbone maps a click history and a target item to one logit:
 (histories are left-padded, most recent last). The user representation `u` (B, d) differs per
 backbone; the scoring head is shared: `head(concat(u, t, u * t))` with `t` the target's embedding.
 The head's tensors are the *adaptive parameters* MetaNetwork generates per device
-(`adaptive_names()`); everything else is static. Written to convert cleanly to TFLite, ONNX and
+(`adaptive_names()`); everything else is static. With `BackboneConfig.metapatch_dim > 0` the
+backbone also holds DCCL's MetaPatch patches (`mntool/metapatch.py`: one on `u` after the
+sequence encoder, one in the head), and their per-device vector `metapatch.z` is then the only
+adaptive tensor. Written to convert cleanly to TFLite, ONNX and
 Core ML: plain matmuls, no boolean indexing, no -inf masks.
 """
 
@@ -31,6 +34,8 @@ class BackboneConfig:
     n_heads: int = 1  # SASRec: attention heads
     attn_hidden: int = 32  # DIN: width of the target-attention MLP
     dropout: float = 0.1  # embedding/attention dropout during training
+    metapatch_dim: int = 0  # > 0: MetaPatch (mntool/metapatch.py) patches with a z of this size; 0: none
+    metapatch_rank: int = 8  # bottleneck width of each metapatch
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,9 +53,13 @@ class ScoringHead(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([nn.Linear(in_dim, hidden), nn.Linear(hidden, 1, bias=False)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.layers[0](x))  # (B, hidden)
-        return self.layers[1](x).squeeze(-1)  # (B,)
+    def forward(self, x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+        """`gain` (a metapatch model's head patch, broadcastable to the hidden layer) scales the
+        hidden pre-activation by `1 + gain`."""
+        x = self.layers[0](x)  # (B, hidden)
+        if gain is not None:
+            x = x * (1 + gain)
+        return self.layers[1](F.relu(x)).squeeze(-1)  # (B,)
 
 
 class Backbone(nn.Module):
@@ -71,9 +80,17 @@ class Backbone(nn.Module):
         nn.init.normal_(self.item_embedding.weight, std=0.1)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
+        self.metapatch = None
+        if config.metapatch_dim:  # built last, so a base model's initial weights do not depend on it
+            from mntool.metapatch import MetaPatches
+
+            self.metapatch = MetaPatches(d, config.head_hidden, config.metapatch_dim, config.metapatch_rank)
 
     def adaptive_names(self) -> list[str]:
-        """Names (as in `named_parameters()`) of the tensors MetaNetwork generates."""
+        """Names (as in `named_parameters()`) of the tensors MetaNetwork generates: the scoring
+        head's, or a metapatch model's z (`metapatch.z`) alone."""
+        if self.metapatch is not None:
+            return ["metapatch.z"]
         return [f"head.{n}" for n, _ in self.head.named_parameters()]
 
     def user_representation(self, history: torch.Tensor, target_emb: torch.Tensor) -> torch.Tensor:
@@ -91,9 +108,16 @@ class Backbone(nn.Module):
         )
         t = self.item_embedding(target)  # (B, d) or (B, C, d)
         u = self.user_representation(history, t)  # (B, d) or (B, C, d)
+        gain = None
+        if self.metapatch is not None:  # the user patch on u, the head patch's gain from u and z
+            z = self.metapatch(u)  # (D,), or (groups, D) under per_sample_call
+            u = self.metapatch.user_patch(u, z)
+            gain = self.metapatch.head_gain(u, z)  # (B, hidden) or (B, C, hidden)
+            if t.dim() == 3 and gain.dim() == 2:
+                gain = gain[:, None, :]
         if t.dim() == 3 and u.dim() == 2:
             u = u[:, None, :].expand_as(t)
-        return self.head(torch.cat([u, t, u * t], dim=-1)) + self.out_bias  # (B,) or (B, C)
+        return self.head(torch.cat([u, t, u * t], dim=-1), gain) + self.out_bias  # (B,) or (B, C)
 
 
 class GRU4Rec(Backbone):

@@ -1,9 +1,11 @@
 """Training and evaluation of device models, and their checkpoints.
 
-Three methods share one evaluation path: `static` (one model for every device), `finetune` (per
+Four methods share one evaluation path: `static` (one model for every device), `finetune` (per
 device, a few gradient steps on the adaptive layers using the device's labelled recent samples:
-what a phone would have to run) and `metanetwork` (the cloud generates each device's adaptive
-parameters from its recent samples). Model and epoch selection use the validation period only;
+what a phone would have to run), `metapatch` (DCCL's MetaPatch, `mntool/metapatch.py`: patches in
+the frozen static model, shared parameters learned in the cloud, per device only a small vector z
+learned on fine-tuning's data) and `metanetwork` (the cloud generates each device's adaptive
+parameters from its recent samples; on a metapatch `init`, it generates z). Model and epoch selection use the validation period only;
 the test period is scored once, with the selected weights. A checkpoint is a directory:
 `config.json` (everything needed to rebuild), `weights.pt`, `metrics.json`.
 """
@@ -25,10 +27,12 @@ from tqdm.auto import tqdm
 from device_runtime.errors import MntoolError
 from mntool.data import PROTOCOL_VERSION, DeviceDataset, RankingSet, SampleSet
 from mntool.meta import MetaConfig, MetaNetwork, RecentItemsEncoder, per_sample_call
+from mntool.metapatch import MetaPatchConfig
 from mntool.metrics import evaluate, evaluate_popularity
 from mntool.models import BACKBONES, Backbone, BackboneConfig, build_model
 
-METHODS = ("static", "finetune", "metanetwork")
+METHODS = ("static", "finetune", "metapatch", "metanetwork")
+DEVICE_TRAINING = ("finetune", "metapatch")  # methods whose device phase is gradient steps on the labelled upload
 CHECKPOINT_FORMAT = 1
 EVAL_ROWS = 8192  # pointwise rows per evaluation batch
 EVAL_CANDIDATES = 25_600  # scored (history, candidate) pairs per evaluation batch in the candidate form
@@ -60,7 +64,8 @@ class TrainConfig:
     probe_users: int = 200
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # also metapatch's device phase (on z)
+    metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)
 
     def __post_init__(self) -> None:
         if self.model not in BACKBONES:
@@ -79,6 +84,7 @@ class TrainConfig:
         d["backbone"] = BackboneConfig(**d.get("backbone", {}))
         d["meta"] = MetaConfig(**d.get("meta", {}))
         d["finetune"] = FinetuneConfig(**d.get("finetune", {}))
+        d["metapatch"] = MetaPatchConfig(**d.get("metapatch", {}))
         return cls(**d)
 
 
@@ -445,7 +451,8 @@ def finetune_device_params(
 
     Each device starts from the static parameters and takes `cfg.steps` Adam steps on its own
     labelled recent samples; devices never share gradients (Adam is elementwise, losses are
-    per-device means summed)."""
+    per-device means summed). On a metapatch model the adaptive tensor is z alone, so this is
+    MetaPatch's device phase: each device learns only its z, from the model's (the mean cloud z)."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -613,6 +620,7 @@ def device_params_for(
         return None
     if method == "metanetwork":
         return generate_device_params(meta, users, recent)
+    assert method in DEVICE_TRAINING, method
     seed = cfg.seed + (11 if split == "valid" else 13)
     return finetune_device_params(
         ckpt_or_model, users, recent, cfg.finetune, seed, dataset.config.history_len, progress=progress
@@ -629,7 +637,8 @@ def experiment_dataset(dataset: DeviceDataset, cfg: TrainConfig) -> DeviceDatase
 def report_metrics(
     model: Backbone, dataset: DeviceDataset, cfg: TrainConfig, meta: MetaNetwork | None, progress: bool
 ) -> dict:
-    """Validation and test metrics of a trained model under its method, plus per-device cost."""
+    """Validation and test metrics of a trained model under its method, plus per-device cost
+    (seconds per device, all devices of the period batched; gradient steps per device)."""
     out = {}
     for split in ("valid", "test"):
         t0 = time.perf_counter()
@@ -638,6 +647,7 @@ def report_metrics(
         out[split] = evaluate_split(model, dataset, split, params)
         if cfg.method != "static":
             out[split]["personalise_seconds_per_device"] = seconds / len(dataset.device_users)
+            out[split]["personalise_steps"] = cfg.finetune.steps if cfg.method in DEVICE_TRAINING else 0
     out["popularity"] = {"valid": evaluate_popularity(dataset, "valid"), "test": evaluate_popularity(dataset, "test")}
     return out
 
@@ -652,9 +662,10 @@ def train(
 ) -> dict:
     """Train `cfg.method` on `dataset`, write a checkpoint to `out`, return its metrics.
 
-    `metanetwork` trains the backbone and the generator together from scratch, unless it is given a
-    static `init` or `cfg.meta_train_backbone` is False: then the generator learns on that static
-    backbone, frozen. `finetune` (and the frozen metanetwork) start from a static model: `init` (a
+    `metanetwork` trains the backbone and the generator together from scratch, unless it is given an
+    `init` or `cfg.meta_train_backbone` is False: then the generator learns on that model, frozen
+    (a static `init`: it generates the head; a metapatch `init`: it generates z). `finetune`,
+    `metapatch` (and the frozen metanetwork without an `init`) start from a static model: `init` (a
     static checkpoint of the same backbone) or, if not given, one trained first with the same seed
     into `out/static/`. With `cfg.shuffled_uploads` everything runs on `experiment_dataset`.
     """
@@ -680,21 +691,35 @@ def train(
         train(dataset, static_cfg, out / "static", progress=progress, log=log)
         init = out / "static"
     base = load_checkpoint(init)
-    if base.config.method != "static" or base.config.model != cfg.model or base.n_items != dataset.n_items:
+    allowed = ("static", "metapatch") if cfg.method == "metanetwork" else ("static",)
+    if base.config.method not in allowed or base.config.model != cfg.model or base.n_items != dataset.n_items:
         raise MntoolError(
-            f"--init {init} must be a static {cfg.model} checkpoint on the same data (it is {base.config.method} {base.config.model})"
+            f"--init {init} must be a {' or '.join(allowed)} {cfg.model} checkpoint on the same data "
+            f"(it is {base.config.method} {base.config.model})"
         )
-    # a static model never reads the uploads, so only the upload length may differ
+    # a static (or metapatch) model never reads the uploads, so only the upload length may differ
     if {**base.protocol, "recent_len": None} != {**asdict(dataset.config), "recent_len": None}:
         raise MntoolError(
             f"--init {init} was trained under another protocol configuration (e.g. --history-len); use the same"
         )
-    cfg.backbone = base.config.backbone
-    model = base.model
-    meta, train_log = None, {}
+    meta, train_log, extra = None, {}, {"init": str(init)}
+    if cfg.method == "metapatch":
+        from mntool.metapatch import attach, train_metapatch
+
+        model = attach(base.model, cfg.metapatch, cfg.seed + 3)
+        cfg.backbone = model.config
+        model, train_log = train_metapatch(dataset, cfg, model, progress)
+    else:
+        cfg.backbone = base.config.backbone
+        model = base.model
     if cfg.method == "metanetwork":
+        extra["init_method"] = base.config.method
+        if base.config.method == "metapatch" and cfg.meta.gate:
+            # z's residual on the scale of how far the cloud users' z's spread, not the (small) mean z's
+            spread = float(model.metapatch.spread)
+            cfg.meta = replace(cfg.meta, scale_floor=max(cfg.meta.scale_floor, spread))
         meta, train_log = train_metanetwork(dataset, cfg, model, progress)
-    return _score_and_save(out, cfg, dataset, model, meta, train_log, progress, init=str(init))
+    return _score_and_save(out, cfg, dataset, model, meta, train_log, progress, **extra)
 
 
 def _score_and_save(
@@ -714,6 +739,7 @@ def _score_and_save(
         "model": cfg.model,
         "seed": cfg.seed,
         **extra,
+        "adaptive_values": sum(p.numel() for n, p in model.named_parameters() if n in model.adaptive_names()),
         "train": train_log,
         **report_metrics(model, dataset, cfg, meta, progress),
     }

@@ -34,8 +34,10 @@ METHODS = list(dict.fromkeys(m for name in tasks.TASKS for m in tasks.get(name).
     default="static",
     show_default=True,
     help="static: one model for all devices; finetune: per-device gradient steps on labelled recent samples; "
-    "metanetwork: generated per-device parameters; bn-adapt, tent (mnist): label-free test-time adaptation "
-    "on the device's upload.",
+    "metapatch (movielens): DCCL's MetaPatch, patches in the frozen static model from shared cloud parameters "
+    "and a per-device vector z, only z learned per device on finetune's data (docs/dccl.md); "
+    "metanetwork: generated per-device parameters (with --init of a metapatch checkpoint: generated z); "
+    "bn-adapt, tent (mnist): label-free test-time adaptation on the device's upload.",
 )
 @click.option("--no-stabilizer", is_flag=True, help="metanetwork without MetaStabilizer (ablation).")
 @click.option(
@@ -50,6 +52,13 @@ METHODS = list(dict.fromkeys(m for name in tasks.TASKS for m in tasks.get(name).
     is_flag=True,
     help="metanetwork control: every device reads another device's upload (what is left of the gain "
     "does not come from the uploads).",
+)
+@click.option(
+    "--metapatch-dim",
+    type=int,
+    default=None,
+    help="metapatch: size of the per-device vector z, the model's only adaptive tensor [default: 32; at least 10, "
+    "since Core ML stores smaller constants inline where no patch can reach them].",
 )
 @click.option("--epochs", type=int, default=None, help="Maximum epochs (early stopping on validation UAUC).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -77,8 +86,9 @@ METHODS = list(dict.fromkeys(m for name in tasks.TASKS for m in tasks.get(name).
     "--init",
     "init",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Static checkpoint that finetune (and metanetwork with a frozen backbone) starts from "
-    "[default: train one first into OUT/static].",
+    help="Static checkpoint that finetune, metapatch (and metanetwork with a frozen backbone) start from "
+    "[default: train one first into OUT/static]; for metanetwork also a metapatch checkpoint (the generator "
+    "then outputs its z).",
 )
 @click.option(
     "--data",
@@ -98,6 +108,7 @@ def train(
     no_stabilizer,
     frozen_backbone,
     shuffled_uploads,
+    metapatch_dim,
     epochs,
     seed,
     history_len,
@@ -122,6 +133,8 @@ def train(
       mntool train --model sasrec --method metanetwork --seed 1 --out runs/sasrec-mn
       mntool train --model sasrec --method metanetwork --init runs/sasrec-static --out runs/sasrec-patches
       mntool train --model gru4rec --method finetune --init runs/gru-static --out runs/gru-ft
+      mntool train --model sasrec --history-len 10 --method metapatch --init runs/sasrec-l10 --out runs/sasrec-l10-mp
+      mntool train --model sasrec --history-len 10 --method metanetwork --init runs/sasrec-l10-mp --out runs/sasrec-l10-mp-mn
       mntool train --model sasrec --history-len 10 --method metanetwork --out runs/sasrec-l10
       mntool train --model sasrec --history-len 10 --recent-len 100 --method metanetwork --out runs/sasrec-l10-r100
       mntool train --model sasrec --history-len 10 --method metanetwork --shuffled-uploads --out runs/sasrec-l10-control
@@ -144,6 +157,8 @@ def train(
     ):
         if on and method != "metanetwork":
             raise click.UsageError(f"{flag} only applies to --method metanetwork")
+    if metapatch_dim is not None and method != "metapatch":
+        raise click.UsageError("--metapatch-dim only applies to --method metapatch")
     if upload_len is not None and task != "mnist":
         raise click.UsageError("--upload-len applies to --task mnist (the recommender's upload is --recent-len)")
     options = dict(
@@ -154,6 +169,7 @@ def train(
         no_stabilizer=no_stabilizer,
         meta_train_backbone=not (frozen_backbone or init is not None),
         shuffled_uploads=shuffled_uploads,
+        metapatch_dim=metapatch_dim,
         history_len=history_len,
         recent_len=recent_len,
         upload_len=upload_len,

@@ -11,17 +11,18 @@ from mntool.tasks import SamplesError
 
 NAME = "movielens"
 MODELS = tuple(BACKBONES)
-METHODS = ("static", "finetune", "metanetwork")
+METHODS = ("static", "finetune", "metapatch", "metanetwork")
 DEFAULT_MODEL = "sasrec"
 METRICS = ("auc", "uauc", "ndcg@10", "hr@10")
 
 
 def train(options: dict, out, init, data_dir, progress: bool, log) -> dict:
     """`mntool train` for this task; `options` are the CLI's (model, method, seed, epochs,
-    no_stabilizer, meta_train_backbone, shuffled_uploads, history_len, recent_len)."""
+    no_stabilizer, meta_train_backbone, shuffled_uploads, history_len, recent_len, metapatch_dim)."""
     from mntool.data import ProtocolConfig
     from mntool.data.datasets import load_dataset
     from mntool.meta import MetaConfig
+    from mntool.metapatch import MetaPatchConfig
     from mntool.models import BackboneConfig
     from mntool.train import TrainConfig
     from mntool.train import train as run_train
@@ -38,6 +39,8 @@ def train(options: dict, out, init, data_dir, progress: bool, log) -> dict:
         cfg.meta = MetaConfig(gate=False, ema=False)
     cfg.meta_train_backbone = options["meta_train_backbone"]
     cfg.shuffled_uploads = options.get("shuffled_uploads", False)
+    if options.get("metapatch_dim") is not None:
+        cfg.metapatch = MetaPatchConfig(dim=options["metapatch_dim"])
     protocol = ProtocolConfig(history_len=options["history_len"], recent_len=options["recent_len"])
     dataset = load_dataset(data_dir, protocol, log=log)
     return run_train(dataset, cfg, out, init=init, progress=progress, log=log)
@@ -121,7 +124,7 @@ def generate(ck, batch: np.ndarray) -> dict:
     users = np.arange(len(batch))
     if ck.config.method == "metanetwork":
         return generate_device_params(ck.meta, users, batch).params
-    if ck.config.method == "finetune":
+    if ck.config.method in ("finetune", "metapatch"):  # metapatch: the device phase, on z alone
         return finetune_device_params(
             ck.model, users, batch, ck.config.finetune, seed=0, history_len=int(ck.protocol["history_len"])
         ).params
