@@ -257,19 +257,21 @@ def export_cached(
     fresh: bool,
     progress: bool,
     record: dict,
-    layout: str = "candidates",
+    layout: str | None = None,
+    batch: int | None = None,
 ) -> tuple[dict[str, Path], int]:
-    """Artifacts of a checkpoint's device model for `targets` in `out`, in ranking form `layout`
-    (device_runtime.ranking: one request of the protocol's 100 candidates per call); each target
-    is re-exported only if its checkpoint or settings changed. Returns (artifacts, how many were
-    reused)."""
+    """Artifacts of a checkpoint's device model for `targets` in `out`, with the inputs its task
+    exports by default (`Checkpoint.export_inputs`: a recommender's candidate form, one request of
+    the protocol's 100 candidates per call, or `layout="rows"`; an image model's `batch` images);
+    each target is re-exported only if its checkpoint or settings changed. Returns (artifacts, how
+    many were reused)."""
     from exporters import export
     from mntool.train import load_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     artifacts, reused, ckpt = {}, 0, None
     for target in targets:
-        key = _key(checkpoint=ckpt_key, target=target, layout=layout, name="model", outputs=["logits"])
+        key = _key(checkpoint=ckpt_key, target=target, layout=layout, batch=batch, name="model", outputs=["logits"])
         artifact = out / ("model" + {"tflite": ".tflite", "onnx": ".onnx", "coreml": ".mlpackage"}[target])
         stamp_file = out / f"{target}-{STAMP}"
         stamp = read_stamp(stamp_file, key, fresh)
@@ -279,7 +281,7 @@ def export_cached(
         else:
             t0 = time.perf_counter()
             ckpt = ckpt or load_checkpoint(ckpt_dir)
-            example, form = ckpt.export_inputs(layout=layout)
+            example, form = ckpt.export_inputs(batch=batch, layout=layout)
             export(
                 ckpt.model,
                 example,

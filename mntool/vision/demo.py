@@ -869,6 +869,7 @@ def run_demo(
                 fresh,
                 progress,
                 record,
+                batch=cfg.batch,
             )
             mn_art, reused_mn = export_cached(
                 mn_dir,
@@ -879,6 +880,7 @@ def run_demo(
                 fresh,
                 progress,
                 record,
+                batch=cfg.batch,
             )
             record["cached"] = reused_static + reused_mn == len(static_art) + len(mn_art)
             record["note"] = (
