@@ -3,7 +3,8 @@
 Conventions (docs/data-protocol.md, "Metrics"): AUC is Mann-Whitney with tied scores counted
 one half; UAUC averages per-user AUC over users that have both labels; ranking metrics rank
 column 0 of each candidate row pessimistically (a tied negative counts as ranked above the
-positive) and average per user first, then over users.
+positive) and average per user first, then over users. `evaluate_buckets` gives the same figures
+per group of users (the long-tail buckets) from the already computed scores.
 """
 
 from __future__ import annotations
@@ -77,6 +78,42 @@ def evaluate(
     """All four figures: pointwise rows -> AUC, UAUC; candidate rows -> NDCG@k, HR@k."""
     hr, ndcg = ranking_metrics(rank_scores, rank_users, k)
     return {"auc": auc(labels, scores), "uauc": uauc(users, labels, scores), f"ndcg@{k}": ndcg, f"hr@{k}": hr}
+
+
+def evaluate_users(
+    users: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    rank_users: np.ndarray,
+    rank_scores: np.ndarray,
+    keep: np.ndarray,
+    k: int = 10,
+) -> dict[str, float | None]:
+    """`evaluate` on the rows (pointwise and ranking) of the users in `keep` only: already computed
+    scores, sliced, nothing re-scored. Every figure is None when those users have no rows."""
+    users, rank_users = np.asarray(users), np.asarray(rank_users)
+    rows, ranks = np.isin(users, keep), np.isin(rank_users, keep)
+    if not rows.any() or not ranks.any():
+        return {"auc": None, "uauc": None, f"ndcg@{k}": None, f"hr@{k}": None}
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    return evaluate(users[rows], labels[rows], scores[rows], rank_users[ranks], np.asarray(rank_scores)[ranks], k)
+
+
+def evaluate_buckets(
+    users: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    rank_users: np.ndarray,
+    rank_scores: np.ndarray,
+    buckets: dict[str, np.ndarray],
+    k: int = 10,
+) -> dict[str, dict]:
+    """Per bucket of user codes (e.g. `mntool.data.activity_buckets`): `evaluate_users` on its
+    users, plus `users`, how many users the bucket holds."""
+    return {
+        name: {**evaluate_users(users, labels, scores, rank_users, rank_scores, codes, k), "users": int(len(codes))}
+        for name, codes in buckets.items()
+    }
 
 
 def popularity_scores(item_popularity: np.ndarray, items: np.ndarray) -> np.ndarray:

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from device_runtime.errors import MntoolError
-from mntool.data import PROTOCOL_VERSION, DeviceDataset, RankingSet, SampleSet
+from mntool.data import BUCKETS, PROTOCOL_VERSION, DeviceDataset, RankingSet, SampleSet, activity_buckets
 from mntool.meta import MetaConfig, MetaNetwork, RecentItemsEncoder, per_sample_call
 from mntool.metapatch import MetaPatchConfig
-from mntool.metrics import evaluate, evaluate_popularity
+from mntool.metrics import evaluate, evaluate_buckets, evaluate_popularity
 from mntool.models import BACKBONES, Backbone, BackboneConfig, build_model
 
 METHODS = ("static", "finetune", "metapatch", "metanetwork")
@@ -127,9 +127,17 @@ def score_rows(
 
 
 def evaluate_split(
-    model: Backbone, dataset: DeviceDataset, split: str, device_params: DeviceParams | None, ranking: bool = True
+    model: Backbone,
+    dataset: DeviceDataset,
+    split: str,
+    device_params: DeviceParams | None,
+    ranking: bool = True,
+    buckets: dict[str, np.ndarray] | None = None,
 ) -> dict:
-    """AUC/UAUC on the pointwise rows and NDCG@10/HR@10 on the ranking tasks of `split`."""
+    """AUC/UAUC on the pointwise rows and NDCG@10/HR@10 on the ranking tasks of `split`. With
+    `buckets` ({name: user codes}, e.g. `activity_buckets(dataset)`) and `ranking`, also one sub-dict
+    per bucket with the same figures on its users' rows and `users` (`metrics.evaluate_buckets`: the
+    scores computed once here, sliced by user; the overall figures are unchanged)."""
     rows: SampleSet = dataset.split(split)
     rank: RankingSet = getattr(dataset, f"{split}_rank")
     group = dataset.config.n_negatives + 1
@@ -140,7 +148,10 @@ def evaluate_split(
 
         return {"auc": auc(rows.label, scores), "uauc": uauc(rows.user, rows.label, scores)}
     rank_scores = score_rows(model, rank.history, rank.candidates, rank.user, device_params)
-    return evaluate(rows.user, rows.label, scores, rank.user, rank_scores)
+    out = evaluate(rows.user, rows.label, scores, rank.user, rank_scores)
+    if buckets is not None:
+        out.update(evaluate_buckets(rows.user, rows.label, scores, rank.user, rank_scores, buckets))
+    return out
 
 
 # ---- batching ---------------------------------------------------------------------------------
@@ -638,16 +649,21 @@ def report_metrics(
     model: Backbone, dataset: DeviceDataset, cfg: TrainConfig, meta: MetaNetwork | None, progress: bool
 ) -> dict:
     """Validation and test metrics of a trained model under its method, plus per-device cost
-    (seconds per device, all devices of the period batched; gradient steps per device)."""
+    (seconds per device, all devices of the period batched; gradient steps per device). Each period
+    also holds `head`, `torso`, `tail`: the same figures on the long-tail buckets of the device users
+    (`activity_buckets`, decided once on the cloud period; docs/dccl.md, "Long-tail buckets")."""
     out = {}
+    buckets = activity_buckets(dataset)
     for split in ("valid", "test"):
         t0 = time.perf_counter()
         params = device_params_for(model, cfg.method, dataset, split, cfg, meta, progress)
         seconds = time.perf_counter() - t0
-        out[split] = evaluate_split(model, dataset, split, params)
+        out[split] = evaluate_split(model, dataset, split, params, buckets=buckets)
         if cfg.method != "static":
             out[split]["personalise_seconds_per_device"] = seconds / len(dataset.device_users)
             out[split]["personalise_steps"] = cfg.finetune.steps if cfg.method in DEVICE_TRAINING else 0
+        for name in BUCKETS:  # after the overall figures and costs in metrics.json
+            out[split][name] = out[split].pop(name)
     out["popularity"] = {"valid": evaluate_popularity(dataset, "valid"), "test": evaluate_popularity(dataset, "test")}
     return out
 

@@ -64,7 +64,26 @@ def metrics_table(metrics: dict) -> str:
         ("popularity", metrics["popularity"]["test"]),
     ):
         lines.append(f"{label:12s}" + "".join(f"{row[m]:10.4f}" for m in METRICS))
+    lines += _bucket_lines(metrics)
     return "\n".join(lines)
+
+
+BUCKET_COLUMNS = (("valid", "uauc"), ("valid", "ndcg@10"), ("test", "uauc"), ("test", "ndcg@10"))
+
+
+def _bucket_lines(metrics: dict) -> list[str]:
+    """The long-tail block (docs/dccl.md, "Long-tail buckets"): users and UAUC / NDCG@10 per bucket
+    and period; nothing for metrics without buckets (a metrics.json written before them)."""
+    from mntool.data import BUCKETS
+
+    if not all(b in metrics[s] for b in BUCKETS for s in ("valid", "test")):
+        return []
+    lines = [f"{'bucket':12s}{'users':>7s}" + "".join(f"{s + ' ' + m:>15s}" for s, m in BUCKET_COLUMNS)]
+    for b in BUCKETS:
+        values = [metrics[s][b][m] for s, m in BUCKET_COLUMNS]
+        cells = "".join(f"{'-':>15s}" if v is None else f"{v:15.4f}" for v in values)
+        lines.append(f"{b:12s}{metrics['test'][b]['users']:7d}" + cells)
+    return lines
 
 
 def load_checkpoint(path, config: dict):
