@@ -4,6 +4,7 @@ random parameters for them. The session fixtures built on these live in conftest
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +50,17 @@ def patch_for(artifact: Path) -> Path:
     if not path.is_file():
         path.write_bytes(build_patch(artifact, fresh_params(artifact)))
     return path
+
+
+def copy_artifact(artifact: Path, dest: Path) -> Path:
+    """The artifact, its files and its sidecar copied under `dest` (same names): a private copy a
+    test may patch in place."""
+    dest.mkdir(parents=True)
+    wm = weight_maps.load(artifact)
+    root = weight_maps.artifact_root(artifact)
+    new_root = dest / artifact.name if artifact.is_dir() else dest
+    for f in wm.files:
+        (new_root / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / f, new_root / f)
+    shutil.copy2(weight_maps.sidecar_path(artifact), weight_maps.sidecar_path(dest / artifact.name))
+    return dest / artifact.name

@@ -9,7 +9,6 @@ predict on Linux, so there coremltools' own blob reader must return the patched 
 from __future__ import annotations
 
 import copy
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from small_artifacts import copy_artifact
 from test_patch_format import raw_public
 
 from device_runtime import weight_map as wmap
@@ -99,18 +99,6 @@ def random_params(model, seed: int) -> dict[str, np.ndarray]:
         for n, p in model.named_parameters()
         if n in model.adaptive_names()
     }
-
-
-def copy_artifact(artifact: Path, dest: Path) -> Path:
-    """The artifact, its files and its sidecar copied under `dest` (same names)."""
-    dest.mkdir()
-    wm = wmap.load(artifact)
-    root, new_root = wmap.artifact_root(artifact), dest / artifact.name if artifact.is_dir() else dest
-    for f in wm.files:
-        (new_root / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / f, new_root / f)
-    shutil.copy2(wmap.sidecar_path(artifact), wmap.sidecar_path(dest / artifact.name))
-    return dest / artifact.name
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.startswith("coreml")])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from small_artifacts import copy_artifact
 
 from device_runtime import weight_map as wmap
 from device_runtime.install import apply_patch_file
@@ -106,18 +106,6 @@ def torch_outputs(model, sets: list[tuple], params: dict[str, np.ndarray]) -> np
     from exporters.prepare import run_model
 
     return np.array([run_model(model, s, params)[0].double().numpy() for s in sets])
-
-
-def copy_artifact(artifact: Path, dest: Path) -> Path:
-    """The artifact, its files and its sidecar copied under `dest` (same names)."""
-    dest.mkdir(parents=True)
-    wm = wmap.load(artifact)
-    root, new_root = wmap.artifact_root(artifact), dest / artifact.name if artifact.is_dir() else dest
-    for f in wm.files:
-        (new_root / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / f, new_root / f)
-    shutil.copy2(wmap.sidecar_path(artifact), wmap.sidecar_path(dest / artifact.name))
-    return dest / artifact.name
 
 
 def tree_state(directory: Path) -> dict[str, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from small_artifacts import copy_artifact
 from test_patch_cli import mntool
 from test_patch_format import raw_public, tree_hashes
 
@@ -122,18 +122,6 @@ def generated(checkpoints, image_data):
         return cache[cnn, method]
 
     return get
-
-
-def copy_artifact(artifact: Path, dest: Path) -> Path:
-    """The artifact, its files and its sidecar copied under `dest` (same names)."""
-    dest.mkdir(parents=True)
-    wm = wmap.load(artifact)
-    root, new_root = wmap.artifact_root(artifact), dest / artifact.name if artifact.is_dir() else dest
-    for f in wm.files:
-        (new_root / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / f, new_root / f)
-    shutil.copy2(wmap.sidecar_path(artifact), wmap.sidecar_path(dest / artifact.name))
-    return dest / artifact.name
 
 
 def compiled_logits(runner, images: np.ndarray) -> np.ndarray:
