@@ -1,11 +1,14 @@
 """Training and evaluation of device models, and their checkpoints.
 
-Four methods share one evaluation path: `static` (one model for every device), `finetune` (per
+Five methods share one evaluation path: `static` (one model for every device), `finetune` (per
 device, a few gradient steps on the adaptive layers using the device's labelled recent samples:
 what a phone would have to run), `metapatch` (DCCL's MetaPatch, `mntool/metapatch.py`: patches in
 the frozen static model, shared parameters learned in the cloud, per device only a small vector z
 learned on fine-tuning's data) and `metanetwork` (the cloud generates each device's adaptive
-parameters from its recent samples; on a metapatch `init`, it generates z). Model and epoch selection use the validation period only;
+parameters from its recent samples; on a metapatch `init`, it generates z) and `momodistill` (DCCL's
+MoMoDistill, `mntool/momodistill.py`: a new one-model-for-every-device cloud model trained with a
+distillation term toward a teacher checkpoint's personalised device models). Model and epoch
+selection use the validation period only;
 the test period is scored once, with the selected weights. A checkpoint is a directory:
 `config.json` (everything needed to rebuild), `weights.pt`, `metrics.json`.
 """
@@ -30,9 +33,11 @@ from mntool.meta import MetaConfig, MetaNetwork, RecentItemsEncoder, per_sample_
 from mntool.metapatch import MetaPatchConfig
 from mntool.metrics import evaluate, evaluate_buckets, evaluate_popularity
 from mntool.models import BACKBONES, Backbone, BackboneConfig, build_model
+from mntool.momodistill import DistillConfig
 
-METHODS = ("static", "finetune", "metapatch", "metanetwork")
+METHODS = ("static", "finetune", "metapatch", "metanetwork", "momodistill")
 DEVICE_TRAINING = ("finetune", "metapatch")  # methods whose device phase is gradient steps on the labelled upload
+CLOUD_MODELS = ("static", "momodistill")  # methods whose checkpoint is one model for every device (an --init)
 CHECKPOINT_FORMAT = 1
 EVAL_ROWS = 8192  # pointwise rows per evaluation batch
 EVAL_CANDIDATES = 25_600  # scored (history, candidate) pairs per evaluation batch in the candidate form
@@ -66,6 +71,7 @@ class TrainConfig:
     meta: MetaConfig = field(default_factory=MetaConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # also metapatch's device phase (on z)
     metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # momodistill: teacher and weights
 
     def __post_init__(self) -> None:
         if self.model not in BACKBONES:
@@ -85,6 +91,7 @@ class TrainConfig:
         d["meta"] = MetaConfig(**d.get("meta", {}))
         d["finetune"] = FinetuneConfig(**d.get("finetune", {}))
         d["metapatch"] = MetaPatchConfig(**d.get("metapatch", {}))
+        d["distill"] = DistillConfig(**d.get("distill", {}))
         return cls(**d)
 
 
@@ -627,7 +634,7 @@ def device_params_for(
 ) -> DeviceParams | None:
     """Per-device adaptive parameters for a period under `method` (None for static)."""
     users, recent = dataset.device_recent(split)
-    if method == "static":
+    if method in CLOUD_MODELS:
         return None
     if method == "metanetwork":
         return generate_device_params(meta, users, recent)
@@ -659,7 +666,7 @@ def report_metrics(
         params = device_params_for(model, cfg.method, dataset, split, cfg, meta, progress)
         seconds = time.perf_counter() - t0
         out[split] = evaluate_split(model, dataset, split, params, buckets=buckets)
-        if cfg.method != "static":
+        if cfg.method not in CLOUD_MODELS:
             out[split]["personalise_seconds_per_device"] = seconds / len(dataset.device_users)
             out[split]["personalise_steps"] = cfg.finetune.steps if cfg.method in DEVICE_TRAINING else 0
         for name in BUCKETS:  # after the overall figures and costs in metrics.json
@@ -701,13 +708,22 @@ def train(
     if cfg.method == "static":
         model, train_log = train_static(dataset, cfg, progress)
         return _score_and_save(out, cfg, dataset, model, None, train_log, progress)
+    if cfg.method == "momodistill":
+        from mntool.momodistill import train_momodistill
+
+        if init is not None:
+            raise MntoolError(
+                "--method momodistill trains a new cloud model from scratch; it takes --teacher, not --init"
+            )
+        model, train_log = train_momodistill(dataset, cfg, progress, log)
+        return _score_and_save(out, cfg, dataset, model, None, train_log, progress, teacher=cfg.distill.teacher)
     if init is None:
         log(f"{cfg.method} starts from a static {cfg.model}: training it first into {out / 'static'}")
         static_cfg = TrainConfig.from_dict({**cfg.to_dict(), "method": "static", "shuffled_uploads": False})
         train(dataset, static_cfg, out / "static", progress=progress, log=log)
         init = out / "static"
     base = load_checkpoint(init)
-    allowed = ("static", "metapatch") if cfg.method == "metanetwork" else ("static",)
+    allowed = (*CLOUD_MODELS, "metapatch") if cfg.method == "metanetwork" else CLOUD_MODELS
     if base.config.method not in allowed or base.config.model != cfg.model or base.n_items != dataset.n_items:
         raise MntoolError(
             f"--init {init} must be a {' or '.join(allowed)} {cfg.model} checkpoint on the same data "

@@ -37,6 +37,8 @@ METHODS = list(dict.fromkeys(m for name in tasks.TASKS for m in tasks.get(name).
     "metapatch (movielens): DCCL's MetaPatch, patches in the frozen static model from shared cloud parameters "
     "and a per-device vector z, only z learned per device on finetune's data (docs/dccl.md); "
     "metanetwork: generated per-device parameters (with --init of a metapatch checkpoint: generated z); "
+    "momodistill (movielens): DCCL's MoMoDistill, a new cloud model trained on the cloud period with a "
+    "distillation term toward the personalised device models of --teacher (docs/dccl.md); "
     "bn-adapt, tent (mnist): label-free test-time adaptation on the device's upload.",
 )
 @click.option("--no-stabilizer", is_flag=True, help="metanetwork without MetaStabilizer (ablation).")
@@ -59,6 +61,26 @@ METHODS = list(dict.fromkeys(m for name in tasks.TASKS for m in tasks.get(name).
     default=None,
     help="metapatch: size of the per-device vector z, the model's only adaptive tensor [default: 32; at least 10, "
     "since Core ML stores smaller constants inline where no patch can reach them].",
+)
+@click.option(
+    "--teacher",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="momodistill: checkpoint whose per-device personalised models are distilled (metapatch, metanetwork, "
+    "finetune; static = self-distillation control), trained under the same protocol.",
+)
+@click.option(
+    "--distill-alpha",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="momodistill: weight of the distillation term; the label term gets 1 - alpha [default: 0.5].",
+)
+@click.option(
+    "--distill-weighting",
+    type=click.Choice(["devices", "rows"]),
+    default=None,
+    help="momodistill: devices = every device's distillation rows weigh the same in total (tail devices count "
+    "as much as head ones); rows = every cloud row weighs 1 [default: devices].",
 )
 @click.option("--epochs", type=int, default=None, help="Maximum epochs (early stopping on validation UAUC).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -109,6 +131,9 @@ def train(
     frozen_backbone,
     shuffled_uploads,
     metapatch_dim,
+    teacher,
+    distill_alpha,
+    distill_weighting,
     epochs,
     seed,
     history_len,
@@ -136,6 +161,8 @@ def train(
       mntool train --model sasrec --history-len 10 --method metapatch --init runs/sasrec-l10 --out runs/sasrec-l10-mp
       mntool train --model sasrec --history-len 10 --method metanetwork --init runs/sasrec-l10-mp --out runs/sasrec-l10-mp-mn
       mntool train --model sasrec --history-len 10 --method metanetwork --out runs/sasrec-l10
+      mntool train --model sasrec --history-len 10 --method momodistill --teacher runs/sasrec-l10-mp --out runs/sasrec-l10-md
+      mntool train --model sasrec --history-len 10 --method finetune --init runs/sasrec-l10-md --out runs/sasrec-l10-md-ft
       mntool train --model sasrec --history-len 10 --recent-len 100 --method metanetwork --out runs/sasrec-l10-r100
       mntool train --model sasrec --history-len 10 --method metanetwork --shuffled-uploads --out runs/sasrec-l10-control
       mntool train --task mnist --model lenet --method metanetwork --out runs/mnist-mn
@@ -159,6 +186,15 @@ def train(
             raise click.UsageError(f"{flag} only applies to --method metanetwork")
     if metapatch_dim is not None and method != "metapatch":
         raise click.UsageError("--metapatch-dim only applies to --method metapatch")
+    if method == "momodistill" and teacher is None:
+        raise click.UsageError("--method momodistill needs --teacher CKPT (the personalised device models to distil)")
+    for flag, value in (
+        ("--teacher", teacher),
+        ("--distill-alpha", distill_alpha),
+        ("--distill-weighting", distill_weighting),
+    ):
+        if value is not None and method != "momodistill":
+            raise click.UsageError(f"{flag} only applies to --method momodistill")
     if upload_len is not None and task != "mnist":
         raise click.UsageError("--upload-len applies to --task mnist (the recommender's upload is --recent-len)")
     options = dict(
@@ -170,6 +206,9 @@ def train(
         meta_train_backbone=not (frozen_backbone or init is not None),
         shuffled_uploads=shuffled_uploads,
         metapatch_dim=metapatch_dim,
+        teacher=teacher,
+        distill_alpha=distill_alpha,
+        distill_weighting=distill_weighting,
         history_len=history_len,
         recent_len=recent_len,
         upload_len=upload_len,

@@ -11,19 +11,21 @@ from mntool.tasks import SamplesError
 
 NAME = "movielens"
 MODELS = tuple(BACKBONES)
-METHODS = ("static", "finetune", "metapatch", "metanetwork")
+METHODS = ("static", "finetune", "metapatch", "metanetwork", "momodistill")
 DEFAULT_MODEL = "sasrec"
 METRICS = ("auc", "uauc", "ndcg@10", "hr@10")
 
 
 def train(options: dict, out, init, data_dir, progress: bool, log) -> dict:
     """`mntool train` for this task; `options` are the CLI's (model, method, seed, epochs,
-    no_stabilizer, meta_train_backbone, shuffled_uploads, history_len, recent_len, metapatch_dim)."""
+    no_stabilizer, meta_train_backbone, shuffled_uploads, history_len, recent_len, metapatch_dim,
+    teacher, distill_alpha, distill_weighting)."""
     from mntool.data import ProtocolConfig
     from mntool.data.datasets import load_dataset
     from mntool.meta import MetaConfig
     from mntool.metapatch import MetaPatchConfig
     from mntool.models import BackboneConfig
+    from mntool.momodistill import DistillConfig
     from mntool.train import TrainConfig
     from mntool.train import train as run_train
 
@@ -41,6 +43,12 @@ def train(options: dict, out, init, data_dir, progress: bool, log) -> dict:
     cfg.shuffled_uploads = options.get("shuffled_uploads", False)
     if options.get("metapatch_dim") is not None:
         cfg.metapatch = MetaPatchConfig(dim=options["metapatch_dim"])
+    if options.get("teacher") is not None:
+        cfg.distill = DistillConfig(
+            teacher=str(options["teacher"]),
+            alpha=DistillConfig.alpha if options.get("distill_alpha") is None else options["distill_alpha"],
+            weighting=options.get("distill_weighting") or DistillConfig.weighting,
+        )
     protocol = ProtocolConfig(history_len=options["history_len"], recent_len=options["recent_len"])
     dataset = load_dataset(data_dir, protocol, log=log)
     return run_train(dataset, cfg, out, init=init, progress=progress, log=log)
@@ -138,16 +146,16 @@ def generate(ck, batch: np.ndarray) -> dict:
     """{name: (B, *shape) tensor} for checked uploads `batch` under the checkpoint's method."""
     import torch
 
-    from mntool.train import finetune_device_params, generate_device_params
+    from mntool.train import DEVICE_TRAINING, finetune_device_params, generate_device_params
 
     users = np.arange(len(batch))
     if ck.config.method == "metanetwork":
         return generate_device_params(ck.meta, users, batch).params
-    if ck.config.method in ("finetune", "metapatch"):  # metapatch: the device phase, on z alone
+    if ck.config.method in DEVICE_TRAINING:  # metapatch: the device phase, on z alone
         return finetune_device_params(
             ck.model, users, batch, ck.config.finetune, seed=0, history_len=int(ck.protocol["history_len"])
         ).params
-    static = dict(ck.model.named_parameters())
+    static = dict(ck.model.named_parameters())  # static, momodistill: one model, the same for every device
     return {
         n: static[n].detach().unsqueeze(0).expand(len(batch), *static[n].shape).to(torch.float32) for n in ck.adaptive
     }
