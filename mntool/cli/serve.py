@@ -21,7 +21,20 @@ DEFAULTS = ServeConfig(checkpoint="", artifacts=[])  # one home for every defaul
     type=click.Path(exists=True, path_type=Path),
     multiple=True,
     required=True,
-    help="A compiled artifact (with its weight map) to serve patches for; repeat for several targets.",
+    help="A compiled artifact (with its weight map) to serve CHECKPOINT's patches for; repeat for several targets.",
+)
+@click.option(
+    "--also",
+    "also",
+    type=(
+        click.Path(exists=True, file_okay=False, path_type=Path),
+        click.Path(exists=True, path_type=Path),
+    ),
+    multiple=True,
+    metavar="CKPT ARTIFACT",
+    help="Also serve ARTIFACT with patches from checkpoint CKPT (another model version, e.g. the new cloud model "
+    "while devices move over to it); repeatable. Each artifact gets the patches of the checkpoint it is paired "
+    "with; requests are routed by fingerprint.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
@@ -96,6 +109,7 @@ DEFAULTS = ServeConfig(checkpoint="", artifacts=[])  # one home for every defaul
 def serve(
     checkpoint,
     artifacts,
+    also,
     host,
     port,
     workers,
@@ -120,11 +134,21 @@ def serve(
     /v1/patches), /healthz (liveness only), /metrics (Prometheus, every worker in one scrape),
     /openapi.json. See docs/serving.md.
 
+    One server can serve several model versions at once: `--also CKPT ARTIFACT` pairs a further
+    artifact with the checkpoint whose patches it gets (all checkpoints must read the same
+    uploads). A request goes to the checkpoint of its artifact's fingerprint; requests of
+    different checkpoints never share a generator call.
+
     \b
     Example:
       mntool serve runs/sasrec --artifact artifacts/model.tflite --artifact artifacts/model.onnx \\
           --signing-key keys/online.key --key-list keys/online.mnkeys --workers 2 --port 8080
       curl -s localhost:8080/v1/artifacts
+
+    \b
+    Two versions while devices move from v1 to v2:
+      mntool serve runs/v1 --artifact artifacts/v1/model.onnx --also runs/v2 artifacts/v2/model.onnx \\
+          --signing-key keys/online.key --key-list keys/online.mnkeys
     """
     from mntool.serve import serve as run_serve
 
@@ -141,7 +165,9 @@ def serve(
         max_samples=max_samples,
         request_timeout_s=timeout_s,
         torch_threads=torch_threads,
+        also=[[str(c), str(a)] for c, a in also],
     )
+    pairs = config.also
 
     def announce(url: str) -> None:
         if as_json:
@@ -151,6 +177,7 @@ def serve(
                         "url": url,
                         "workers": workers,
                         "artifacts": config.artifacts,
+                        "also": pairs,
                         "signed": bool(signing_key),
                         "auth": bool(token),
                     }
@@ -159,8 +186,10 @@ def serve(
         else:
             signed = "signed" if signing_key else "UNSIGNED"
             auth = "bearer token required" if token else "no auth"
+            checkpoints = len(dict.fromkeys([config.checkpoint, *(c for c, _ in pairs)]))
+            versions = f" of {checkpoints} checkpoints" if checkpoints > 1 else ""
             click.echo(
-                f"serving {signed} patches for {len(artifacts)} artifact(s) on {url} "
+                f"serving {signed} patches for {len(artifacts) + len(pairs)} artifact(s){versions} on {url} "
                 f"with {workers} worker(s), {auth} (Ctrl+C to stop)"
             )
 

@@ -1,8 +1,11 @@
 """The patch service: devices upload recent samples, get back signed patches for their artifact.
 
-`PatchService` holds what every request reads (generator, artifacts' weight maps, signing key)
-and turns a batch of parsed requests into patches with one generator call per upload size, each
-request failing alone. What an upload is (item ids, images) and how it is checked belong to the
+`PatchService` holds what every request reads (generators, artifacts' weight maps, signing key)
+and turns a batch of parsed requests into patches with one generator call per generator and upload
+size, each request failing alone. A service may serve artifacts of several checkpoints (model
+versions, e.g. the old and the new cloud model while devices move over): each artifact is
+explicitly paired with the checkpoint whose generator makes its patches, and a request is routed
+by its artifact's fingerprint. What an upload is (item ids, images) and how it is checked belong to the
 served checkpoint's task (`mntool.tasks`: `parse_upload`, `upload_schema`, `upload_body_bytes`).
 `create_app` wraps it in a Starlette ASGI app (endpoints, limits, auth, JSON errors,
 metrics); `serve` binds the socket and runs uvicorn with one or more worker processes. The
@@ -68,10 +71,18 @@ class RequestError(MntoolError):
 class ServedArtifact:
     path: Path
     weight_map: WeightMap
+    checkpoint: str = ""  # the checkpoint whose generator makes this artifact's patches, as given
+    generator: Generator | None = field(default=None, repr=False, compare=False)
 
     def describe(self) -> dict:
         wm = self.weight_map
-        return {"fingerprint": wm.fingerprint, "target": wm.target, "artifact": wm.artifact, "weight_map": wm.to_dict()}
+        return {
+            "fingerprint": wm.fingerprint,
+            "target": wm.target,
+            "artifact": wm.artifact,
+            "checkpoint": self.checkpoint,
+            "weight_map": wm.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,9 @@ class PatchJob:
 
 @dataclass
 class PatchService:
-    """Everything a worker needs to answer patch requests; read-only after `load`."""
+    """Everything a worker needs to answer patch requests; read-only after `load`. `generator` is
+    the main checkpoint's (`config.checkpoint`); `generators` holds every served checkpoint's, by
+    the checkpoint path as given, and each artifact names its own (`ServedArtifact.generator`)."""
 
     config: ServeConfig
     generator: Generator
@@ -95,20 +108,34 @@ class PatchService:
     max_samples: int
     max_body_bytes: int
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    generators: dict[str, Generator] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.generators:
+            self.generators = {str(self.config.checkpoint): self.generator}
 
     @classmethod
     def load(cls, config: ServeConfig) -> PatchService:
-        """Artifacts and key first (cheap), then the checkpoint, then their agreement."""
+        """Artifacts and key first (cheap), then the checkpoints, then their agreement. `config.also`:
+        further (checkpoint, artifact) pairs (`mntool serve --also`), each artifact served with
+        patches from the checkpoint it is paired with."""
         if not config.artifacts:
             raise ServeError("give at least one --artifact to serve patches for")
+        main = str(config.checkpoint)
+        pairs = [(main, Path(a)) for a in config.artifacts] + [(str(c), Path(a)) for c, a in config.also]
         artifacts: dict[str, ServedArtifact] = {}
-        for path in map(Path, config.artifacts):
+        for checkpoint, path in pairs:
             wm = wmap.load(path)
-            if wm.fingerprint in artifacts:
+            other = artifacts.get(wm.fingerprint)
+            if other is not None and other.checkpoint == checkpoint:
+                raise ServeError(f"{path} and {other.path} are the same artifact (fingerprint {wm.fingerprint[:12]})")
+            if other is not None:
                 raise ServeError(
-                    f"{path} and {artifacts[wm.fingerprint].path} are the same artifact (fingerprint {wm.fingerprint[:12]})"
+                    f"{path} (for {checkpoint}) and {other.path} (for {other.checkpoint}) are the same artifact "
+                    f"(fingerprint {wm.fingerprint[:12]}): a device names its model by fingerprint, so one fingerprint "
+                    "gets its patches from one checkpoint"
                 )
-            artifacts[wm.fingerprint] = ServedArtifact(path, wm)
+            artifacts[wm.fingerprint] = ServedArtifact(path, wm, checkpoint)
         if config.key_list and not config.signing_key:
             raise ServeError("--key-list certifies a signing key: give --signing-key too")
         key = (
@@ -117,14 +144,25 @@ class PatchService:
             else None
         )
         torch.set_num_threads(config.torch_threads)
-        generator = Generator.load(config.checkpoint)
-        for served in artifacts.values():
+        generators: dict[str, Generator] = {}
+        loaded: dict[Path, Generator] = {}  # one generator per checkpoint directory, however it is spelt
+        for checkpoint in dict.fromkeys(c for c, _ in pairs):
+            resolved = Path(checkpoint).resolve()
+            if resolved not in loaded:
+                loaded[resolved] = Generator.load(checkpoint)
+            generators[checkpoint] = loaded[resolved]
+        generator = generators[main]
+        for checkpoint, other in generators.items():
+            _check_same_uploads(main, generator, checkpoint, other)
+        for fingerprint, served in artifacts.items():
+            paired = generators[served.checkpoint]
             shapes = {t.name: tuple(t.shape) for t in served.weight_map.tensors}
-            if shapes != generator.shapes:
+            if shapes != paired.shapes:
                 raise ServeError(
-                    f"{served.path} holds adaptive tensors {shapes}, but {config.checkpoint} generates {generator.shapes}: "
+                    f"{served.path} holds adaptive tensors {shapes}, but {served.checkpoint} generates {paired.shapes}: "
                     "export the artifact from this checkpoint"
                 )
+            artifacts[fingerprint] = ServedArtifact(served.path, served.weight_map, served.checkpoint, paired)
         max_samples = config.max_samples if config.max_samples is not None else generator.max_samples
         if not 1 <= max_samples <= generator.max_samples:
             raise ServeError(
@@ -133,7 +171,7 @@ class PatchService:
         max_body = config.max_body_bytes
         if max_body is None:
             max_body = generator.task.upload_body_bytes(max_samples)
-        return cls(config, generator, artifacts, key, max_samples, max_body)
+        return cls(config, generator, artifacts, key, max_samples, max_body, generators=generators)
 
     # ---- requests -------------------------------------------------------------------------------
     def parse(self, body: bytes) -> PatchJob:
@@ -158,7 +196,9 @@ class PatchService:
                 "malformed_request",
                 "fingerprint must be 64 lowercase hex digits (the artifact's weight-map fingerprint)",
             )
-        generator = self.generator
+        # Every served checkpoint reads the same uploads (checked at start); an unknown fingerprint's
+        # samples are checked by the main one's task, so a bad upload is a 4xx before the 404.
+        generator = self.generator if artifact is None else artifact.generator
         try:
             upload = generator.task.parse_upload(generator.checkpoint, request.get("samples"), self.max_samples)
         except SamplesError as err:
@@ -173,26 +213,29 @@ class PatchService:
         return PatchJob(artifact, upload, device_id)
 
     def build_patches(self, jobs: list[PatchJob]) -> list[bytes | Exception]:
-        """One generator call for every job of one upload size (the recommender pads every upload
-        to one size; image uploads hold 1..max_samples images, and a batch stacks uploads of one K),
-        then one patch per job (its own artifact's layout). Failures stay with their request: if a
-        batched call raises, each of its jobs is retried alone, and a job whose generation or
-        patch fails gets a RequestError (500), the others their patches."""
-        sizes: dict[int, list[int]] = {}
+        """One generator call for every job of one generator and one upload size (a micro-batch is
+        split by the checkpoint its artifacts are paired with, never mixing two generators in one
+        call; the recommender pads every upload to one size; image uploads hold 1..max_samples
+        images, and a batch stacks uploads of one K), then one patch per job (its own artifact's
+        layout). Failures stay with their request: if a batched call raises, each of its jobs is
+        retried alone, and a job whose generation or patch fails gets a RequestError (500), the
+        others their patches."""
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, job in enumerate(jobs):
-            sizes.setdefault(len(job.recent), []).append(i)
-        if len(sizes) == 1:
+            groups.setdefault((id(job.artifact.generator), len(job.recent)), []).append(i)
+        if len(groups) == 1:
             return self._build_patches(jobs)
         results: list = [None] * len(jobs)
-        for positions in sizes.values():
+        for positions in groups.values():
             for i, result in zip(positions, self._build_patches([jobs[i] for i in positions])):
                 results[i] = result
         return results
 
     def _build_patches(self, jobs: list[PatchJob]) -> list[bytes | Exception]:
-        """`build_patches` for jobs whose uploads have one size."""
+        """`build_patches` for jobs of one generator whose uploads have one size."""
+        generator = jobs[0].artifact.generator or self.generator
         try:
-            params = self.generator.generate_batch(np.array([job.recent for job in jobs]))
+            params = generator.generate_batch(np.array([job.recent for job in jobs]))
         except Exception as err:
             if len(jobs) > 1:
                 return [result for job in jobs for result in self._build_patches([job])]
@@ -215,6 +258,41 @@ class PatchService:
 
     def describe(self) -> list[dict]:
         return [a.describe() for a in self.artifacts.values()]
+
+    def checkpoints(self) -> list[dict]:
+        """Every served checkpoint: its method and how many artifacts it serves (GET /v1/status)."""
+        return [
+            {
+                "checkpoint": checkpoint,
+                "method": generator.method,
+                "artifacts": sum(a.checkpoint == checkpoint for a in self.artifacts.values()),
+            }
+            for checkpoint, generator in self.generators.items()
+        ]
+
+
+def _check_same_uploads(main: str, generator: Generator, checkpoint: str, other: Generator) -> None:
+    """Devices upload one way to one server: every checkpoint it serves must read the same uploads
+    (task, samples per upload, their schema: e.g. the item vocabulary) as the main one."""
+    if other is generator:
+        return
+    if other.task.NAME != generator.task.NAME:
+        raise ServeError(
+            f"{checkpoint} is a {other.task.NAME} checkpoint and {main} a {generator.task.NAME} one: "
+            "one server serves one task"
+        )
+    if other.max_samples != generator.max_samples:
+        raise ServeError(
+            f"{checkpoint} reads uploads of {other.max_samples} samples and {main} of {generator.max_samples}: "
+            "the checkpoints one server serves must read the same uploads"
+        )
+    limit = generator.max_samples
+    if other.task.upload_schema(other.checkpoint, limit) != generator.task.upload_schema(generator.checkpoint, limit):
+        raise ServeError(
+            f"{checkpoint} and {main} read different uploads (their schemas differ, e.g. the item vocabulary: "
+            f"{getattr(other.checkpoint, 'n_items', '?')} vs {getattr(generator.checkpoint, 'n_items', '?')} items): "
+            "the checkpoints one server serves must read the same uploads"
+        )
 
 
 def _internal(code: str, what: str, err: Exception) -> RequestError:
@@ -380,6 +458,7 @@ def create_app(service: PatchService):
                 "task": service.generator.task.NAME,
                 "method": service.generator.method,
                 "artifacts": len(service.artifacts),
+                "checkpoints": service.checkpoints(),
                 "signed": service.signer is not None,
                 "auth": bool(cfg.token),
             }
@@ -461,7 +540,7 @@ def serve(
     on_listening: Callable[[str], None] | None = None,
 ) -> None:
     """Run the service until interrupted, in this process or in `workers` processes that each
-    load the checkpoint. The socket is bound and the config validated here first (a bad option
+    load the checkpoints. The socket is bound and the config validated here first (a bad option
     fails once, in one line, not in every worker); then `on_listening(url)` is told the address."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess

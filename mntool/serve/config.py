@@ -4,7 +4,7 @@ are these), handed to worker processes as JSON. Light on purpose: no torch, so `
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from mntool.patches import DEFAULT_TTL_S
 from mntool.serve.batching import BatchConfig
@@ -25,6 +25,8 @@ class ServeConfig:
     max_samples: int | None = None  # item ids (images) per upload; None = what the checkpoint reads
     request_timeout_s: float = 5.0  # a patch not ready by then is answered 503
     torch_threads: int = 1  # per worker process: on few cores, processes beat threads
+    # further [checkpoint, artifact] pairs (`--also`): each artifact served with patches from its own checkpoint
+    also: list[list[str]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

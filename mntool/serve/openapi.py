@@ -21,11 +21,15 @@ ERROR = {
 
 ARTIFACT = {
     "type": "object",
-    "required": ["fingerprint", "target", "artifact", "weight_map"],
+    "required": ["fingerprint", "target", "artifact", "checkpoint", "weight_map"],
     "properties": {
         "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         "target": {"type": "string", "enum": list(TARGETS)},
         "artifact": {"type": "string", "description": "the artifact's file (or .mlpackage) name"},
+        "checkpoint": {
+            "type": "string",
+            "description": "the checkpoint (model version) whose generator makes this artifact's patches",
+        },
         "weight_map": {"type": "object", "description": "the artifact's weight map (docs/weight-map.md)"},
     },
 }
@@ -34,17 +38,30 @@ HEALTH = {"type": "object", "required": ["status"], "properties": {"status": {"c
 
 STATUS = {
     "type": "object",
-    "required": ["status", "pid", "checkpoint", "task", "method", "artifacts", "signed", "auth"],
+    "required": ["status", "pid", "checkpoint", "task", "method", "artifacts", "checkpoints", "signed", "auth"],
     "properties": {
         "status": {"const": "ok"},
         "pid": {"type": "integer"},
-        "checkpoint": {"type": "string"},
+        "checkpoint": {"type": "string", "description": "the main checkpoint (`mntool serve CHECKPOINT`)"},
         "task": {
             "type": "string",
             "description": "what the checkpoint's devices upload: movielens (item ids), mnist (images)",
         },
-        "method": {"type": "string"},
-        "artifacts": {"type": "integer"},
+        "method": {"type": "string", "description": "the main checkpoint's method"},
+        "artifacts": {"type": "integer", "description": "artifacts served, of every checkpoint"},
+        "checkpoints": {
+            "type": "array",
+            "description": "every checkpoint served (the main one first, then those of --also)",
+            "items": {
+                "type": "object",
+                "required": ["checkpoint", "method", "artifacts"],
+                "properties": {
+                    "checkpoint": {"type": "string"},
+                    "method": {"type": "string"},
+                    "artifacts": {"type": "integer"},
+                },
+            },
+        },
         "signed": {"type": "boolean"},
         "auth": {"type": "boolean"},
     },
@@ -99,7 +116,7 @@ def openapi_document(samples: dict, max_device_id: int, auth: bool, task: str) -
             "title": "mntool patch service",
             "version": "1",
             "description": "Devices upload their recent samples and receive a signed patch for their compiled "
-            f"model (docs/serving.md, docs/patch-format.md). This service's checkpoint is of task {task}.",
+            f"model (docs/serving.md, docs/patch-format.md). This service's checkpoints are of task {task}.",
         },
         "paths": {
             routes.PATCHES: {
@@ -122,7 +139,7 @@ def openapi_document(samples: dict, max_device_id: int, auth: bool, task: str) -
             },
             routes.ARTIFACTS: {
                 "get": {
-                    "summary": "The artifacts served: fingerprint, target, weight map",
+                    "summary": "The artifacts served: fingerprint, target, the checkpoint serving it, weight map",
                     "operationId": "list_artifacts",
                     "security": security,
                     "responses": {

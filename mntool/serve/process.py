@@ -1,8 +1,8 @@
 """`mntool serve` as a child process on a free loopback port, for tests, benchmarks and examples.
 
-`ServerProcess.start(checkpoint, artifacts, *options)` runs the real CLI with `--port 0 --json`,
-reads the address it printed, and returns once every worker process has loaded the checkpoint
-(each reports its start time to the server's /metrics).
+`ServerProcess.start(checkpoint, artifacts, *options, also=[(ckpt, artifact)])` runs the real CLI
+with `--port 0 --json`, reads the address it printed, and returns once every worker process has
+loaded the checkpoints (each reports its start time to the server's /metrics).
 """
 
 from __future__ import annotations
@@ -36,12 +36,14 @@ class ServerProcess:
         checkpoint: Path | str,
         artifacts: Sequence[Path | str],
         *options: str,
+        also: Sequence[tuple[Path | str, Path | str]] = (),
         workers: int = 1,
         env: dict | None = None,
         stderr: IO | None = None,
         ready_timeout_s: float = 120.0,
     ) -> ServerProcess:
-        """Start `mntool serve CHECKPOINT --artifact ... OPTIONS --workers N` on 127.0.0.1:0."""
+        """Start `mntool serve CHECKPOINT --artifact ... [--also CKPT ARTIFACT ...] OPTIONS --workers N`
+        on 127.0.0.1:0."""
         args = [
             sys.executable,
             "-m",
@@ -54,6 +56,7 @@ class ServerProcess:
             "--workers",
             str(workers),
             *[a for path in artifacts for a in ("--artifact", str(path))],
+            *[a for ckpt, path in also for a in ("--also", str(ckpt), str(path))],
             *map(str, options),
         ]
         proc = subprocess.Popen(
