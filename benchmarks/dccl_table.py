@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
+from metanetwork_table import run_one_thread
 
 from device_runtime import weight_map
 
@@ -107,12 +106,7 @@ def train_cell(
     cmd += ["--history-len", str(history_len), "--out", str(target), "--quiet", *resolved]
     if data:
         cmd += ["--data", data]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    print(f"  {model:8s} seed {seed} {cell:40s} {time.perf_counter() - t0:6.0f} s", flush=True)
+    print(f"  {model:8s} seed {seed} {cell:40s} {run_one_thread(cmd):6.0f} s", flush=True)
     return target
 
 

@@ -77,13 +77,20 @@ def train_cell(
         cmd += ["--epochs", str(epochs)]
     if data:
         cmd += ["--data", data]
+    seconds = run_one_thread(cmd)
+    print(f"  {model:8s} seed {seed} {method:28s} {seconds:6.0f} s", flush=True)
+    return target
+
+
+def run_one_thread(cmd: list[str]) -> float:
+    """Run a training command with one math thread (grids run `--jobs` of them side by side);
+    its wall seconds, or exit with its stderr's tail if it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    print(f"  {model:8s} seed {seed} {method:28s} {time.perf_counter() - t0:6.0f} s", flush=True)
-    return target
+        raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - t0
 
 
 def run_grid(
