@@ -240,7 +240,7 @@ def test_a_metapatch_under_10_values_is_refused_by_name(synthetic_dataset, tiny_
 
 def test_metapatch_and_finetune_start_only_from_static(metapatch_ckpts, synthetic_dataset, tmp_path):
     for method in ("metapatch", "finetune"):
-        with pytest.raises(MntoolError, match="must be a static sasrec checkpoint"):
+        with pytest.raises(MntoolError, match="must be a static or momodistill sasrec checkpoint"):
             train(
                 synthetic_dataset,
                 TrainConfig(model="sasrec", method=method, epochs=1),
