@@ -155,12 +155,16 @@ def train_momodistill(dataset, cfg, progress: bool = True, log=print) -> tuple[t
 
     prober = _Prober(dataset, cfg.probe_users, cfg.seed)
     train_log = _fit_loop(dataset, cfg, model, step_fn, lambda: None, prober, cfg.epochs, progress, "momodistill")
-    w_by_user = {int(u): float(w) for u, w in zip(rows.user, weights)}
-    tail = np.asarray(list(w_by_user.values()))
+    _, first = np.unique(rows.user, return_index=True)
+    per_device = weights[first]  # one weight per device
     train_log["distill"] = {
         **info,
         "alpha": dcfg.alpha,
         "weighting": dcfg.weighting,
-        "device_weight": {"min": float(tail.min()), "median": float(np.median(tail)), "max": float(tail.max())},
+        "device_weight": {
+            "min": float(per_device.min()),
+            "median": float(np.median(per_device)),
+            "max": float(per_device.max()),
+        },
     }
     return model.eval(), train_log

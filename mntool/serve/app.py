@@ -71,8 +71,8 @@ class RequestError(MntoolError):
 class ServedArtifact:
     path: Path
     weight_map: WeightMap
-    checkpoint: str = ""  # the checkpoint whose generator makes this artifact's patches, as given
-    generator: Generator | None = field(default=None, repr=False, compare=False)
+    checkpoint: str  # the checkpoint whose generator makes this artifact's patches, as given
+    generator: Generator = field(repr=False, compare=False)
 
     def describe(self) -> dict:
         wm = self.weight_map
@@ -107,12 +107,8 @@ class PatchService:
     signer: Signer | None
     max_samples: int
     max_body_bytes: int
+    generators: dict[str, Generator]
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
-    generators: dict[str, Generator] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.generators:
-            self.generators = {str(self.config.checkpoint): self.generator}
 
     @classmethod
     def load(cls, config: ServeConfig) -> PatchService:
@@ -123,19 +119,21 @@ class PatchService:
             raise ServeError("give at least one --artifact to serve patches for")
         main = str(config.checkpoint)
         pairs = [(main, Path(a)) for a in config.artifacts] + [(str(c), Path(a)) for c, a in config.also]
-        artifacts: dict[str, ServedArtifact] = {}
+        maps: dict[str, tuple[str, Path, WeightMap]] = {}  # fingerprint -> (checkpoint, artifact, weight map)
         for checkpoint, path in pairs:
             wm = wmap.load(path)
-            other = artifacts.get(wm.fingerprint)
-            if other is not None and other.checkpoint == checkpoint:
-                raise ServeError(f"{path} and {other.path} are the same artifact (fingerprint {wm.fingerprint[:12]})")
-            if other is not None:
+            if wm.fingerprint in maps:
+                other_checkpoint, other_path, _ = maps[wm.fingerprint]
+                if other_checkpoint == checkpoint:
+                    raise ServeError(
+                        f"{path} and {other_path} are the same artifact (fingerprint {wm.fingerprint[:12]})"
+                    )
                 raise ServeError(
-                    f"{path} (for {checkpoint}) and {other.path} (for {other.checkpoint}) are the same artifact "
+                    f"{path} (for {checkpoint}) and {other_path} (for {other_checkpoint}) are the same artifact "
                     f"(fingerprint {wm.fingerprint[:12]}): a device names its model by fingerprint, so one fingerprint "
                     "gets its patches from one checkpoint"
                 )
-            artifacts[wm.fingerprint] = ServedArtifact(path, wm, checkpoint)
+            maps[wm.fingerprint] = (checkpoint, path, wm)
         if config.key_list and not config.signing_key:
             raise ServeError("--key-list certifies a signing key: give --signing-key too")
         key = (
@@ -154,15 +152,16 @@ class PatchService:
         generator = generators[main]
         for checkpoint, other in generators.items():
             _check_same_uploads(main, generator, checkpoint, other)
-        for fingerprint, served in artifacts.items():
-            paired = generators[served.checkpoint]
-            shapes = {t.name: tuple(t.shape) for t in served.weight_map.tensors}
+        artifacts: dict[str, ServedArtifact] = {}
+        for fingerprint, (checkpoint, path, wm) in maps.items():
+            paired = generators[checkpoint]
+            shapes = {t.name: tuple(t.shape) for t in wm.tensors}
             if shapes != paired.shapes:
                 raise ServeError(
-                    f"{served.path} holds adaptive tensors {shapes}, but {served.checkpoint} generates {paired.shapes}: "
+                    f"{path} holds adaptive tensors {shapes}, but {checkpoint} generates {paired.shapes}: "
                     "export the artifact from this checkpoint"
                 )
-            artifacts[fingerprint] = ServedArtifact(served.path, served.weight_map, served.checkpoint, paired)
+            artifacts[fingerprint] = ServedArtifact(path, wm, checkpoint, paired)
         max_samples = config.max_samples if config.max_samples is not None else generator.max_samples
         if not 1 <= max_samples <= generator.max_samples:
             raise ServeError(
@@ -171,7 +170,7 @@ class PatchService:
         max_body = config.max_body_bytes
         if max_body is None:
             max_body = generator.task.upload_body_bytes(max_samples)
-        return cls(config, generator, artifacts, key, max_samples, max_body, generators=generators)
+        return cls(config, generator, artifacts, key, max_samples, max_body, generators)
 
     # ---- requests -------------------------------------------------------------------------------
     def parse(self, body: bytes) -> PatchJob:
@@ -233,7 +232,7 @@ class PatchService:
 
     def _build_patches(self, jobs: list[PatchJob]) -> list[bytes | Exception]:
         """`build_patches` for jobs of one generator whose uploads have one size."""
-        generator = jobs[0].artifact.generator or self.generator
+        generator = jobs[0].artifact.generator
         try:
             params = generator.generate_batch(np.array([job.recent for job in jobs]))
         except Exception as err:
