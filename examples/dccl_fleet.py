@@ -477,7 +477,14 @@ def run(cfg: DcclFleetConfig) -> dict:
             }
             for fleet in PASSES
         },
-        "server": {**server_side, "warmup_patches": len(warmup)},
+        "server": {
+            **{k: v for k, v in server_side.items() if k != "by_fingerprint"},
+            "warmup_patches": len(warmup),
+            # the server's own count per version (mntool_patches_total by fingerprint), beside `requests`
+            "patches_by_version": {
+                v.name: server_side["by_fingerprint"].get(v.fingerprint, 0.0) for v in versions.values()
+            },
+        },
     }
 
 
@@ -525,6 +532,7 @@ def report(r: dict) -> str:
     s = r["server"]
     lines.append(
         f"server (all three fleets, {s['warmup_patches']} warm-up requests included): {s['patches']:.0f} patches "
+        f"(v1 {s['patches_by_version']['v1']:.0f}, v2 {s['patches_by_version']['v2']:.0f}) "
         f"in {s['batches']:.0f} generator calls (mean batch {s['mean_batch']:.2f})"
     )
     return "\n".join(lines)

@@ -253,7 +253,7 @@ def percentiles(values: list[float]) -> dict:
 
 
 def server_batches(server: ServerProcess) -> dict:
-    """Requests and batches over every worker: one /metrics scrape sees them all."""
+    """Requests, patches by fingerprint and batches over every worker: one /metrics scrape sees them all."""
     import re
     import urllib.request
 
@@ -268,6 +268,10 @@ def server_batches(server: ServerProcess) -> dict:
         "patches": total(r'^mntool_requests_total\{[^}]*endpoint="/v1/patches",status="200"\} (\S+)$'),
         "batches": batches,
         "mean_batch": total(r"^mntool_batch_size_sum(?:\{[^}]*\})? (\S+)$") / max(batches, 1),
+        "by_fingerprint": {
+            fp: float(n)
+            for fp, n in re.findall(r'^mntool_patches_total\{fingerprint="([0-9a-f]+)"\} (\S+)$', text, re.M)
+        },
     }
 
 

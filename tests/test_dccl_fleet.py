@@ -77,6 +77,8 @@ def test_the_fleet_moves_over_in_waves_and_one_server_serves_both(loop):
     assert result["server"]["patches"] == refreshes + result["server"]["warmup_patches"] == refreshes + 2, (
         "every refresh is a patch the one server made"
     )
+    per_version = {v: sum(fleet[v] for fleet in result["requests"].values()) + result["workers"] for v in ("v1", "v2")}
+    assert result["server"]["patches_by_version"] == per_version, "the server counts each version's patches"
     assert result["server"]["mean_batch"] == 1.0  # --max-batch 1 by default
     for fleet in result["timings"].values():
         assert (

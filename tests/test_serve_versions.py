@@ -114,6 +114,13 @@ def metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name} "))
 
 
+def patches_served(text: str, fingerprint: str) -> float | None:
+    """mntool_patches_total for one fingerprint, or None if /metrics does not list it."""
+    key = f'mntool_patches_total{{fingerprint="{fingerprint}"}} '
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(key)]
+    return sum(values) if values else None
+
+
 # ---- two versions on one server ---------------------------------------------------------------
 def test_the_versions_differ_only_where_pairing_can_tell(versions):
     """The premise: same adaptive tensors and shapes, other fingerprints, other parameters."""
@@ -162,7 +169,7 @@ def test_each_fingerprint_gets_its_own_checkpoints_patch(two_versions, versions,
 def test_a_mixed_burst_shares_micro_batches_and_each_gets_its_versions_parameters(two_versions, versions):
     rng = np.random.default_rng(0)
     plan = [
-        (versions.fp1 if i % 2 else versions.fp2, rng.integers(1, 200, size=int(rng.integers(1, 31))).tolist())
+        (versions.fp1 if i % 3 == 0 else versions.fp2, rng.integers(1, 200, size=int(rng.integers(1, 31))).tolist())
         for i in range(48)
     ]
     before = httpx.get(f"{two_versions.url}{routes.METRICS}").text
@@ -179,6 +186,11 @@ def test_a_mixed_burst_shares_micro_batches_and_each_gets_its_versions_parameter
     batches = metric(after, "mntool_batch_size_count") - metric(before, "mntool_batch_size_count")
     batched = metric(after, "mntool_batch_size_sum") - metric(before, "mntool_batch_size_sum")
     assert batched == len(plan) and batches < len(plan), "no two requests shared a micro-batch"
+    for fingerprint, expected in ((versions.fp1, 16), (versions.fp2, 32)):  # both workers' patches, by version
+        served_before = patches_served(before, fingerprint)
+        assert served_before is not None, "a served fingerprint is listed before its first patch"
+        assert patches_served(after, fingerprint) - served_before == expected
+    assert patches_served(after, "ab" * 32) is None
     for (fingerprint, items), answer in zip(plan, answers):
         assert parse_patch(answer.content).fingerprint == fingerprint
         assert_carries(

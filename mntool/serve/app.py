@@ -170,7 +170,9 @@ class PatchService:
         max_body = config.max_body_bytes
         if max_body is None:
             max_body = generator.task.upload_body_bytes(max_samples)
-        return cls(config, generator, artifacts, key, max_samples, max_body, generators)
+        service = cls(config, generator, artifacts, key, max_samples, max_body, generators)
+        service.metrics.serve_fingerprints(artifacts)
+        return service
 
     # ---- requests -------------------------------------------------------------------------------
     def parse(self, body: bytes) -> PatchJob:
@@ -253,6 +255,8 @@ class PatchService:
                 )
             except Exception as err:
                 patches.append(_internal("patch_failed", "building this upload's patch failed", err))
+            else:
+                self.metrics.observe_patch(job.artifact.weight_map.fingerprint)
         return patches
 
     def describe(self) -> list[dict]:

@@ -1,7 +1,8 @@
 """What the patch service counts, as Prometheus metrics: the one home of the metric names.
 
-Requests by endpoint and status, request latency, batch sizes and batch time, the queue depth
-and each worker's start time, kept by the Prometheus client library. With several worker
+Requests by endpoint and status, patches served by artifact fingerprint (a fleet moving from one
+model version to the next, docs/serving.md), request latency, batch sizes and batch time, the
+queue depth and each worker's start time, kept by the Prometheus client library. With several worker
 processes `serve` points $PROMETHEUS_MULTIPROC_DIR at a directory of its own and the library's
 multi-process mode sums the workers' counts, so one scrape of /metrics, whichever worker answers
 it, sees the whole server. Only the start time keeps a `pid` label (one series per worker).
@@ -28,6 +29,7 @@ from mntool.serve import routes
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # the library's own switch to multi-process mode
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUESTS = "mntool_requests_total"  # {endpoint, status}
+PATCHES = "mntool_patches_total"  # {fingerprint}: only served fingerprints, so the label set is bounded
 REQUEST_SECONDS = "mntool_request_seconds"  # histogram {endpoint}
 BATCH_SIZE = "mntool_batch_size"  # histogram
 BATCH_SECONDS = "mntool_batch_seconds"  # histogram
@@ -57,6 +59,13 @@ class ServiceMetrics:
             ["endpoint", "status"],
             registry=own,
         )
+        self.patches = Counter(
+            PATCHES,
+            "Patches built, by the fingerprint of the artifact they are for (every served one listed).",
+            ["fingerprint"],
+            registry=own,
+        )
+        self._patches: dict[str, Counter] = {}
         self.latency = Histogram(
             REQUEST_SECONDS,
             "Time from request start to the end of the response.",
@@ -96,6 +105,15 @@ class ServiceMetrics:
             children = self._children[key] = (self.requests.labels(key[0], str(status)), self.latency.labels(key[0]))
         children[0].inc()
         children[1].observe(seconds)
+
+    def serve_fingerprints(self, fingerprints) -> None:
+        """Every served fingerprint's patch counter, shown from the start (at 0)."""
+        for fingerprint in fingerprints:
+            self._patches[fingerprint] = self.patches.labels(fingerprint)
+            self._patches[fingerprint].inc(0)
+
+    def observe_patch(self, fingerprint: str) -> None:
+        self._patches[fingerprint].inc()
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
