@@ -22,10 +22,10 @@ their personalised models (v2, MoMoDistill) while ONE `mntool serve` serves patc
    verify+apply+reload latency; and PyTorch's offline scores of the moving fleet (each version's
    checkpoint, the same uploads, the same version per device and round) as the cross-check.
 
-MetaPatch checkpoints run the device phase on the server, whose sampled negatives are drawn for a
-whole generator call (`mntool.train.recent_training_rows`): a batched patch depends on the batch.
-So the server runs with `--max-batch 1` by default and every patch is a function of its upload
-alone (reproducible, and what the cross-check computes); `--max-batch 64` serves as in production.
+MetaPatch checkpoints run the device phase on the server, one upload at a time whatever the batch
+(docs/serving.md, Micro-batching), so every patch is a function of its upload alone (reproducible,
+and what the cross-check computes). The server runs with `--max-batch 1` by default, as the
+figures in docs/dccl.md were measured; `--max-batch 64` serves as in production.
 
     .venv/bin/python examples/dccl_fleet.py --old runs/dccl/sasrec/seed0/metapatch \\
         --new runs/dccl/sasrec/seed0/momodistill--metapatch+metapatch --data ../shared/data/ml-100k --devices 200
@@ -81,7 +81,7 @@ class DcclFleetConfig:
     wave: float = 1 / 3  # share of the fleet that moves to v2 before each round after the first
     workers: int = 1  # server worker processes
     concurrency: int = 4  # devices simulated at once (threads)
-    max_batch: int = 1  # the server's --max-batch (1: each patch a function of its upload alone)
+    max_batch: int = 1  # the server's --max-batch (1: one patch per generator call, as docs/dccl.md measured)
     epochs: int | None = None  # when training here (None: mntool train's default, early stopping)
     history_len: int = 10  # when training here: clicks the device model reads (the upload stays 30)
     seed: int = 0
@@ -311,8 +311,7 @@ def pytorch_scores(
     group: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The moving fleet scored offline in PyTorch: for each device and round, the parameters its
-    version's checkpoint generates in process from the same upload (one upload per call, as the
-    server with --max-batch 1), on the same rows."""
+    version's checkpoint generates in process from the same upload, on the same rows."""
     pointwise: dict[tuple[int, int], np.ndarray] = {}
     ranking: dict[tuple[int, int], np.ndarray] = {}
     for v, ck in models.items():

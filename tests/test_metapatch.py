@@ -142,6 +142,20 @@ def test_device_phase_changes_only_z(metapatch_ckpts, synthetic_dataset):
     assert not torch.allclose(dp.params[ADAPTIVE][0], dp.params[ADAPTIVE][1])
 
 
+def test_a_served_device_phase_patch_is_a_function_of_its_upload_alone(metapatch_ckpts, synthetic_dataset):
+    """`mntool serve` batches uploads into one generator call; the device phase draws its negatives
+    per call, so each upload gets a call of its own and its z does not depend on its batch."""
+    from mntool.generate import Generator
+
+    generator = Generator.load(metapatch_ckpts["metapatch"])
+    _, recent = synthetic_dataset.device_recent("valid")
+    batch = generator.generate_batch(recent[:3])[ADAPTIVE]
+    for i in range(3):
+        assert np.array_equal(generator.generate_batch(recent[i : i + 1])[ADAPTIVE][0], batch[i])
+        assert np.array_equal(generator.generate_batch(recent[[i, (i + 1) % 3]])[ADAPTIVE][0], batch[i])
+    assert not np.array_equal(batch[0], batch[1])
+
+
 def test_generator_outputs_z_on_the_frozen_metapatch_model(metapatch_ckpts, synthetic_dataset):
     from mntool.generate import Generator
     from mntool.train import generate_device_params

@@ -152,9 +152,15 @@ def generate(ck, batch: np.ndarray) -> dict:
     if ck.config.method == "metanetwork":
         return generate_device_params(ck.meta, users, batch).params
     if ck.config.method in DEVICE_TRAINING:  # metapatch: the device phase, on z alone
-        return finetune_device_params(
-            ck.model, users, batch, ck.config.finetune, seed=0, history_len=int(ck.protocol["history_len"])
-        ).params
+        # One device phase per upload: its sampled negatives are drawn per call, so a patch is a
+        # function of its upload alone, whatever else shares its micro-batch.
+        per_upload = [
+            finetune_device_params(
+                ck.model, users[:1], batch[i : i + 1], ck.config.finetune, 0, int(ck.protocol["history_len"])
+            ).params
+            for i in range(len(batch))
+        ]
+        return {n: torch.cat([params[n] for params in per_upload]) for n in per_upload[0]}
     static = dict(ck.model.named_parameters())  # static, momodistill: one model, the same for every device
     return {
         n: static[n].detach().unsqueeze(0).expand(len(batch), *static[n].shape).to(torch.float32) for n in ck.adaptive
