@@ -113,7 +113,10 @@ class ServiceMetrics:
             self._patches[fingerprint].inc(0)
 
     def observe_patch(self, fingerprint: str) -> None:
-        self._patches[fingerprint].inc()
+        counter = self._patches.get(fingerprint)
+        if counter is None:  # only served fingerprints get patches, so the label set stays bounded
+            counter = self._patches[fingerprint] = self.patches.labels(fingerprint)
+        counter.inc()
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
