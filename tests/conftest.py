@@ -74,6 +74,33 @@ def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def metapatch_ckpts(tiny_checkpoints, synthetic_dataset, tmp_path_factory):
+    """A metapatch SASRec on the tiny static checkpoint (device phase: 2 Adam steps on z), and a
+    MetaNetwork generating its z (test_metapatch.py; test_serve_versions.py serves the first)."""
+    from mntool.metapatch import MetaPatchConfig
+    from mntool.train import FinetuneConfig, TrainConfig, train
+
+    root = tmp_path_factory.mktemp("metapatch")
+    quiet = dict(progress=False, log=lambda s: None)
+    fast = dict(epochs=2, batch_size=200, probe_every=20, finetune=FinetuneConfig(steps=2))
+    train(
+        synthetic_dataset,
+        TrainConfig(model="sasrec", method="metapatch", metapatch=MetaPatchConfig(lr=1e-2, z_lr=5e-2), **fast),
+        root / "mp",
+        init=tiny_checkpoints["static"],
+        **quiet,
+    )
+    train(
+        synthetic_dataset,
+        TrainConfig(model="sasrec", method="metanetwork", meta_lr=2e-2, **fast),
+        root / "mn",
+        init=root / "mp",
+        **quiet,
+    )
+    return {"static": tiny_checkpoints["static"], "metapatch": root / "mp", "metanetwork": root / "mn"}
+
+
+@pytest.fixture(scope="session")
 def served(tiny_checkpoints, tmp_path_factory):
     """What `mntool serve` serves in test_serve.py / test_client.py: the tiny MetaNetwork
     checkpoint, its ONNX export, an online signing key pair (`key`, `pub`) and the root pair

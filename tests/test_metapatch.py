@@ -18,29 +18,7 @@ from mntool.models import BACKBONES, BackboneConfig, build_model
 from mntool.train import FinetuneConfig, TrainConfig, finetune_device_params, load_checkpoint, train
 
 QUIET = dict(progress=False, log=lambda s: None)
-DEVICE_STEPS = 2  # the device phase's Adam steps in these tests (20 by default)
-
-
-@pytest.fixture(scope="module")
-def metapatch_ckpts(tiny_checkpoints, synthetic_dataset, tmp_path_factory):
-    """A metapatch SASRec on the tiny static checkpoint, and a MetaNetwork generating its z."""
-    root = tmp_path_factory.mktemp("metapatch")
-    fast = dict(epochs=2, batch_size=200, probe_every=20, finetune=FinetuneConfig(steps=DEVICE_STEPS))
-    train(
-        synthetic_dataset,
-        TrainConfig(model="sasrec", method="metapatch", metapatch=MetaPatchConfig(lr=1e-2, z_lr=5e-2), **fast),
-        root / "mp",
-        init=tiny_checkpoints["static"],
-        **QUIET,
-    )
-    train(
-        synthetic_dataset,
-        TrainConfig(model="sasrec", method="metanetwork", meta_lr=2e-2, **fast),
-        root / "mn",
-        init=root / "mp",
-        **QUIET,
-    )
-    return {"static": tiny_checkpoints["static"], "metapatch": root / "mp", "metanetwork": root / "mn"}
+DEVICE_STEPS = 2  # the device phase's Adam steps of conftest's metapatch_ckpts (20 by default)
 
 
 def _rows(dataset, n=12):

@@ -245,23 +245,16 @@ def test_one_micro_batch_of_both_versions_makes_one_call_per_generator(versions,
 
 # ---- bad pairings -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def misfits(versions, tiny_checkpoints, synthetic_dataset_with, tmp_path_factory):
+def misfits(tiny_checkpoints, metapatch_ckpts, synthetic_dataset_with, tmp_path_factory):
     """Checkpoints and artifacts that must not be served beside v1: the static model v1 was
     trained on, exported (its frozen backbone makes v1's artifact byte for byte: one fingerprint);
-    a metapatch model (another adaptive tensor: z); a static model reading 20-item uploads."""
+    a metapatch model (another adaptive tensor: z; conftest's); a static model reading 20-item uploads."""
     from exporters import export
     from mntool.train import TrainConfig, load_checkpoint, train
 
     root = tmp_path_factory.mktemp("misfits")
     static = load_checkpoint(tiny_checkpoints["static"])
     static_artifact = export(static.model, static.example_inputs(), static.adaptive, "onnx", root / "static")
-    train(
-        synthetic_dataset_with(history_len=30, recent_len=30),
-        TrainConfig(model="sasrec", method="metapatch", epochs=1, batch_size=200, probe_every=20),
-        root / "metapatch",
-        init=versions.static1,
-        **QUIET,
-    )
     train(
         synthetic_dataset_with(history_len=30, recent_len=20),
         TrainConfig(model="sasrec", method="static", epochs=1, batch_size=200, probe_every=20),
@@ -271,7 +264,7 @@ def misfits(versions, tiny_checkpoints, synthetic_dataset_with, tmp_path_factory
     return SimpleNamespace(
         static=tiny_checkpoints["static"],
         static_artifact=static_artifact,
-        metapatch=root / "metapatch",
+        metapatch=metapatch_ckpts["metapatch"],
         recent20=root / "recent20",
     )
 
