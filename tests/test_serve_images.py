@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
+from test_serve import metric
 
 from device_runtime import weight_map as wmap
 from device_runtime.client import ClientConfig, ClientError, fetch_patch, refresh, samples_json
@@ -111,15 +111,6 @@ def body(served, samples, **fields) -> dict:
 
 def auth(**headers) -> dict:
     return {"Authorization": f"Bearer {TOKEN}", **headers}
-
-
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
-        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
 
 
 def read_back(artifact: Path) -> dict[str, np.ndarray]:

@@ -19,11 +19,13 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
+from test_serve import metric
 
 from device_runtime import weight_map as wmap
 from device_runtime.patch import TrustPolicy, parse_patch, verify_patch
 from device_runtime.signing import load_public_key
 from mntool.serve import ServerProcess, routes
+from mntool.serve.metrics import PATCHES
 
 pytestmark = pytest.mark.slow
 MNTOOL = str(Path(sys.executable).with_name("mntool"))
@@ -110,17 +112,6 @@ def assert_carries(patch_bytes: bytes, expected: dict[str, np.ndarray]) -> None:
         np.testing.assert_allclose(patch.array(t), expected[t.name], rtol=0, atol=1e-6)
 
 
-def metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name} "))
-
-
-def patches_served(text: str, fingerprint: str) -> float | None:
-    """mntool_patches_total for one fingerprint, or None if /metrics does not list it."""
-    key = f'mntool_patches_total{{fingerprint="{fingerprint}"}} '
-    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(key)]
-    return sum(values) if values else None
-
-
 # ---- two versions on one server ---------------------------------------------------------------
 def test_the_versions_differ_only_where_pairing_can_tell(versions):
     """The premise: same adaptive tensors and shapes, other fingerprints, other parameters."""
@@ -187,10 +178,10 @@ def test_a_mixed_burst_shares_micro_batches_and_each_gets_its_versions_parameter
     batched = metric(after, "mntool_batch_size_sum") - metric(before, "mntool_batch_size_sum")
     assert batched == len(plan) and batches < len(plan), "no two requests shared a micro-batch"
     for fingerprint, expected in ((versions.fp1, 16), (versions.fp2, 32)):  # both workers' patches, by version
-        served_before = patches_served(before, fingerprint)
-        assert served_before is not None, "a served fingerprint is listed before its first patch"
-        assert patches_served(after, fingerprint) - served_before == expected
-    assert patches_served(after, "ab" * 32) is None
+        assert f'fingerprint="{fingerprint}"' in before, "a served fingerprint is listed before its first patch"
+        served = metric(after, PATCHES, fingerprint=fingerprint) - metric(before, PATCHES, fingerprint=fingerprint)
+        assert served == expected
+    assert f'fingerprint="{"ab" * 32}"' not in after
     for (fingerprint, items), answer in zip(plan, answers):
         assert parse_patch(answer.content).fingerprint == fingerprint
         assert_carries(
